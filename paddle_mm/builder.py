@@ -1,0 +1,88 @@
+"""Build the pieces of a run from a recipe: tokenizer, model, datasets; load a run folder back."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+from paddle_mm.checkpoint import load_into, load_tensors
+from paddle_mm.config import DatasetSpec, ModelConfig, Recipe
+from paddle_mm.data.image import ImageProcessor
+from paddle_mm.data.readers import Sample, read_dataset
+from paddle_mm.errors import CheckpointError, DataError, RecipeError
+from paddle_mm.lm.adapter import resolved_lm_config
+from paddle_mm.recipe import from_dict, load_recipe
+from paddle_mm.tokenizer import Tokenizer
+
+MODEL_FILE = "model.safetensors"
+PROJECTOR_FILE = "projector.safetensors"
+RECIPE_FILE = "recipe.yaml"
+
+
+def load_tokenizer(recipe: Recipe, recipe_source: str = "recipe") -> Tokenizer:
+    path = recipe.data.tokenizer or recipe.model.lm.path
+    if not path:
+        raise RecipeError(f"{recipe_source}: data.tokenizer is empty and model.lm.path names no folder")
+    return Tokenizer.load(path)
+
+
+def model_config_for(recipe: Recipe, tokenizer: Tokenizer) -> ModelConfig:
+    """The recipe's model config completed from the tokenizer (and the LM folder, if one is named)."""
+    lm = resolved_lm_config(recipe.model.lm)
+    if not lm.path and lm.vocab_size <= 0:
+        # A from-scratch LM sized to the tokenizer, rounded up to a multiple of 64 for faster matmuls.
+        lm = replace(lm, vocab_size=-(-tokenizer.vocab_size // 64) * 64)
+    if tokenizer.vocab_size > lm.vocab_size:
+        raise RecipeError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the LM vocabulary has {lm.vocab_size}"
+        )
+    return replace(recipe.model, lm=lm, image_token_id=tokenizer.image_token_id)
+
+
+def build_model(cfg: ModelConfig, tokenizer: Tokenizer):
+    from paddle_mm.model import VisionLanguageModel
+
+    return VisionLanguageModel(cfg, tokenizer.special_ids())
+
+
+def read_samples(specs: list[DatasetSpec], recipe: Recipe) -> tuple[list[Sample], list[DataError]]:
+    samples: list[Sample] = []
+    skipped: list[DataError] = []
+    for spec in specs:
+        kw = {"on_error": recipe.data.on_error, "allow_outside_root": recipe.data.allow_outside_root}
+        if spec.image_root:
+            kw["image_root"] = spec.image_root
+        if spec.format == "vqav2":
+            kw["annotations_path"] = spec.annotations or None
+            if spec.image_pattern:
+                kw["image_pattern"] = spec.image_pattern
+            kw["prompt_template"] = recipe.infer.vqa_prompt
+        elif spec.format == "caption":
+            kw["prompt"] = recipe.infer.caption_prompt
+        result = read_dataset(spec.path, spec.format, **kw)
+        samples.extend(result.samples)
+        skipped.extend(result.skipped)
+    return samples, skipped
+
+
+def image_processor_for(recipe: Recipe) -> ImageProcessor:
+    return ImageProcessor(recipe.data.image)
+
+
+def load_run(run_dir: str):
+    """(recipe, model config, tokenizer, model) of a finished run folder, weights loaded."""
+    recipe_file = os.path.join(run_dir, RECIPE_FILE)
+    config_file = os.path.join(run_dir, "config.json")
+    for f in (recipe_file, config_file, os.path.join(run_dir, MODEL_FILE)):
+        if not os.path.isfile(f):
+            raise CheckpointError(f"{run_dir}: not a run folder ({os.path.basename(f)} is missing)")
+    recipe = load_recipe(recipe_file, Recipe)
+    with open(config_file, encoding="utf-8") as f:
+        cfg = from_dict(ModelConfig, json.load(f), source=config_file)
+    tokenizer = Tokenizer.load(run_dir)
+    # The weights file holds the LM too: build it from the saved shape, not from lm.path.
+    model = build_model(replace(cfg, lm=replace(cfg.lm, path="")), tokenizer)
+    weights = os.path.join(run_dir, MODEL_FILE)
+    load_into(model, load_tensors(weights), weights)
+    model.eval()
+    return recipe, cfg, tokenizer, model

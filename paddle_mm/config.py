@@ -1,0 +1,200 @@
+"""Typed configuration: one dataclass per component, nested into a model config and a recipe.
+
+Recipes (YAML) are loaded into `Recipe` by `paddle_mm.recipe.load_recipe`, which rejects
+unknown keys and wrong types; `validate()` methods below check the rules that span fields.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from paddle_mm.data.image import ImageProcessorConfig
+from paddle_mm.errors import RecipeError
+
+
+@dataclass
+class VisionConfig:
+    """ViT image encoder; field names follow CLIPVisionConfig so CLIP weights map 1:1."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    layer_norm_eps: float = 1e-5
+    hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    pre_norm: bool = True  # CLIP normalizes the embeddings before the first block
+    # Index into [embeddings, block 1, ..., block N]; LLaVA-1.5 reads -2 (the penultimate block).
+    feature_layer: int = -2
+    drop_cls_token: bool = True  # LLaVA's "default" strategy; False keeps the class token
+    post_norm: bool = False  # apply the final LayerNorm to the selected features (BLIP-2 does)
+
+    def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise RecipeError(
+                f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise RecipeError(f"vision.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not -(self.num_layers + 1) <= self.feature_layer <= self.num_layers:
+            raise RecipeError(f"vision.feature_layer {self.feature_layer} is outside 0..{self.num_layers}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class QFormerConfig:
+    num_queries: int = 32
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_every: int = 2
+    layer_norm_eps: float = 1e-12
+
+
+_MLP_TYPE = re.compile(r"^mlp(\d+)x_gelu$")
+
+
+@dataclass
+class ProjectorConfig:
+    # "linear", "mlp{N}x_gelu" (LLaVA-1.5 uses mlp2x_gelu) or "qformer"
+    type: str = "mlp2x_gelu"
+    # Average-pool the patch grid k x k before projecting: k*k fewer image tokens for the LM.
+    pool: int = 1
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+
+    def validate(self) -> None:
+        if self.type not in ("linear", "qformer") and not _MLP_TYPE.match(self.type):
+            raise RecipeError(
+                f"projector.type {self.type!r} is not one of linear, mlp<N>x_gelu (e.g. mlp2x_gelu), qformer"
+            )
+        if self.pool < 1:
+            raise RecipeError(f"projector.pool must be >= 1, got {self.pool}")
+
+    @property
+    def mlp_depth(self) -> int:
+        match = _MLP_TYPE.match(self.type)
+        return int(match.group(1)) if match else 1
+
+
+@dataclass
+class LMConfig:
+    """The causal LM backbone: built from these fields, or loaded from `path` when it is set."""
+
+    family: Literal["qwen2", "llama", "qwen3"] = "qwen2"
+    path: str = ""  # a local folder with config.json and weights; empty: build from the fields below
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    # Filled from the tokenizer when a run starts; -1 means "not known yet".
+    image_token_id: int = -1
+
+    def validate(self) -> None:
+        grid = self.vision.image_size // self.vision.patch_size
+        if grid % self.projector.pool:
+            raise RecipeError(f"projector.pool {self.projector.pool} does not divide the {grid}x{grid} patch grid")
+
+    @property
+    def tokens_per_image(self) -> int:
+        """How many LM positions one <image> placeholder expands to."""
+        if self.projector.type == "qformer":
+            return self.projector.qformer.num_queries
+        return self.vision.num_patches // (self.projector.pool**2)
+
+
+@dataclass
+class DatasetSpec:
+    path: str
+    format: Literal["llava", "chatml", "caption", "vqav2"] = "llava"
+    image_root: str = ""  # default: the data file's folder
+    annotations: str = ""  # VQAv2 only
+    image_pattern: str = ""  # VQAv2 only
+
+
+@dataclass
+class DataConfig:
+    train: list[DatasetSpec] = field(default_factory=list)
+    eval: list[DatasetSpec] = field(default_factory=list)
+    tokenizer: str = ""  # a tokenizer.json file or a backbone folder holding one
+    image: ImageProcessorConfig = field(default_factory=ImageProcessorConfig)
+    max_length: int = 2048
+    # What to do with a bad record (missing image, malformed turn, too long): stop, or skip and count.
+    on_error: Literal["raise", "skip"] = "raise"
+    allow_outside_root: bool = False
+    system_prompt: str = ""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["pretrain", "instruct"] = "pretrain"
+    output_dir: str = "runs/default"
+    # Submodules whose parameters train; everything else is frozen. The recipe decides, not code.
+    trainable: list[str] = field(default_factory=lambda: ["multi_modal_projector"])
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    init_from: str = ""  # a run folder (or model.safetensors) whose weights start this run
+    projector_from: str = ""  # a projector.safetensors written by an earlier stage
+    max_steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-5
+    projector_lr: float = 0.0  # 0: same as lr
+    vision_lr: float = 0.0  # 0: same as lr
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    seed: int = 0
+    num_threads: int = 0  # 0: all cores
+
+
+@dataclass
+class InferConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    batch_size: int = 16
+    caption_prompt: str = "<image>\nDescribe the image briefly."
+    vqa_prompt: str = "<image>\n{question}"
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)

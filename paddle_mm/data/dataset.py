@@ -1,0 +1,94 @@
+"""Samples -> token ids, labels and pixels; batches with padding.
+
+Every sample is tokenized once, up front, so a sequence that is too long or a conversation
+that leaves nothing to learn is found before the first step, not hours into a run.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from paddle_mm.data.image import ImageProcessor
+from paddle_mm.data.readers import Sample
+from paddle_mm.errors import DataError
+from paddle_mm.tokenizer import IGNORE_INDEX, Tokenizer
+
+
+@dataclass
+class Encoded:
+    sample: Sample
+    input_ids: np.ndarray  # [L] int64
+    labels: np.ndarray  # [L] int64, IGNORE_INDEX outside assistant text
+
+
+class ConversationDataset:
+    """Tokenized conversations with their images; images are decoded when an item is read."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        tokenizer: Tokenizer,
+        image_processor: ImageProcessor,
+        tokens_per_image: int,
+        max_length: int,
+        on_error: str = "raise",
+        system: str = "",
+    ):
+        self.image_processor = image_processor
+        self.items: list[Encoded] = []
+        self.skipped: list[DataError] = []
+        for sample in samples:
+            try:
+                self.items.append(encode_sample(sample, tokenizer, tokens_per_image, max_length, system))
+            except DataError as err:
+                if on_error == "raise":
+                    raise
+                self.skipped.append(err)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.items[i]
+        pixels = self.image_processor(item.sample.images) if item.sample.images else None
+        return {"id": item.sample.id, "input_ids": item.input_ids, "labels": item.labels, "pixel_values": pixels}
+
+
+def encode_sample(sample: Sample, tokenizer: Tokenizer, tokens_per_image: int, max_length: int, system: str = "") -> Encoded:
+    ids, labels = tokenizer.encode_chat(sample.turns, tokens_per_image, system=system)
+    if len(ids) > max_length:
+        # Never cut: a cut could split an image span or drop the answer the loss needs.
+        raise DataError(sample.source, f"sequence of {len(ids)} tokens exceeds max_length {max_length}", sample.index)
+    if all(label == IGNORE_INDEX for label in labels):
+        raise DataError(sample.source, "no assistant tokens to learn from (empty loss mask)", sample.index)
+    return Encoded(sample, np.asarray(ids, dtype="int64"), np.asarray(labels, dtype="int64"))
+
+
+def collate(items: Sequence[dict], pad_token_id: int, padding_side: str = "right") -> dict:
+    """Pad a list of dataset items into arrays.
+
+    Right padding for training; left padding for generation, so every row's last real token
+    sits in the last column. pixel_values stacks the images of all rows in row order.
+    """
+    length = max(len(x["input_ids"]) for x in items)
+    b = len(items)
+    input_ids = np.full([b, length], pad_token_id, dtype="int64")
+    labels = np.full([b, length], IGNORE_INDEX, dtype="int64")
+    mask = np.zeros([b, length], dtype="int64")
+    for row, x in enumerate(items):
+        n = len(x["input_ids"])
+        span = slice(0, n) if padding_side == "right" else slice(length - n, length)
+        input_ids[row, span] = x["input_ids"]
+        labels[row, span] = x["labels"]
+        mask[row, span] = 1
+    images = [x["pixel_values"] for x in items if x["pixel_values"] is not None]
+    pixel_values = np.concatenate(images, axis=0) if images else None
+    return {
+        "ids": [x["id"] for x in items],
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "pixel_values": pixel_values,
+    }

@@ -1,0 +1,329 @@
+"""Readers that turn the common vision-language data layouts into one in-memory record.
+
+Every reader returns a :class:`ReadResult` of :class:`Sample` objects. All formats go through
+one checker (:func:`_make_sample`) so text, role order, ``<image>`` tag counts and image paths
+are validated the same way everywhere. A bad record becomes a :class:`DataError` naming the
+data file, the record index and the cause; with ``on_error="skip"`` it is collected in
+``ReadResult.skipped`` and reading goes on. Errors about the file as a whole (missing file,
+a JSON document that does not parse, wrong top-level type) always raise.
+
+Record indices: for a JSON list, the 0-based position in the list; for JSONL, the 0-based
+line number (so ``index + 1`` is the line an editor shows; blank lines are skipped but still
+counted).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from paddle_mm.errors import DataError
+
+IMAGE_TOKEN = "<image>"
+OnError = Literal["raise", "skip"]
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass
+class Sample:
+    id: str
+    images: list[str]  # resolved image paths, in the order of their <image> tags
+    turns: list[tuple[str, str]]  # (role, text), role in {"user", "assistant"}
+    source: str  # data file path
+    index: int  # record index (see module docstring)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReadResult:
+    samples: list[Sample]
+    skipped: list[DataError]
+
+
+class _Bad(Exception):
+    """A problem with the current record; turned into a DataError with file and index."""
+
+
+class _Reader:
+    """Holds the options shared by all formats and collects samples / skipped records."""
+
+    def __init__(self, path, image_root, on_error, allow_outside_root):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.path = str(path)
+        self.stem = os.path.splitext(os.path.basename(self.path))[0]
+        root = os.path.dirname(self.path) if image_root is None else str(image_root)
+        self.root = os.path.abspath(root)
+        self.on_error = on_error
+        self.allow_outside_root = allow_outside_root
+        self.samples: list[Sample] = []
+        self.skipped: list[DataError] = []
+
+    def record(self, index: int, build: Callable[[], Sample]) -> None:
+        try:
+            self.samples.append(build())
+        except _Bad as exc:
+            self.fail(DataError(self.path, str(exc), index))
+
+    def fail(self, err: DataError) -> None:
+        if self.on_error == "raise":
+            raise err
+        self.skipped.append(err)
+
+    def result(self) -> ReadResult:
+        return ReadResult(self.samples, self.skipped)
+
+    def resolve(self, raw: Any) -> str:
+        if not isinstance(raw, str) or not raw.strip():
+            raise _Bad(f"image path must be a non-empty string, got {raw!r}")
+        if os.path.isabs(raw):
+            if not self.allow_outside_root:
+                raise _Bad(f"absolute image path {raw!r} is not allowed (allow_outside_root=False)")
+            full = os.path.normpath(raw)
+        else:
+            full = os.path.normpath(os.path.join(self.root, raw))
+            rel = os.path.relpath(full, self.root)
+            if (rel == ".." or rel.startswith(".." + os.sep)) and not self.allow_outside_root:
+                raise _Bad(f"image path {raw!r} escapes the image root {self.root}")
+        if not os.path.isfile(full):
+            raise _Bad(f"image file not found: {raw!r} (looked for {full})")
+        return full
+
+    def make_sample(self, index, sid, images, turns, meta=None, empty_answer_ok=False) -> Sample:
+        """The checks shared by every format; ``turns`` holds (role, text) with roles mapped.
+
+        ``empty_answer_ok`` lets the last assistant turn be "" (evaluation data without answers).
+        One image and no tag at all: "<image>\\n" is prepended to the first user turn.
+        """
+        if not turns:
+            raise _Bad("conversation is empty")
+        for i, (role, text) in enumerate(turns):
+            open_answer = empty_answer_ok and i == len(turns) - 1 and role == "assistant" and text == ""
+            if not open_answer and (not isinstance(text, str) or not text.strip()):
+                raise _Bad(f"turn {i} ({role}): text must be a non-empty string, got {text!r}")
+            expected = "user" if i % 2 == 0 else "assistant"
+            if role != expected:
+                raise _Bad(f"turn {i} is {role!r} but roles must alternate starting with 'user'")
+        if len(turns) < 2:
+            raise _Bad("conversation has no assistant turn")
+        turns = list(turns)
+        n_tags = sum(text.count(IMAGE_TOKEN) for _, text in turns)
+        if n_tags != len(images):
+            if n_tags == 0 and len(images) == 1:
+                turns[0] = ("user", f"{IMAGE_TOKEN}\n{turns[0][1]}")
+            else:
+                raise _Bad(f"{n_tags} {IMAGE_TOKEN} tags but {len(images)} images")
+        resolved = [self.resolve(raw) for raw in images]
+        return Sample(str(sid), resolved, turns, self.path, index, dict(meta or {}))
+
+
+# ----------------------------------------------------------------------------- file loading
+def _read_text(path: str) -> str:
+    if not os.path.exists(path):
+        raise DataError(path, "file not found")
+    if not os.path.isfile(path):
+        raise DataError(path, "not a regular file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"cannot read file: {exc}") from None
+
+
+def _parse_json(path: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+
+
+def _load_json(path: str) -> Any:
+    return _parse_json(path, _read_text(path))
+
+
+def _iter_records(rd: _Reader):
+    """Yield (index, record) of a JSON list or JSONL file; a bad JSONL line goes to rd.fail."""
+    text = _read_text(rd.path)
+    stripped = text.lstrip()
+    jsonl = rd.path.endswith(".jsonl")
+    if not jsonl and stripped.startswith("{"):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            jsonl = exc.msg == "Extra data"  # several objects in a row: JSONL without the suffix
+    if not jsonl:
+        data = _parse_json(rd.path, text)
+        if not isinstance(data, list):
+            raise DataError(rd.path, f"expected a JSON list of records, got {type(data).__name__}")
+        yield from enumerate(data)
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rd.fail(DataError(rd.path, f"invalid JSON on line {lineno}, column {exc.colno}: {exc.msg}", lineno - 1))
+            continue
+        yield lineno - 1, obj
+
+
+def _need(rec: Any, key: str, types: type | tuple, optional: bool = False) -> Any:
+    if not isinstance(rec, dict):
+        raise _Bad(f"record must be a JSON object, got {type(rec).__name__}")
+    if key not in rec:
+        if optional:
+            return None
+        raise _Bad(f"missing key {key!r}")
+    value = rec[key]
+    if not isinstance(value, types) or isinstance(value, bool):
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise _Bad(f"key {key!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _image_list(rec: dict) -> list:
+    value = _need(rec, "image", (str, list), optional=True)
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _record_id(rd: _Reader, rec: dict, index: int, key: str = "id") -> str:
+    value = rec.get(key)
+    return f"{rd.stem}-{index}" if value is None or value == "" else str(value)
+
+
+# ----------------------------------------------------------------------------- formats
+def read_llava(path, image_root=None, on_error: OnError = "raise", allow_outside_root: bool = False) -> ReadResult:
+    """LLaVA JSON list (or JSONL): {"id", "image"?, "conversations": [{"from", "value"}, ...]}.
+
+    Roles human/user -> "user", gpt/assistant -> "assistant"; one leading "system" turn is
+    kept in meta["system"]. A record with one image and no <image> tag gets "<image>\\n"
+    prepended to its first user turn (the LLaVA convention).
+    """
+    rd = _Reader(path, image_root, on_error, allow_outside_root)
+
+    def build(index: int, rec: Any) -> Sample:
+        convs = _need(rec, "conversations", list)
+        meta, turns = {}, []
+        for i, turn in enumerate(convs):
+            if not isinstance(turn, dict):
+                raise _Bad(f"turn {i} must be an object with 'from' and 'value'")
+            role, text = turn.get("from"), turn.get("value")
+            if role == "system" and i == 0:
+                if not isinstance(text, str):
+                    raise _Bad(f"turn {i} (system): text must be a string, got {text!r}")
+                meta["system"] = text
+                continue
+            if role not in _ROLES:
+                raise _Bad(f"turn {i}: unknown role {role!r} (expected human/gpt or user/assistant)")
+            turns.append((_ROLES[role], text))
+        return rd.make_sample(index, _record_id(rd, rec, index), _image_list(rec), turns, meta)
+
+    for index, rec in _iter_records(rd):
+        rd.record(index, lambda: build(index, rec))
+    return rd.result()
+
+
+def read_chatml(path, image_root=None, on_error: OnError = "raise", allow_outside_root: bool = False) -> ReadResult:
+    """PaddleMIX chatml layout: {"image"?: str | list, "conversations": [[user, assistant], ...]}."""
+    rd = _Reader(path, image_root, on_error, allow_outside_root)
+
+    def build(index: int, rec: Any) -> Sample:
+        turns = []
+        for i, pair in enumerate(_need(rec, "conversations", list)):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise _Bad(f"conversation {i} must be a [user_text, assistant_text] pair")
+            turns += [("user", pair[0]), ("assistant", pair[1])]
+        return rd.make_sample(index, _record_id(rd, rec, index), _image_list(rec), turns)
+
+    for index, rec in _iter_records(rd):
+        rd.record(index, lambda: build(index, rec))
+    return rd.result()
+
+
+def read_captions(path, image_root=None, on_error: OnError = "raise", allow_outside_root: bool = False,
+                  prompt: str = f"{IMAGE_TOKEN}\nDescribe the image briefly.") -> ReadResult:
+    """COCO Karpathy (LAVIS) list of {"image", "caption": str | list[str], "image_id"?}.
+
+    A list caption gives one Sample answering with the first caption and
+    meta["references"] holding the whole list.
+    """
+    rd = _Reader(path, image_root, on_error, allow_outside_root)
+
+    def build(index: int, rec: Any) -> Sample:
+        image = _need(rec, "image", str)
+        caption = _need(rec, "caption", (str, list))
+        meta = {"image_id": rec["image_id"]} if rec.get("image_id") is not None else {}
+        if isinstance(caption, list):
+            if not caption or not all(isinstance(c, str) and c.strip() for c in caption):
+                raise _Bad("key 'caption' must be a non-empty list of non-empty strings")
+            meta["references"] = list(caption)
+            caption = caption[0]
+        sid = _record_id(rd, rec, index, key="image_id")
+        return rd.make_sample(index, sid, [image], [("user", prompt), ("assistant", caption)], meta)
+
+    for index, rec in _iter_records(rd):
+        rd.record(index, lambda: build(index, rec))
+    return rd.result()
+
+
+def read_vqav2(questions_path, annotations_path=None, image_root=None, on_error: OnError = "raise",
+               allow_outside_root: bool = False, image_pattern: str = "COCO_{split}_{image_id:012d}.jpg",
+               split: str = "val2014",
+               prompt_template: str = f"{IMAGE_TOKEN}\n{{question}}\nAnswer the question using a single word or phrase.",
+               ) -> ReadResult:
+    """Official VQAv2 question (and optional annotation) files; one Sample per question."""
+    rd = _Reader(questions_path, image_root, on_error, allow_outside_root)
+    questions = _top_list(rd.path, "questions")
+    annotations: dict[Any, dict] = {}
+    if annotations_path is not None:
+        for i, ann in enumerate(_top_list(str(annotations_path), "annotations")):
+            if isinstance(ann, dict) and "question_id" in ann:
+                annotations[ann["question_id"]] = ann
+            else:
+                rd.fail(DataError(str(annotations_path), "annotation must be an object with 'question_id'", i))
+
+    def build(index: int, rec: Any) -> Sample:
+        qid = _need(rec, "question_id", (int, str))
+        image_id = _need(rec, "image_id", (int, str))
+        question = _need(rec, "question", str)
+        try:
+            image = image_pattern.format(split=split, image_id=image_id)
+        except (ValueError, KeyError, IndexError) as exc:
+            raise _Bad(f"image_pattern {image_pattern!r} cannot format image_id {image_id!r}: {exc}") from None
+        meta: dict[str, Any] = {"question_id": qid, "image_id": image_id}
+        answer = ""
+        if annotations_path is not None:
+            if qid not in annotations:
+                raise _Bad(f"no annotation for question_id {qid!r}")
+            ann = annotations[qid]
+            answers = _need(ann, "answers", list)
+            if not all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers):
+                raise _Bad(f"annotation of question_id {qid!r}: each answer must be an object with a string 'answer'")
+            answer = _need(ann, "multiple_choice_answer", str)
+            meta.update(answers=[a["answer"] for a in answers], question_type=ann.get("question_type"),
+                        answer_type=ann.get("answer_type"))
+        turns = [("user", prompt_template.format(question=question)), ("assistant", answer)]
+        return rd.make_sample(index, str(qid), [image], turns, meta, empty_answer_ok=True)
+
+    for index, rec in enumerate(questions):
+        rd.record(index, lambda: build(index, rec))
+    return rd.result()
+
+
+def _top_list(path: str, key: str) -> list:
+    data = _load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise DataError(path, f"expected a JSON object with a {key!r} list")
+    return data[key]
+
+
+def read_dataset(path, format: Literal["llava", "chatml", "caption", "vqav2"], **kw) -> ReadResult:
+    """Dispatch to the reader of ``format``; for "vqav2" ``path`` is the questions file."""
+    readers = {"llava": read_llava, "chatml": read_chatml, "caption": read_captions, "vqav2": read_vqav2}
+    if format not in readers:
+        raise ValueError(f"unknown data format {format!r}; expected one of {sorted(readers)}")
+    return readers[format](path, **kw)

@@ -1,0 +1,83 @@
+"""Answer held-out samples with a model and score them (VQAv2 accuracy, caption metrics)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from paddle_mm.config import InferConfig
+from paddle_mm.data.dataset import collate
+from paddle_mm.data.image import ImageProcessor
+from paddle_mm.data.readers import Sample
+from paddle_mm.metrics.caption import caption_report
+from paddle_mm.metrics.vqa import vqa_report
+from paddle_mm.tokenizer import Tokenizer
+
+
+def prompt_turns(sample: Sample) -> list[tuple[str, str]]:
+    """The conversation up to (not including) its last assistant answer."""
+    turns = list(sample.turns)
+    if turns and turns[-1][0] == "assistant":
+        turns = turns[:-1]
+    return turns
+
+
+def generate_answers(
+    model,
+    tokenizer: Tokenizer,
+    samples: Sequence[Sample],
+    image_processor: ImageProcessor,
+    infer: InferConfig,
+    blind: bool = False,
+    system: str = "",
+) -> dict[str, str]:
+    """{sample id: generated text}. blind=True replaces every image with a blank one."""
+    import paddle
+
+    answers: dict[str, str] = {}
+    tpi = model.tokens_per_image
+    for start in range(0, len(samples), infer.batch_size):
+        chunk = samples[start: start + infer.batch_size]
+        items = []
+        for s in chunk:
+            ids, _ = tokenizer.encode_chat(prompt_turns(s), tpi, system=system, add_generation_prompt=True)
+            if blind:
+                pixels = np.stack([image_processor.blank() for _ in s.images]) if s.images else None
+            else:
+                pixels = image_processor(s.images) if s.images else None
+            items.append({"id": s.id, "input_ids": np.asarray(ids, "int64"), "labels": np.asarray(ids, "int64"),
+                          "pixel_values": pixels})
+        batch = collate(items, tokenizer.pad_token_id, padding_side="left")
+        pixel_values = None if batch["pixel_values"] is None else paddle.to_tensor(batch["pixel_values"])
+        outs = model.generate(
+            paddle.to_tensor(batch["input_ids"]),
+            paddle.to_tensor(batch["attention_mask"]),
+            pixel_values,
+            max_new_tokens=infer.max_new_tokens,
+            eos_token_id=tokenizer.im_end_id,
+            do_sample=infer.do_sample,
+            temperature=infer.temperature,
+            top_p=infer.top_p,
+        )
+        for sid, out in zip(batch["ids"], outs):
+            answers[sid] = tokenizer.decode(out).strip()
+    return answers
+
+
+def evaluate_vqa(model, tokenizer, samples, image_processor, infer, blind=False, system="") -> dict:
+    """VQAv2 accuracy overall and per question type; samples need meta["answers"]."""
+    preds = generate_answers(model, tokenizer, samples, image_processor, infer, blind=blind, system=system)
+    annotations = {s.id: {"answers": s.meta["answers"], "question_type": s.meta.get("question_type") or "all"}
+                   for s in samples}
+    report = vqa_report(preds, annotations)
+    report["predictions"] = preds
+    return report
+
+
+def evaluate_captions(model, tokenizer, samples, image_processor, infer, system="") -> dict:
+    """BLEU-4, ROUGE-L and CIDEr-D against meta["references"] (or the sample's own caption)."""
+    preds = generate_answers(model, tokenizer, samples, image_processor, infer, system=system)
+    refs = {s.id: s.meta.get("references") or [s.turns[-1][1]] for s in samples}
+    report = caption_report(refs, preds)
+    report["predictions"] = preds
+    return report

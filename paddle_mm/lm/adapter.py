@@ -1,0 +1,132 @@
+"""The one adapter over PaddleFormers causal LMs (Qwen2, Llama, Qwen3).
+
+Everything family-specific about the backbone lives here: which classes build it, how its
+config fields are named, and how its forward is called. The rest of paddle_mm only calls
+`build_language_model` and `run_language_model`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import paddle
+
+from paddle_mm.config import LMConfig
+from paddle_mm.errors import CheckpointError
+
+# family -> (config class, model class) names in paddleformers.transformers
+_FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+
+def _classes(family: str):
+    import paddleformers.transformers as pf  # heavy import: only when a backbone is built
+
+    config_name, model_name = _FAMILIES[family]
+    return getattr(pf, config_name), getattr(pf, model_name)
+
+
+def backbone_config(cfg: LMConfig, special_ids: dict[str, int] | None = None):
+    """A PaddleFormers config for a backbone built from scratch."""
+    config_cls, _ = _classes(cfg.family)
+    ids = special_ids or {}
+    config = config_cls(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        # generate() from inputs_embeds needs a bos id in PaddleFormers 1.0.0 (see DESIGN.md).
+        bos_token_id=ids.get("bos", ids.get("eos", 0)),
+        eos_token_id=ids.get("eos", 0),
+        pad_token_id=ids.get("pad", 0),
+    )
+    config._attn_implementation = cfg.attn_implementation
+    return config
+
+
+def lm_config_from_folder(path: str) -> LMConfig:
+    """Read a local backbone folder's config.json into our LMConfig (path kept)."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"{path}: no config.json in the language model folder")
+    with open(config_file, encoding="utf-8") as f:
+        raw = json.load(f)
+    family = raw.get("model_type", "")
+    if family not in _FAMILIES:
+        raise CheckpointError(f"{config_file}: model_type {family!r} is not one of {sorted(_FAMILIES)}")
+    return LMConfig(
+        family=family,
+        path=path,
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_layers=raw["num_hidden_layers"],
+        num_heads=raw["num_attention_heads"],
+        num_kv_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+    )
+
+
+def build_language_model(cfg: LMConfig, special_ids: dict[str, int] | None = None):
+    """Build the backbone from the config fields, or load it from the local folder `cfg.path`."""
+    config_cls, model_cls = _classes(cfg.family)
+    if cfg.path:
+        if not os.path.isdir(cfg.path):
+            raise CheckpointError(f"{cfg.path}: language model folder does not exist")
+        model = model_cls.from_pretrained(cfg.path, dtype="float32")
+    else:
+        model = model_cls(backbone_config(cfg, special_ids))
+    return model
+
+
+def resolved_lm_config(cfg: LMConfig) -> LMConfig:
+    """The config with the fields of a local folder filled in, so a saved run is self-describing."""
+    if not cfg.path:
+        return cfg
+    loaded = lm_config_from_folder(cfg.path)
+    return replace(loaded, attn_implementation=cfg.attn_implementation)
+
+
+def position_ids_from_mask(attention_mask: paddle.Tensor, past_length: int = 0) -> paddle.Tensor:
+    """Positions that skip padding: the k-th real token of a row gets position k.
+
+    PaddleFormers' Qwen2 does not derive positions from the cache length, so cached decoding
+    gives wrong logits unless positions are passed explicitly (measured here).
+    """
+    pos = paddle.cumsum(attention_mask.astype("int64"), axis=-1) - 1
+    pos = paddle.clip(pos, min=0)
+    return pos[:, past_length:]
+
+
+def run_language_model(lm, inputs_embeds, attention_mask=None, past_key_values=None, use_cache=False):
+    """Forward the backbone on embeddings; returns (logits [B, L, V], cache or None).
+
+    attention_mask covers the cached and the new positions ([B, past + L]).
+    """
+    b, length = inputs_embeds.shape[:2]
+    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    if attention_mask is None:
+        attention_mask = paddle.ones([b, past + length], dtype="int64")
+    out = lm(
+        input_ids=None,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask, past),
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+        return_dict=True,
+    )
+    return out.logits, (out.past_key_values if use_cache else None)

@@ -1,0 +1,140 @@
+"""The vision-language model: vision_tower -> multi_modal_projector -> language_model.
+
+Reads top to bottom like the data flow in DESIGN.md: embed the tokens, encode and project
+the images, write the image features at the image-token positions, run the LM, and take
+the loss where labels != IGNORE_INDEX.
+"""
+from __future__ import annotations
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from paddle_mm.config import ModelConfig
+from paddle_mm.lm.adapter import build_language_model, run_language_model
+from paddle_mm.projectors import build_projector
+from paddle_mm.tokenizer import IGNORE_INDEX
+from paddle_mm.vision.vit import VisionTransformer
+
+
+class VisionLanguageModel(nn.Layer):
+    def __init__(self, cfg: ModelConfig, special_ids: dict[str, int] | None = None):
+        super().__init__()
+        if cfg.image_token_id < 0:
+            raise ValueError("ModelConfig.image_token_id is not set; take it from the tokenizer")
+        if cfg.image_token_id >= cfg.lm.vocab_size:
+            raise ValueError(
+                f"image_token_id {cfg.image_token_id} is outside the LM vocabulary of {cfg.lm.vocab_size}"
+            )
+        self.config = cfg
+        self.vision_tower = VisionTransformer(cfg.vision)
+        self.multi_modal_projector = build_projector(cfg.projector, cfg.vision.hidden_size, cfg.lm.hidden_size)
+        self.language_model = build_language_model(cfg.lm, special_ids)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.config.tokens_per_image
+
+    def image_features(self, pixel_values):  # [N, 3, H, W] -> [N, T, D]
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    def embed(self, input_ids, pixel_values=None):
+        """Token embeddings with image features written at the image-token positions."""
+        is_image = input_ids == self.config.image_token_id  # [B, L]
+        text_ids = paddle.where(is_image, paddle.zeros_like(input_ids), input_ids)
+        embeds = self.language_model.get_input_embeddings()(text_ids)  # [B, L, D]
+        num_positions = int(is_image.astype("int64").sum())
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        expected = num_images * self.tokens_per_image
+        if num_positions != expected:
+            raise ValueError(
+                f"image token count mismatch: the text has {num_positions} image token positions, "
+                f"but {num_images} images x {self.tokens_per_image} tokens = {expected} image features"
+            )
+        if num_images == 0:
+            return embeds
+        features = self.image_features(pixel_values).astype(embeds.dtype)  # [N, T, D]
+        d = embeds.shape[-1]
+        flat = features.reshape([-1, d])  # [N*T, D], in reading order of the image positions
+        # The k-th image position (row-major over the batch) takes the k-th feature row.
+        order = paddle.cumsum(is_image.flatten().astype("int64")) - 1
+        gathered = paddle.gather(flat, paddle.clip(order, min=0)).reshape(embeds.shape)
+        return paddle.where(is_image.unsqueeze(-1), gathered, embeds)
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
+        """Return (loss or None, logits [B, L, V])."""
+        embeds = self.embed(input_ids, pixel_values)
+        logits, _ = run_language_model(self.language_model, embeds, attention_mask)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        return loss, logits
+
+    # generation ---------------------------------------------------------------------------
+    @paddle.no_grad()
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        use_cache: bool = True,
+    ) -> list[list[int]]:
+        """Decode new tokens for a left-padded batch; returns the new ids per row (eos cut)."""
+        if attention_mask is None:
+            attention_mask = paddle.ones_like(input_ids)
+        embeds = self.embed(input_ids, pixel_values)
+        embed_tokens = self.language_model.get_input_embeddings()
+        b = input_ids.shape[0]
+        done = [False] * b
+        out: list[list[int]] = [[] for _ in range(b)]
+        cache = None
+        step_embeds, mask = embeds, attention_mask
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits, cache = run_language_model(self.language_model, step_embeds, mask, cache, use_cache=True)
+            else:
+                logits, _ = run_language_model(self.language_model, step_embeds, mask)
+            next_ids = _pick(logits[:, -1].astype("float32"), do_sample, temperature, top_p)
+            for i, t in enumerate(next_ids.tolist()):
+                if not done[i]:
+                    if t == eos_token_id:
+                        done[i] = True
+                    else:
+                        out[i].append(t)
+            if all(done):
+                break
+            new_embeds = embed_tokens(next_ids.unsqueeze(-1))  # [B, 1, D]
+            mask = paddle.concat([mask, paddle.ones([b, 1], dtype=mask.dtype)], axis=1)
+            step_embeds = new_embeds if use_cache else paddle.concat([step_embeds, new_embeds], axis=1)
+        return out
+
+
+def _pick(logits, do_sample: bool, temperature: float, top_p: float):
+    """Greedy, or temperature + nucleus sampling, over the last position's logits [B, V]."""
+    if not do_sample:
+        return paddle.argmax(logits, axis=-1)
+    probs = F.softmax(logits / max(temperature, 1e-5), axis=-1)
+    if top_p < 1.0:
+        sorted_probs = paddle.sort(probs, axis=-1, descending=True)
+        cumulative = paddle.cumsum(sorted_probs, axis=-1)
+        # The smallest probability still inside the nucleus, per row.
+        keep = (cumulative - sorted_probs) < top_p
+        threshold = paddle.min(paddle.where(keep, sorted_probs, paddle.ones_like(sorted_probs)), axis=-1, keepdim=True)
+        probs = paddle.where(probs >= threshold, probs, paddle.zeros_like(probs))
+        probs = probs / probs.sum(axis=-1, keepdim=True)
+    return paddle.multinomial(probs, num_samples=1).squeeze(-1)
+
+
+def causal_lm_loss(logits, labels):
+    """Mean next-token cross-entropy over positions whose label is not IGNORE_INDEX."""
+    shift_logits = logits[:, :-1].astype("float32")
+    shift_labels = labels[:, 1:]
+    v = shift_logits.shape[-1]
+    return F.cross_entropy(
+        shift_logits.reshape([-1, v]), shift_labels.reshape([-1]), ignore_index=IGNORE_INDEX, reduction="mean"
+    )

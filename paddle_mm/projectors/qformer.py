@@ -1,0 +1,142 @@
+"""BLIP-2 style Q-Former input projector.
+
+A fixed set of learned query tokens reads the image features through
+cross-attention and is projected to the language model's hidden size, so the
+LM always sees ``num_queries`` visual tokens whatever the number of patches.
+
+Structure follows BLIP-2's Q-Former (a BERT encoder): post-norm layers
+(``LayerNorm(x + sublayer(x))``), cross-attention only on every
+``cross_attention_every``-th layer, GELU feed-forward, and a final Linear
+(BLIP-2's ``language_projection``). Only the query branch is implemented; the
+text branch of the Q-Former is not needed for projection.
+
+Parameter layout (maps one-to-one onto HF ``Blip2QFormerModel``; Paddle Linear
+weights are ``[in, out]``, i.e. transposed w.r.t. torch):
+    query_tokens                         <- query_tokens
+    query_norm                           <- qformer.layernorm
+    layers.{i}.attn.{q,k,v}_proj         <- layer.{i}.attention.attention.{query,key,value}
+    layers.{i}.attn.out_proj             <- layer.{i}.attention.output.dense
+    layers.{i}.attn_norm                 <- layer.{i}.attention.output.LayerNorm
+    layers.{i}.cross_attn.*              <- layer.{i}.crossattention.* (same split)
+    layers.{i}.cross_attn_norm           <- layer.{i}.crossattention.output.LayerNorm
+    layers.{i}.mlp.fc1 / fc2             <- layer.{i}.intermediate_query.dense / output_query.dense
+    layers.{i}.mlp_norm                  <- layer.{i}.output_query.LayerNorm
+    proj                                 <- language_projection
+"""
+
+from __future__ import annotations
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+
+class MultiHeadAttention(nn.Layer):
+    """Unmasked multi-head attention; q from ``hidden``, k/v from ``kv_hidden``.
+
+    ``kv_hidden`` differs from ``hidden`` for cross-attention, where k/v are
+    projected straight from the vision encoder's width (as in BLIP-2).
+    """
+
+    def __init__(self, hidden: int, num_heads: int, kv_hidden: int | None = None):
+        super().__init__()
+        if hidden % num_heads != 0:
+            raise ValueError(f"hidden ({hidden}) must be divisible by num_heads ({num_heads})")
+        kv_hidden = hidden if kv_hidden is None else kv_hidden
+        self.num_heads = num_heads
+        self.head_dim = hidden // num_heads
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(kv_hidden, hidden)
+        self.v_proj = nn.Linear(kv_hidden, hidden)
+        self.out_proj = nn.Linear(hidden, hidden)
+
+    def _split(self, x: paddle.Tensor) -> paddle.Tensor:
+        # [B, L, D] -> [B, L, H, Dh]: the layout Paddle's SDPA expects.
+        b, l = x.shape[0], x.shape[1]
+        return x.reshape([b, l, self.num_heads, self.head_dim])
+
+    def forward(self, x: paddle.Tensor, kv: paddle.Tensor | None = None) -> paddle.Tensor:
+        kv = x if kv is None else kv
+        q = self._split(self.q_proj(x))  # [B, Q, H, Dh]
+        k = self._split(self.k_proj(kv))  # [B, K, H, Dh]
+        v = self._split(self.v_proj(kv))  # [B, K, H, Dh]
+        # No mask: queries and image patches are always all valid. Paddle's SDPA
+        # (checked on CPU, paddle 3.3.1) uses the 1/sqrt(Dh) scale.
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, Q, H, Dh]
+        out = out.reshape([out.shape[0], out.shape[1], -1])  # [B, Q, D]
+        return self.out_proj(out)
+
+
+class QFormerMLP(nn.Layer):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, intermediate)
+        self.fc2 = nn.Linear(intermediate, hidden)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        # Exact (erf) GELU, as BERT/BLIP-2 use "gelu", not the tanh approximation.
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class QFormerLayer(nn.Layer):
+    """One post-norm BERT layer over the queries, optionally with cross-attention."""
+
+    def __init__(self, hidden: int, vision_hidden: int, num_heads: int, intermediate: int,
+                 has_cross_attention: bool, eps: float):
+        super().__init__()
+        self.has_cross_attention = has_cross_attention
+        self.attn = MultiHeadAttention(hidden, num_heads)
+        self.attn_norm = nn.LayerNorm(hidden, epsilon=eps)
+        if has_cross_attention:
+            # Only created when used, so state_dict has no dead cross-attn weights
+            # (matches HF, where such layers lack `crossattention`).
+            self.cross_attn = MultiHeadAttention(hidden, num_heads, kv_hidden=vision_hidden)
+            self.cross_attn_norm = nn.LayerNorm(hidden, epsilon=eps)
+        self.mlp = QFormerMLP(hidden, intermediate)
+        self.mlp_norm = nn.LayerNorm(hidden, epsilon=eps)
+
+    def forward(self, x: paddle.Tensor, image_features: paddle.Tensor) -> paddle.Tensor:
+        # Post-norm (residual, then LayerNorm) as in BERT, not pre-norm.
+        x = self.attn_norm(x + self.attn(x))  # [B, Q, D]
+        if self.has_cross_attention:
+            x = self.cross_attn_norm(x + self.cross_attn(x, image_features))  # [B, Q, D]
+        return self.mlp_norm(x + self.mlp(x))  # [B, Q, D]
+
+
+class QFormerProjector(nn.Layer):
+    """[B, P, vision_hidden] image features -> [B, num_queries, output_hidden]."""
+
+    def __init__(self, vision_hidden: int, output_hidden: int, num_queries: int = 32,
+                 hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
+                 intermediate_size: int = 3072, cross_attention_every: int = 2,
+                 layer_norm_eps: float = 1e-12):
+        super().__init__()
+        if cross_attention_every < 1:
+            raise ValueError("cross_attention_every must be >= 1")
+        self.num_queries = num_queries
+        self.query_tokens = self.create_parameter(
+            shape=[1, num_queries, hidden_size],
+            default_initializer=nn.initializer.Normal(mean=0.0, std=0.02),
+        )
+        # BLIP-2 runs the queries through the embeddings LayerNorm before layer 0.
+        self.query_norm = nn.LayerNorm(hidden_size, epsilon=layer_norm_eps)
+        self.layers = nn.LayerList([
+            QFormerLayer(hidden_size, vision_hidden, num_heads, intermediate_size,
+                         has_cross_attention=(i % cross_attention_every == 0), eps=layer_norm_eps)
+            for i in range(num_layers)
+        ])
+        self.proj = nn.Linear(hidden_size, output_hidden)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_queries
+
+    def forward(self, image_features: paddle.Tensor) -> paddle.Tensor:
+        b = image_features.shape[0]
+        # Same learned queries for every image; expand keeps them shared so
+        # gradients from all batch rows accumulate into one parameter.
+        x = self.query_tokens.expand([b, -1, -1])  # [B, Q, D]
+        x = self.query_norm(x)
+        for layer in self.layers:
+            x = layer(x, image_features)  # [B, Q, D]
+        return self.proj(x)  # [B, Q, output_hidden]

@@ -1,0 +1,281 @@
+"""Strict loading of YAML recipe files into a tree of dataclasses.
+
+A recipe is a YAML mapping, optionally naming ``base:`` files it inherits from, checked
+key by key against a dataclass schema. Every mistake (unknown key, wrong type, missing
+field) is a RecipeError naming the dotted key and the file (or command line override)
+that supplied it, so a bad recipe fails before any model is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union
+
+import yaml
+
+from paddle_mm.errors import RecipeError
+
+__all__ = ["load_recipe", "from_dict", "recipe_to_dict", "save_recipe"]
+
+# YAML 1.1 (what PyYAML speaks) reads "1e-3" as a string because it wants a dot; a float
+# field accepts any string of this shape so recipes can use the usual notation.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_KEY = re.compile(r"[A-Za-z_][\w-]*(\.[A-Za-z_0-9][\w-]*)*")
+
+# A key path is a tuple of mapping keys and list indices (tuples, not dotted strings, so a
+# dict key holding a dot stays unambiguous); "sources" maps each path to the file that set it.
+
+
+def _dotted(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def _source_of(sources: dict, path: tuple, default: str) -> str:
+    # The nearest enclosing key that has a recorded source supplied this value.
+    for n in range(len(path), -1, -1):
+        if path[:n] in sources:
+            return sources[path[:n]]
+    return default
+
+
+def _record(data: Any, origin: str, sources: dict, prefix: tuple = ()) -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            sources[prefix + (key,)] = origin
+            _record(value, origin, sources, prefix + (key,))
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Deep-merge ``over`` into a copy of ``base``: dicts merge, everything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict]:
+    """Read one file and its bases, returning the merged data and the source of each key."""
+    resolved = path.resolve()
+    if resolved in chain:
+        names = " -> ".join(str(p) for p in chain + (resolved,))
+        raise RecipeError(f"recipe base cycle: {names}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{where}: invalid YAML: {problem}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+    bases = data.pop("base", None)
+    bases = [] if bases is None else [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise RecipeError(f"{path}: 'base' must be a file name or a list of file names")
+    merged: dict = {}
+    sources: dict = {}
+    for name in bases:
+        base_data, base_sources = _read(path.parent / name, chain + (resolved,))
+        merged = _merge(merged, base_data)
+        sources.update(base_sources)
+    # Stale entries for keys a later file replaced are harmless: only keys present are looked up.
+    _record(data, str(path), sources)
+    return _merge(merged, data), sources
+
+
+def _apply_override(data: dict, sources: dict, override: str) -> None:
+    origin = f"command line override '{override}'"
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not _KEY.fullmatch(key):
+        raise RecipeError(f"{origin}: expected 'section.key=value'")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{origin}: value is not valid YAML ({exc})") from None
+    parts = tuple(key.split("."))
+    node = data
+    for n, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            node[part] = {}  # a new (or non-mapping) section: the schema check judges it
+            sources[parts[: n + 1]] = origin
+        node = node[part]
+    node[parts[-1]] = value
+    sources[parts] = origin
+    _record(value, origin, sources, parts)
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+class _Converter:
+    def __init__(self, sources: dict, default: str):
+        self.sources = sources
+        self.default = default
+
+    def fail(self, path: tuple, message: str) -> RecipeError:
+        return RecipeError(f"{_source_of(self.sources, path, self.default)}: {message}")
+
+    def wrong(self, path: tuple, tp: Any, value: Any) -> RecipeError:
+        return self.fail(path, f"'{_dotted(path)}' expects {_type_name(tp)}, "
+                               f"got {value!r} ({type(value).__name__})")
+
+    def convert(self, tp: Any, value: Any, path: tuple) -> Any:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if tp is Any:
+            return value
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            return self.dataclass(tp, value, path)
+        if origin in (Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            options = [a for a in args if a is not type(None)]
+            if len(options) == 1:  # Optional[X]: X's own error is the most helpful one
+                return self.convert(options[0], value, path)
+            for option in options:
+                try:
+                    return self.convert(option, value, path)
+                except RecipeError:
+                    pass
+            raise self.wrong(path, tp, value)
+        if origin is Literal:
+            # Compare type too, so True does not pass for Literal[1] (True == 1 in Python).
+            if any(type(value) is type(a) and value == a for a in args):
+                return value
+            allowed = ", ".join(repr(a) for a in args)
+            raise self.fail(path, f"'{_dotted(path)}' must be one of {allowed}, got {value!r}")
+        if origin in (list, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise self.wrong(path, tp, value)
+            if origin is list or args[1:] == (Ellipsis,):
+                item_types = [args[0]] * len(value)
+            elif len(value) == len(args):  # fixed-length tuple[X, Y, Z]
+                item_types = list(args)
+            else:
+                raise self.fail(path, f"'{_dotted(path)}' expects {_type_name(tp)} "
+                                      f"({len(args)} items), got {value!r}")
+            pairs = enumerate(zip(item_types, value))
+            items = [self.convert(t, v, path + (i,)) for i, (t, v) in pairs]
+            return items if origin is list else tuple(items)
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise self.wrong(path, tp, value)
+            key_tp, val_tp = args or (Any, Any)
+            return {self.convert(key_tp, k, path + (k,)): self.convert(val_tp, v, path + (k,))
+                    for k, v in value.items()}
+        if tp is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+                return float(value)
+            raise self.wrong(path, tp, value)
+        if tp in (int, bool, str):  # no coercion: 1 for a bool or 3 for a str is a mistake
+            if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+                return value
+            raise self.wrong(path, tp, value)
+        raise self.fail(path, f"'{_dotted(path)}' has unsupported type {_type_name(tp)}")
+
+    def dataclass(self, cls: type, value: Any, path: tuple) -> Any:
+        if not isinstance(value, dict):
+            raise self.fail(path, f"'{_dotted(path)}' expects a mapping ({cls.__name__}), "
+                                  f"got {value!r} ({type(value).__name__})")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        for key in value:
+            if key not in fields:
+                hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+                dotted = _dotted(path + (key,))
+                near = f" (did you mean '{_dotted(path + (hint[0],))}'?)" if hint else ""
+                raise self.fail(path + (key,), f"unknown key '{dotted}'{near}")
+        kwargs = {}
+        for name, field in fields.items():
+            if name in value:
+                kwargs[name] = self.convert(hints[name], value[name], path + (name,))
+            elif (field.default is dataclasses.MISSING
+                  and field.default_factory is dataclasses.MISSING):
+                raise self.fail(path, f"missing required field '{_dotted(path + (name,))}'")
+        return cls(**kwargs)
+
+
+def _validate(obj: Any) -> None:
+    """Call ``validate()`` on every dataclass in the tree, children before parents."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for field in dataclasses.fields(obj):
+            _validate(getattr(obj, field.name))
+        if callable(getattr(obj, "validate", None)):
+            obj.validate()
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _validate(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _validate(item)
+
+
+def _build(schema: type, data: Any, sources: dict, default: str) -> Any:
+    obj = _Converter(sources, default).convert(schema, data, ())
+    _validate(obj)
+    return obj
+
+
+def load_recipe(path: str | Path, schema: type, overrides: Sequence[str] = ()) -> Any:
+    """Load ``path`` (with its bases and ``overrides``) into an instance of ``schema``."""
+    path = Path(path)
+    data, sources = _read(path, ())
+    if isinstance(overrides, str):  # a lone string would otherwise be split into characters
+        overrides = [overrides]
+    for override in overrides:
+        _apply_override(data, sources, override)
+    return _build(schema, data, sources, str(path))
+
+
+def from_dict(schema: type, data: dict, source: str = "<dict>") -> Any:
+    """The strict conversion of ``load_recipe`` for a mapping already in memory."""
+    return _build(schema, data, {}, source)
+
+
+def recipe_to_dict(obj: Any) -> Any:
+    """Plain dicts, lists and scalars for a recipe object (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: recipe_to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [recipe_to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: recipe_to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def save_recipe(obj: Any, path: str | Path) -> None:
+    """Write the resolved recipe as YAML; a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(recipe_to_dict(obj), sort_keys=False, allow_unicode=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,236 @@
+"""One training entry point for every stage; stages differ by recipe, not by code.
+
+A run folder holds: recipe.yaml (resolved), config.json, tokenizer.json, model.safetensors,
+projector.safetensors, metrics.jsonl, and checkpoint/ (weights + optimizer + position) to
+continue from. Freezing follows `train.trainable`; nothing here branches on the stage name.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from paddle_mm import builder
+from paddle_mm.checkpoint import load_into, load_tensors, save_tensors
+from paddle_mm.config import Recipe, TrainConfig
+from paddle_mm.data.dataset import ConversationDataset, collate
+from paddle_mm.errors import CheckpointError, RecipeError
+from paddle_mm.recipe import save_recipe
+from paddle_mm.tokenizer import dump_special_tokens
+
+SUBMODULES = ("vision_tower", "multi_modal_projector", "language_model")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "linear":
+        return floor + (cfg.lr - floor) * (1 - progress)
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def apply_trainable(model, cfg: TrainConfig) -> dict[str, list]:
+    """Freeze everything outside cfg.trainable; returns the trainable parameters per submodule."""
+    for name in cfg.trainable:
+        if name not in SUBMODULES:
+            raise RecipeError(f"train.trainable: {name!r} is not one of {SUBMODULES}")
+    groups: dict[str, list] = {}
+    for name in SUBMODULES:
+        params = getattr(model, name).parameters()
+        train_it = name in cfg.trainable
+        for p in params:
+            p.stop_gradient = not train_it
+        if train_it:
+            groups[name] = params
+    if cfg.lora.enabled:
+        from paddle_mm.lora import add_lora
+
+        groups["language_model"] = add_lora(model.language_model, cfg.lora)
+    return groups
+
+
+def build_optimizer(groups: dict[str, list], cfg: TrainConfig):
+    import paddle
+
+    # Paddle multiplies the base rate by a group's "learning_rate": a ratio here.
+    scale = {
+        "multi_modal_projector": (cfg.projector_lr or cfg.lr) / cfg.lr,
+        "vision_tower": (cfg.vision_lr or cfg.lr) / cfg.lr,
+        "language_model": 1.0,
+    }
+    param_groups = [{"params": ps, "learning_rate": scale[name]} for name, ps in groups.items() if ps]
+    if not param_groups:
+        raise RecipeError("train.trainable leaves no parameter to train")
+    clip = paddle.nn.ClipGradByGlobalNorm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    return paddle.optimizer.AdamW(
+        learning_rate=cfg.lr, parameters=param_groups, weight_decay=cfg.weight_decay, grad_clip=clip
+    )
+
+
+class Progress:
+    """One status line per log step: step, loss, learning rate, throughput, time left."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start, self.t0 = total, start, time.time()
+
+    def update(self, step: int, loss: float, lr: float, samples_per_s: float) -> None:
+        done = step - self.start
+        eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+        width = 24
+        filled = int(width * step / self.total)
+        bar = "#" * filled + "." * (width - filled)
+        print(f"[{bar}] {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {samples_per_s:.1f} samples/s eta {eta:.0f}s",
+              file=sys.stderr, flush=True)
+
+
+def _save_weights(run_dir: str, model) -> None:
+    save_tensors(model.state_dict(), os.path.join(run_dir, builder.MODEL_FILE))
+    save_tensors(model.multi_modal_projector.state_dict(), os.path.join(run_dir, builder.PROJECTOR_FILE))
+
+
+def save_checkpoint(run_dir: str, model, optimizer, state: dict) -> None:
+    """Write checkpoint/ atomically: build it in a temporary folder, then swap it into place."""
+    final = os.path.join(run_dir, "checkpoint")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_tensors(model.state_dict(), os.path.join(tmp, builder.MODEL_FILE))
+    opt_state = optimizer.state_dict()
+    tensors = {k: v for k, v in opt_state.items() if hasattr(v, "numpy")}
+    save_tensors(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
+        json.dump(state, f)
+    old = final + ".old"
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run_dir: str, model, optimizer) -> dict | None:
+    ckpt = os.path.join(run_dir, "checkpoint")
+    if not os.path.isfile(os.path.join(ckpt, "state.json")):
+        return None
+    load_into(model, load_tensors(os.path.join(ckpt, builder.MODEL_FILE)), ckpt)
+    opt_tensors = load_tensors(os.path.join(ckpt, "optimizer.safetensors"))
+    import paddle
+
+    optimizer.set_state_dict({k: paddle.to_tensor(v) for k, v in opt_tensors.items()})
+    with open(os.path.join(ckpt, "state.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _init_weights(model, cfg: TrainConfig) -> None:
+    if cfg.init_from:
+        path = cfg.init_from
+        if os.path.isdir(path):
+            path = os.path.join(path, builder.MODEL_FILE)
+        load_into(model, load_tensors(path), path)
+    if cfg.projector_from:
+        load_into(model.multi_modal_projector, load_tensors(cfg.projector_from), cfg.projector_from)
+
+
+def write_run_files(run_dir: str, recipe: Recipe, model_cfg, tokenizer) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    save_recipe(recipe, os.path.join(run_dir, builder.RECIPE_FILE))
+    tmp = os.path.join(run_dir, "config.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(asdict(model_cfg), f, indent=1)
+    os.replace(tmp, os.path.join(run_dir, "config.json"))
+    tokenizer.save(run_dir)
+    dump_special_tokens(run_dir, tokenizer)
+
+
+def train(recipe: Recipe, quiet: bool = False) -> str:
+    """Run the training stage the recipe describes; returns the run folder."""
+    import paddle
+
+    from paddle_mm.runtime import configure_cpu, seed_everything
+
+    cfg = recipe.train
+    configure_cpu(cfg.num_threads)
+    seed_everything(cfg.seed)
+    tokenizer = builder.load_tokenizer(recipe)
+    model_cfg = builder.model_config_for(recipe, tokenizer)
+    model = builder.build_model(model_cfg, tokenizer)
+    _init_weights(model, cfg)
+    groups = apply_trainable(model, cfg)
+    optimizer = build_optimizer(groups, cfg)
+
+    samples, skipped = builder.read_samples(recipe.data.train, recipe)
+    dataset = ConversationDataset(samples, tokenizer, builder.image_processor_for(recipe),
+                                  model_cfg.tokens_per_image, recipe.data.max_length, recipe.data.on_error,
+                                  recipe.data.system_prompt)
+    skipped += dataset.skipped
+    if skipped:
+        print(f"skipped {len(skipped)} bad records (data.on_error=skip); first: {skipped[0]}", file=sys.stderr)
+    if len(dataset) == 0:
+        raise RecipeError("data.train yields no usable samples")
+
+    run_dir = cfg.output_dir
+    write_run_files(run_dir, recipe, model_cfg, tokenizer)
+    state = load_checkpoint(run_dir, model, optimizer) or {"step": 0, "epoch": 0, "cursor": 0}
+    if state["step"] >= cfg.max_steps:
+        raise CheckpointError(f"{run_dir}: already trained {state['step']} of max_steps {cfg.max_steps} steps")
+
+    order = _epoch_order(cfg.seed, len(dataset), state["epoch"])
+    log = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+    progress = Progress(cfg.max_steps, state["step"])
+    model.train()
+    t_log, seen = time.time(), 0
+    while state["step"] < cfg.max_steps:
+        lr = lr_at(state["step"], cfg)
+        optimizer.set_lr(lr)
+        total_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            if state["cursor"] + cfg.batch_size > len(order):
+                state["epoch"] += 1
+                state["cursor"] = 0
+                order = _epoch_order(cfg.seed, len(dataset), state["epoch"])
+            idx = order[state["cursor"]: state["cursor"] + cfg.batch_size]
+            state["cursor"] += cfg.batch_size
+            batch = collate([dataset[int(i)] for i in idx], tokenizer.pad_token_id)
+            loss, _ = model(
+                paddle.to_tensor(batch["input_ids"]),
+                paddle.to_tensor(batch["attention_mask"]),
+                None if batch["pixel_values"] is None else paddle.to_tensor(batch["pixel_values"]),
+                paddle.to_tensor(batch["labels"]),
+            )
+            (loss / cfg.grad_accum).backward()
+            total_loss += float(loss) / cfg.grad_accum
+            seen += len(idx)
+        if not math.isfinite(total_loss):
+            raise FloatingPointError(f"non-finite loss {total_loss} at step {state['step']}, samples {batch['ids']}")
+        optimizer.step()
+        optimizer.clear_grad()
+        state["step"] += 1
+        step = state["step"]
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            rate = seen / max(time.time() - t_log, 1e-9)
+            log.write(json.dumps({"step": step, "loss": total_loss, "lr": lr, "samples_per_s": rate}) + "\n")
+            log.flush()
+            if not quiet:
+                progress.update(step, total_loss, lr, rate)
+            t_log, seen = time.time(), 0
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            save_checkpoint(run_dir, model, optimizer, dict(state))
+    log.close()
+    _save_weights(run_dir, model)
+    save_checkpoint(run_dir, model, optimizer, dict(state))
+    return run_dir
+
+
+def _epoch_order(seed: int, n: int, epoch: int) -> np.ndarray:
+    """The data order of an epoch depends only on (seed, epoch), so a resumed run sees the same order."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
