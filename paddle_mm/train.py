@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -106,9 +107,7 @@ def save_checkpoint(run_dir: str, model, optimizer, state: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_tensors(model.state_dict(), os.path.join(tmp, builder.MODEL_FILE))
-    opt_state = optimizer.state_dict()
-    tensors = {k: v for k, v in opt_state.items() if hasattr(v, "numpy")}
-    save_tensors(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    save_tensors(_optimizer_tensors(optimizer, model), os.path.join(tmp, "optimizer.safetensors"))
     with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
         json.dump(state, f)
     old = final + ".old"
@@ -118,15 +117,38 @@ def save_checkpoint(run_dir: str, model, optimizer, state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# Paddle names optimizer slots after a parameter's generated name ("linear_3.w_0_moment1_0"),
+# which differs between processes; on disk they are named after the parameter's path instead.
+_SLOT = re.compile(r"^(.*)_(moment1|moment2|beta1_pow_acc|beta2_pow_acc)_(\d+)$")
+
+
+def _optimizer_tensors(optimizer, model) -> dict:
+    path_of = {p.name: n for n, p in model.named_parameters()}
+    out = {}
+    for key, value in optimizer.state_dict().items():
+        match = _SLOT.match(key) if hasattr(value, "numpy") else None
+        if match and match.group(1) in path_of:
+            out[f"{path_of[match.group(1)]}:{match.group(2)}_{match.group(3)}"] = value
+    return out
+
+
+def _load_optimizer_tensors(optimizer, model, tensors: dict) -> None:
+    import paddle
+
+    generated = {n: p.name for n, p in model.named_parameters()}
+    state = {}
+    for key, value in tensors.items():
+        path, slot = key.split(":")
+        state[f"{generated[path]}_{slot}"] = paddle.to_tensor(value)
+    optimizer.set_state_dict(state)
+
+
 def load_checkpoint(run_dir: str, model, optimizer) -> dict | None:
     ckpt = os.path.join(run_dir, "checkpoint")
     if not os.path.isfile(os.path.join(ckpt, "state.json")):
         return None
     load_into(model, load_tensors(os.path.join(ckpt, builder.MODEL_FILE)), ckpt)
-    opt_tensors = load_tensors(os.path.join(ckpt, "optimizer.safetensors"))
-    import paddle
-
-    optimizer.set_state_dict({k: paddle.to_tensor(v) for k, v in opt_tensors.items()})
+    _load_optimizer_tensors(optimizer, model, load_tensors(os.path.join(ckpt, "optimizer.safetensors")))
     with open(os.path.join(ckpt, "state.json"), encoding="utf-8") as f:
         return json.load(f)
 

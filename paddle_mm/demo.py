@@ -1,0 +1,121 @@
+"""The demo: synthetic scenes -> tokenizer -> pretrain -> instruct -> held-out evaluation.
+
+Everything runs on CPU from the recipes in recipes/demo/. The tiny ViT and LM have no
+pretrained weights to start from (none can be downloaded), so the demo's pretrain stage
+trains all three parts on captions; the recipes users run on real checkpoints keep the
+vision tower and LM frozen there (recipes/llava/).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from paddle_mm.config import Recipe
+from paddle_mm.recipe import load_recipe
+
+RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "demo")
+
+# (train, val, test) images; quick is the CI-sized variant of the same pipeline.
+SIZES = {"full": (3000, 200, 500), "quick": (300, 20, 60)}
+
+
+def _paths(out: str) -> dict[str, str]:
+    data = os.path.join(out, "data")
+    return {
+        "data": data,
+        "tokenizer": os.path.join(out, "tokenizer", "tokenizer.json"),
+        "pretrain": os.path.join(out, "pretrain"),
+        "instruct": os.path.join(out, "instruct"),
+    }
+
+
+def stage_recipe(stage: str, out: str, extra: list[str]) -> Recipe:
+    """A demo stage's recipe with its data, tokenizer and output paths placed under `out`."""
+    p = _paths(out)
+    d = p["data"]
+    overrides = [
+        f"data.tokenizer={p['tokenizer']}",
+        f"train.output_dir={p[stage]}",
+        f"data.train=[{{path: {d}/train_captions.json, format: caption}}"
+        + ("]" if stage == "pretrain" else f", {{path: {d}/train_llava.json, format: llava}}]"),
+    ]
+    if stage == "instruct":
+        overrides.append(f"train.init_from={p['pretrain']}")
+    return load_recipe(os.path.join(RECIPE_DIR, f"{stage}.yaml"), Recipe, overrides + extra)
+
+
+def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = ()) -> dict:
+    from paddle_mm.builder import image_processor_for, load_run
+    from paddle_mm.data.readers import read_captions, read_vqav2
+    from paddle_mm.data.synthetic import generate_demo_data, vqa_image_pattern
+    from paddle_mm.evaluate import evaluate_captions, evaluate_vqa
+    from paddle_mm.tokenizer import Tokenizer, training_corpus
+    from paddle_mm.train import train
+
+    t0 = time.time()
+    p = _paths(out)
+    sizes = SIZES["quick" if quick else "full"]
+    files = generate_demo_data(p["data"], *sizes, seed=0)
+    tokenizer = Tokenizer.train_bpe(training_corpus([files["corpus"]]), vocab_size=400)
+    tokenizer.save(os.path.dirname(p["tokenizer"]))
+    _say(f"data: {sizes[0]} train / {sizes[2]} test scenes; tokenizer: {tokenizer.vocab_size} tokens")
+
+    quick_overrides = ["train.max_steps=40", "train.log_every=10"] if quick else []
+    for stage in ("pretrain", "instruct"):
+        recipe = stage_recipe(stage, out, quick_overrides + list(extra))
+        _say(f"stage {stage}: {recipe.train.max_steps} steps, trainable {recipe.train.trainable}")
+        train(recipe)
+    recipe, _, tokenizer, model = load_run(p["instruct"])
+    proc = image_processor_for(recipe)
+    d = p["data"]
+    questions = read_vqav2(f"{d}/test_vqa_questions.json", f"{d}/test_vqa_annotations.json",
+                           image_pattern=vqa_image_pattern("test"), prompt_template=recipe.infer.vqa_prompt).samples
+    captions = read_captions(f"{d}/test_captions.json", prompt=recipe.infer.caption_prompt).samples
+    vqa = evaluate_vqa(model, tokenizer, questions, proc, recipe.infer)
+    blind = evaluate_vqa(model, tokenizer, questions, proc, recipe.infer, blind=True)
+    caps = evaluate_captions(model, tokenizer, captions, proc, recipe.infer)
+    summary = {
+        "vqa_accuracy": vqa["overall"],
+        "vqa_per_type": vqa["per_type"],
+        "blind_vqa_accuracy": blind["overall"],
+        "blind_per_type": blind["per_type"],
+        "caption": {k: caps[k] for k in ("BLEU-4", "ROUGE-L", "CIDEr-D")},
+        "num_test_questions": vqa["count"],
+        "num_test_images": len(captions),
+        "wall_time_s": round(time.time() - t0, 1),
+        "quick": quick,
+    }
+    _write_json(os.path.join(out, "summary.json"), summary)
+    print(format_summary(summary))
+    q = questions[0]
+    answer = vqa["predictions"][q.id]
+    print(f"\nimage {q.images[0]}\nQ: {q.turns[0][1].split(chr(10))[-1]}\nA: {answer}  (expected: {q.turns[-1][1]})")
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    rows = [("VQA accuracy (image)", s["vqa_accuracy"]), ("VQA accuracy (blind)", s["blind_vqa_accuracy"])]
+    rows += [(f"  {t} (image / blind)", f"{v:.3f} / {s['blind_per_type'].get(t, 0):.3f}")
+             for t, v in sorted(s["vqa_per_type"].items())]
+    rows += [(name, value) for name, value in s["caption"].items()]
+    rows += [("test questions / images", f"{s['num_test_questions']} / {s['num_test_images']}"),
+             ("wall time", f"{s['wall_time_s']:.0f} s")]
+    width = max(len(r[0]) for r in rows)
+    lines = ["", "paddle_mm demo: held-out test split", "-" * (width + 18)]
+    for name, value in rows:
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        lines.append(f"{name:<{width}}  {text}")
+    return "\n".join(lines)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,13 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="paddle_mm",
+    version="0.1.0",
+    description="Vision-language models from parts on PaddlePaddle, trained and run from recipe files",
+    packages=find_packages(include=["paddle_mm", "paddle_mm.*"]),
+    python_requires=">=3.10",
+    # Pinned versions live in requirements.txt (a set checked to install together);
+    # these are the direct needs, unpinned so the package composes with other pins.
+    install_requires=["paddlepaddle", "paddleformers", "tokenizers", "pillow", "numpy", "pyyaml", "safetensors"],
+    entry_points={"console_scripts": ["paddle-mm=paddle_mm.cli:main"]},
+)

@@ -1,0 +1,90 @@
+"""The training loop: schedule, stage hand-over, run folder contents, continuing a run."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from paddle_mm import builder
+from paddle_mm.checkpoint import load_tensors
+from paddle_mm.config import TrainConfig
+from paddle_mm.errors import CheckpointError, RecipeError
+from paddle_mm.train import lr_at, train
+
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, max_steps=14, schedule="cosine", min_lr_ratio=0.1)
+    assert [lr_at(s, cfg) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lr_at(4, cfg) == pytest.approx(1.0)
+    assert lr_at(9, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lr_at(14, cfg) == pytest.approx(0.1)
+    linear = TrainConfig(lr=2.0, warmup_steps=0, max_steps=10, schedule="linear")
+    assert lr_at(5, linear) == pytest.approx(1.0)
+    assert lr_at(7, TrainConfig(lr=3.0, schedule="constant")) == 3.0
+
+
+def test_run_folder_holds_everything_needed_to_load_it(tiny_recipe, tmp_path):
+    recipe = tiny_recipe(str(tmp_path / "run"), "train.max_steps=3")
+    run = train(recipe, quiet=True)
+    for name in ("recipe.yaml", "config.json", "tokenizer.json", "model.safetensors",
+                 "projector.safetensors", "metrics.jsonl", "checkpoint/state.json"):
+        assert os.path.isfile(os.path.join(run, name)), name
+    log = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in log)
+    _, cfg, tok, model = builder.load_run(run)
+    assert cfg.image_token_id == tok.image_token_id
+    saved = load_tensors(os.path.join(run, "model.safetensors"))
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), saved[name])
+
+
+def test_continuing_a_run_matches_an_uninterrupted_one(tiny_recipe, tmp_path):
+    common = ["train.schedule=constant", "train.lr=1e-3", "train.seed=3"]
+    straight = train(tiny_recipe(str(tmp_path / "a"), "train.max_steps=4", *common), quiet=True)
+    b = str(tmp_path / "b")
+    train(tiny_recipe(b, "train.max_steps=2", *common), quiet=True)
+    train(tiny_recipe(b, "train.max_steps=4", *common), quiet=True)
+    wa = load_tensors(os.path.join(straight, "model.safetensors"))
+    wb = load_tensors(os.path.join(b, "model.safetensors"))
+    for name in wa:
+        np.testing.assert_allclose(wa[name], wb[name], atol=1e-6, err_msg=name)
+    steps = [json.loads(line)["step"] for line in open(os.path.join(b, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4]
+    with pytest.raises(CheckpointError, match="already trained 4 of max_steps 4"):
+        train(tiny_recipe(b, "train.max_steps=4", *common), quiet=True)
+
+
+def test_pretrain_hands_its_projector_to_instruct(tiny_recipe, tmp_path):
+    pre = train(tiny_recipe(str(tmp_path / "pre"), "train.max_steps=2",
+                            "train.trainable=[multi_modal_projector]", stage="pretrain"), quiet=True)
+    proj_file = os.path.join(pre, "projector.safetensors")
+    recipe = tiny_recipe(str(tmp_path / "ins"), "train.max_steps=1", f"train.projector_from={proj_file}",
+                         "train.lr=1e-12", "train.max_grad_norm=0")
+    ins = train(recipe, quiet=True)
+    after = load_tensors(os.path.join(ins, "projector.safetensors"))
+    for name, value in load_tensors(proj_file).items():
+        np.testing.assert_allclose(after[name], value, atol=1e-6)
+
+
+def test_frozen_parts_do_not_change_in_pretrain(tiny_recipe, tmp_path):
+    run = train(tiny_recipe(str(tmp_path / "pre"), "train.max_steps=2", "train.lr=1e-2",
+                            "train.trainable=[multi_modal_projector]", stage="pretrain"), quiet=True)
+    from paddle_mm.runtime import seed_everything
+
+    recipe, cfg, tok, _ = builder.load_run(run)
+    seed_everything(recipe.train.seed)
+    fresh = builder.build_model(cfg, tok)  # same seed -> the initial weights of that run
+    trained = load_tensors(os.path.join(run, "model.safetensors"))
+    changed = {n.split(".")[0] for n, v in fresh.state_dict().items()
+               if not np.array_equal(v.numpy(), trained[n])}
+    assert changed == {"multi_modal_projector"}
+
+
+def test_unknown_trainable_name_is_an_error(tiny_recipe, tmp_path):
+    recipe = tiny_recipe(str(tmp_path / "x"), "train.trainable=[projector]")
+    with pytest.raises(RecipeError, match="'projector' is not one of"):
+        train(recipe, quiet=True)
