@@ -58,6 +58,7 @@ def generate_answers(
             do_sample=infer.do_sample,
             temperature=infer.temperature,
             top_p=infer.top_p,
+            num_beams=infer.num_beams,
         )
         for sid, out in zip(batch["ids"], outs):
             answers[sid] = tokenizer.decode(out).strip()

@@ -11,6 +11,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from paddle_mm.config import ModelConfig
+from paddle_mm.generation import beam_search, decode
 from paddle_mm.lm.adapter import build_language_model, run_language_model
 from paddle_mm.projectors import build_projector
 from paddle_mm.tokenizer import IGNORE_INDEX
@@ -82,59 +83,31 @@ class VisionLanguageModel(nn.Layer):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        num_beams: int = 1,
         use_cache: bool = True,
     ) -> list[list[int]]:
         """Decode new tokens for a left-padded batch; returns the new ids per row (eos cut)."""
         if attention_mask is None:
             attention_mask = paddle.ones_like(input_ids)
         embeds = self.embed(input_ids, pixel_values)
-        embed_tokens = self.language_model.get_input_embeddings()
-        b = input_ids.shape[0]
-        done = [False] * b
-        out: list[list[int]] = [[] for _ in range(b)]
-        cache = None
-        step_embeds, mask = embeds, attention_mask
-        for _ in range(max_new_tokens):
-            if use_cache:
-                logits, cache = run_language_model(self.language_model, step_embeds, mask, cache, use_cache=True)
-            else:
-                logits, _ = run_language_model(self.language_model, step_embeds, mask)
-            next_ids = _pick(logits[:, -1].astype("float32"), do_sample, temperature, top_p)
-            for i, t in enumerate(next_ids.tolist()):
-                if not done[i]:
-                    if t == eos_token_id:
-                        done[i] = True
-                    else:
-                        out[i].append(t)
-            if all(done):
-                break
-            new_embeds = embed_tokens(next_ids.unsqueeze(-1))  # [B, 1, D]
-            mask = paddle.concat([mask, paddle.ones([b, 1], dtype=mask.dtype)], axis=1)
-            step_embeds = new_embeds if use_cache else paddle.concat([step_embeds, new_embeds], axis=1)
-        return out
-
-
-def _pick(logits, do_sample: bool, temperature: float, top_p: float):
-    """Greedy, or temperature + nucleus sampling, over the last position's logits [B, V]."""
-    if not do_sample:
-        return paddle.argmax(logits, axis=-1)
-    probs = F.softmax(logits / max(temperature, 1e-5), axis=-1)
-    if top_p < 1.0:
-        sorted_probs = paddle.sort(probs, axis=-1, descending=True)
-        cumulative = paddle.cumsum(sorted_probs, axis=-1)
-        # The smallest probability still inside the nucleus, per row.
-        keep = (cumulative - sorted_probs) < top_p
-        threshold = paddle.min(paddle.where(keep, sorted_probs, paddle.ones_like(sorted_probs)), axis=-1, keepdim=True)
-        probs = paddle.where(probs >= threshold, probs, paddle.zeros_like(probs))
-        probs = probs / probs.sum(axis=-1, keepdim=True)
-    return paddle.multinomial(probs, num_samples=1).squeeze(-1)
+        if num_beams > 1:
+            return beam_search(self.language_model, embeds, attention_mask, max_new_tokens, eos_token_id, num_beams)
+        return decode(self.language_model, embeds, attention_mask, max_new_tokens, eos_token_id,
+                      do_sample, temperature, top_p, use_cache)
 
 
 def causal_lm_loss(logits, labels):
-    """Mean next-token cross-entropy over positions whose label is not IGNORE_INDEX."""
+    """Mean next-token cross-entropy over the positions whose label is not IGNORE_INDEX.
+
+    Summed and divided by the count by hand: Paddle 3.3's cross_entropy with reduction="mean"
+    divides by every position when ignore_index is negative, so padding and prompt length
+    would shrink the loss.
+    """
     shift_logits = logits[:, :-1].astype("float32")
-    shift_labels = labels[:, 1:]
+    shift_labels = labels[:, 1:].reshape([-1])
     v = shift_logits.shape[-1]
-    return F.cross_entropy(
-        shift_logits.reshape([-1, v]), shift_labels.reshape([-1]), ignore_index=IGNORE_INDEX, reduction="mean"
-    )
+    keep = (shift_labels != IGNORE_INDEX).astype("float32")
+    per_token = F.cross_entropy(
+        shift_logits.reshape([-1, v]), shift_labels.unsqueeze(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).reshape([-1])
+    return (per_token * keep).sum() / paddle.clip(keep.sum(), min=1.0)

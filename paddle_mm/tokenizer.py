@@ -132,7 +132,7 @@ class Tokenizer:
         """Token ids and labels of a conversation in the ChatML template.
 
         With add_generation_prompt the ids end with an open assistant header, ready for
-        generation; its final assistant answer (if any) is left out.
+        generation (pass the turns up to the user's last one).
         """
         ids: list[int] = []
         labels: list[int] = []

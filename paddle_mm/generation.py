@@ -1,0 +1,113 @@
+"""Decoding loops over the LM with a KV cache: greedy, sampling, beam search.
+
+All of them start from prompt embeddings (text with image features written in) and a
+left-padded attention mask, so every row's next token is read from the last column.
+"""
+from __future__ import annotations
+
+import paddle
+import paddle.nn.functional as F
+
+from paddle_mm.lm.adapter import run_language_model
+
+
+def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id: int | None, do_sample: bool = False,
+           temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True) -> list[list[int]]:
+    """Greedy or sampled decoding; returns the new ids of each row, cut at eos."""
+    embed_tokens = lm.get_input_embeddings()
+    b = embeds.shape[0]
+    done = [False] * b
+    out: list[list[int]] = [[] for _ in range(b)]
+    cache = None
+    step_embeds = embeds
+    for _ in range(max_new_tokens):
+        if use_cache:
+            logits, cache = run_language_model(lm, step_embeds, mask, cache, use_cache=True)
+        else:  # recompute the whole sequence each step: the reference the cache must match
+            logits, _ = run_language_model(lm, step_embeds, mask)
+        next_ids = pick(logits[:, -1].astype("float32"), do_sample, temperature, top_p)
+        for i, t in enumerate(next_ids.tolist()):
+            if not done[i]:
+                done[i] = t == eos_token_id
+                if not done[i]:
+                    out[i].append(t)
+        if all(done):
+            break
+        new_embeds = embed_tokens(next_ids.unsqueeze(-1))  # [B, 1, D]
+        mask = paddle.concat([mask, paddle.ones([b, 1], dtype=mask.dtype)], axis=1)
+        step_embeds = new_embeds if use_cache else paddle.concat([step_embeds, new_embeds], axis=1)
+    return out
+
+
+def pick(logits, do_sample: bool, temperature: float, top_p: float):
+    """Greedy, or temperature + nucleus sampling, over the last position's logits [B, V]."""
+    if not do_sample:
+        return paddle.argmax(logits, axis=-1)
+    probs = F.softmax(logits / max(temperature, 1e-5), axis=-1)
+    if top_p < 1.0:
+        sorted_probs = paddle.sort(probs, axis=-1, descending=True)
+        before = paddle.cumsum(sorted_probs, axis=-1) - sorted_probs
+        # Keep the smallest set of tokens whose mass reaches top_p (the top token always).
+        kept = paddle.where(before < top_p, sorted_probs, paddle.ones_like(sorted_probs))
+        threshold = paddle.min(kept, axis=-1, keepdim=True)
+        probs = paddle.where(probs >= threshold, probs, paddle.zeros_like(probs))
+        probs = probs / probs.sum(axis=-1, keepdim=True)
+    return paddle.multinomial(probs, num_samples=1).squeeze(-1)
+
+
+def beam_search(lm, embeds, mask, max_new_tokens: int, eos_token_id: int | None, num_beams: int,
+                length_penalty: float = 1.0) -> list[list[int]]:
+    """Beam search per row; returns the best finished hypothesis of each row.
+
+    Scores are summed log-probabilities divided by length**length_penalty, as in HF.
+    """
+    b = embeds.shape[0]
+    k = num_beams
+    embed_tokens = lm.get_input_embeddings()
+    embeds = paddle.repeat_interleave(embeds, k, axis=0)  # [B*K, L, D]
+    mask = paddle.repeat_interleave(mask, k, axis=0)
+    # Only the first beam of a row is live at the start, so the K beams do not all pick the same token.
+    scores = paddle.to_tensor([0.0 if j == 0 else -1e9 for _ in range(b) for j in range(k)])
+    seqs: list[list[int]] = [[] for _ in range(b * k)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+    logits, cache = run_language_model(lm, embeds, mask, None, use_cache=True)
+    for step in range(max_new_tokens):
+        logp = F.log_softmax(logits[:, -1].astype("float32"), axis=-1)  # [B*K, V]
+        v = logp.shape[-1]
+        total = (scores.unsqueeze(-1) + logp).reshape([b, k * v])
+        top_scores, top_idx = paddle.topk(total, 2 * k, axis=-1)  # 2K so K non-eos candidates remain
+        new_scores, beam_rows, next_ids, new_seqs = [], [], [], []
+        for row in range(b):
+            kept = 0
+            for s, idx in zip(top_scores[row].tolist(), top_idx[row].tolist()):
+                src = row * k + idx // v
+                token = idx % v
+                if token == eos_token_id or step == max_new_tokens - 1:
+                    seq = seqs[src] + ([] if token == eos_token_id else [token])
+                    finished[row].append((s / max(len(seq), 1) ** length_penalty, seq))
+                    if token == eos_token_id:
+                        continue
+                if kept < k:
+                    new_scores.append(s)
+                    beam_rows.append(src)
+                    next_ids.append(token)
+                    new_seqs.append(seqs[src] + [token])
+                    kept += 1
+                if kept == k:
+                    break
+            while kept < k:  # every candidate ended: pad with dead beams
+                new_scores.append(-1e9)
+                beam_rows.append(row * k)
+                next_ids.append(0)
+                new_seqs.append(list(seqs[row * k]))
+                kept += 1
+        if step == max_new_tokens - 1 or all(len(f) >= k for f in finished):
+            break
+        seqs = new_seqs
+        scores = paddle.to_tensor(new_scores)
+        cache.reorder_cache(paddle.to_tensor(beam_rows))
+        mask = paddle.concat([paddle.gather(mask, paddle.to_tensor(beam_rows)),
+                              paddle.ones([b * k, 1], dtype=mask.dtype)], axis=1)
+        logits, cache = run_language_model(lm, embed_tokens(paddle.to_tensor(next_ids).unsqueeze(-1)), mask,
+                                           cache, use_cache=True)
+    return [max(f, key=lambda x: x[0])[1] if f else [] for f in finished]
