@@ -21,7 +21,7 @@ from paddle_mm import builder
 from paddle_mm.checkpoint import load_into, load_tensors, save_tensors
 from paddle_mm.config import Recipe, TrainConfig
 from paddle_mm.data.dataset import ConversationDataset, collate
-from paddle_mm.errors import CheckpointError, RecipeError
+from paddle_mm.errors import CheckpointError, DataError, RecipeError
 from paddle_mm.recipe import save_recipe
 from paddle_mm.tokenizer import dump_special_tokens
 
@@ -222,7 +222,10 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
                 order = _epoch_order(cfg.seed, len(dataset), state["epoch"])
             idx = order[state["cursor"]: state["cursor"] + cfg.batch_size]
             state["cursor"] += cfg.batch_size
-            batch = collate([dataset[int(i)] for i in idx], tokenizer.pad_token_id)
+            items = _read_items(dataset, idx, recipe.data.on_error, skipped)
+            if not items:
+                continue
+            batch = collate(items, tokenizer.pad_token_id)
             loss, _ = model(
                 paddle.to_tensor(batch["input_ids"]),
                 paddle.to_tensor(batch["attention_mask"]),
@@ -248,9 +251,25 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             save_checkpoint(run_dir, model, optimizer, dict(state))
     log.close()
+    with open(os.path.join(run_dir, "skipped.json"), "w", encoding="utf-8") as f:
+        json.dump({"count": len(skipped), "records": [str(e) for e in skipped[:100]]}, f, indent=1)
     _save_weights(run_dir, model)
     save_checkpoint(run_dir, model, optimizer, dict(state))
     return run_dir
+
+
+def _read_items(dataset, idx, on_error: str, skipped: list) -> list[dict]:
+    """Dataset items of a batch; an unreadable image stops the run or is skipped and counted."""
+    items = []
+    for i in idx:
+        try:
+            items.append(dataset[int(i)])
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            skipped.append(err)
+            print(f"skipped: {err}", file=sys.stderr)
+    return items
 
 
 def _epoch_order(seed: int, n: int, epoch: int) -> np.ndarray:

@@ -88,3 +88,20 @@ def test_unknown_trainable_name_is_an_error(tiny_recipe, tmp_path):
     recipe = tiny_recipe(str(tmp_path / "x"), "train.trainable=[projector]")
     with pytest.raises(RecipeError, match="'projector' is not one of"):
         train(recipe, quiet=True)
+
+
+def test_unreadable_image_stops_the_run_or_is_skipped_and_counted(tiny_recipe, demo_data, tmp_path):
+    import shutil
+
+    from paddle_mm.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data["data"], data)
+    broken = data / "images" / "train" / "00003.png"
+    broken.write_bytes(b"not a png")
+    spec = f"data.train=[{{path: {data}/train_llava.json, format: llava}}]"
+    with pytest.raises(DataError, match="00003.png"):
+        train(tiny_recipe(str(tmp_path / "a"), spec, "train.max_steps=6"), quiet=True)
+    run = train(tiny_recipe(str(tmp_path / "b"), spec, "train.max_steps=6", "data.on_error=skip"), quiet=True)
+    report = json.load(open(os.path.join(run, "skipped.json")))
+    assert report["count"] >= 1 and "00003.png" in report["records"][0]

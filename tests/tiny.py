@@ -1,0 +1,29 @@
+"""A tiny version of the demo recipe, for tests that train."""
+from __future__ import annotations
+
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The demo model shrunk so a training step takes milliseconds on CPU.
+TINY = [
+    "model.vision.hidden_size=32", "model.vision.intermediate_size=64", "model.vision.num_layers=1",
+    "model.vision.num_heads=2", "model.lm.hidden_size=32", "model.lm.intermediate_size=64",
+    "model.lm.num_layers=1", "model.lm.num_heads=2", "model.lm.num_kv_heads=2",
+    "train.batch_size=4", "train.log_every=1", "train.warmup_steps=0",
+]
+
+
+
+def make_tiny_recipe(demo_data, out_dir, *overrides, stage="instruct"):
+    from paddle_mm.config import Recipe
+    from paddle_mm.recipe import load_recipe
+
+    d = demo_data["data"]
+    paths = [
+        f"data.tokenizer={demo_data['tokenizer']}",
+        f"train.output_dir={out_dir}",
+        f"data.train=[{{path: {d}/train_llava.json, format: llava}}, {{path: {d}/train_captions.json, format: caption}}]",
+        "train.init_from=''",
+    ]
+    return load_recipe(os.path.join(REPO, "recipes", "demo", f"{stage}.yaml"), Recipe, paths + TINY + list(overrides))
