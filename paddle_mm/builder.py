@@ -82,6 +82,10 @@ def load_run(run_dir: str):
     tokenizer = Tokenizer.load(run_dir)
     # The weights file holds the LM too: build it from the saved shape, not from lm.path.
     model = build_model(replace(cfg, lm=replace(cfg.lm, path="")), tokenizer)
+    if recipe.train.lora.enabled:  # the saved weights hold the LoRA matrices beside the base ones
+        from paddle_mm.lora import add_lora
+
+        add_lora(model.language_model, recipe.train.lora)
     weights = os.path.join(run_dir, MODEL_FILE)
     load_into(model, load_tensors(weights), weights)
     model.eval()

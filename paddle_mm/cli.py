@@ -44,9 +44,29 @@ def _infer(args) -> None:
         counts = run_requests(model, tokenizer, proc, infer, args.input, args.output)
         print(json.dumps(counts))
         return
+    if args.task == "chat" and not args.prompt:
+        _chat_loop(args.image, model, tokenizer, proc, infer)
+        return
     request = {"id": "0", "task": args.task, "image": args.image, "prompt": args.prompt}
     answers = generate_answers(model, tokenizer, [request_to_sample(request, infer, "command line")], proc, infer)
     print(answers["0"])
+
+
+def _chat_loop(image, model, tokenizer, proc, infer) -> None:
+    """Multi-turn chat on stdin: each line is a user turn; the history is kept until EOF."""
+    from paddle_mm.evaluate import generate_answers
+    from paddle_mm.infer import request_to_sample
+
+    messages: list[dict] = []
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        sample = request_to_sample({"id": "chat", "task": "chat", "image": image, "messages": messages},
+                                   infer, "chat")
+        answer = generate_answers(model, tokenizer, [sample], proc, infer)["chat"]
+        messages.append({"role": "assistant", "content": answer})
+        print(answer, flush=True)
 
 
 def _eval(args) -> None:
@@ -77,7 +97,7 @@ def _eval(args) -> None:
 def _demo(args) -> None:
     from paddle_mm.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, extra=args.overrides)
+    run_demo(args.out, quick=args.quick, extra=args.overrides, scale=args.scale)
 
 
 def _tokenizer(args) -> None:
@@ -100,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--task", choices=["vqa", "caption", "chat"], default="vqa")
     p.add_argument("--image")
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", default="", help="the question; for --task chat without it, read turns from stdin")
     p.add_argument("--input", help="JSONL of requests")
     p.add_argument("--output", help="JSONL the answers are appended to")
     p.add_argument("--max-new-tokens", type=int, default=0)
@@ -120,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic data -> pretrain -> instruct -> evaluation, on CPU")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="the small CI-sized variant")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (a longer run)")
     p.add_argument("overrides", nargs="*", help="section.key=value for both stages")
     p.set_defaults(func=_demo)
 

@@ -18,7 +18,9 @@ from paddle_mm.recipe import load_recipe
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "demo")
 
 # (train, val, test) images; quick is the CI-sized variant of the same pipeline.
-SIZES = {"full": (3000, 200, 500), "quick": (300, 20, 60)}
+SIZES = {"full": (3000, 200, 500), "quick": (1000, 20, 60)}
+# The quick variant's steps per stage (and the log interval so its loss curve has points).
+QUICK_STEPS = {"pretrain": 100, "instruct": 200}
 
 
 def _paths(out: str) -> dict[str, str]:
@@ -46,11 +48,12 @@ def stage_recipe(stage: str, out: str, extra: list[str]) -> Recipe:
     return load_recipe(os.path.join(RECIPE_DIR, f"{stage}.yaml"), Recipe, overrides + extra)
 
 
-def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = ()) -> dict:
+def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (), scale: float = 1.0) -> dict:
+    """Run the whole demo; `scale` multiplies every stage's steps (to see how accuracy grows)."""
     from paddle_mm.builder import image_processor_for, load_run
-    from paddle_mm.data.readers import read_captions, read_vqav2
+    from paddle_mm.data.readers import read_captions, read_llava, read_vqav2
     from paddle_mm.data.synthetic import generate_demo_data, vqa_image_pattern
-    from paddle_mm.evaluate import evaluate_captions, evaluate_vqa
+    from paddle_mm.evaluate import evaluate_captions, evaluate_vqa, question_prior_report
     from paddle_mm.tokenizer import Tokenizer, training_corpus
     from paddle_mm.train import train
 
@@ -62,9 +65,11 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = ())
     tokenizer.save(os.path.dirname(p["tokenizer"]))
     _say(f"data: {sizes[0]} train / {sizes[2]} test scenes; tokenizer: {tokenizer.vocab_size} tokens")
 
-    quick_overrides = ["train.max_steps=40", "train.log_every=10"] if quick else []
     for stage in ("pretrain", "instruct"):
+        quick_overrides = [f"train.max_steps={QUICK_STEPS[stage]}", "train.log_every=10"] if quick else []
         recipe = stage_recipe(stage, out, quick_overrides + list(extra))
+        if scale != 1.0:
+            recipe.train.max_steps = max(1, round(recipe.train.max_steps * scale))
         _say(f"stage {stage}: {recipe.train.max_steps} steps, trainable {recipe.train.trainable}")
         train(recipe)
     recipe, _, tokenizer, model = load_run(p["instruct"])
@@ -76,16 +81,20 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = ())
     vqa = evaluate_vqa(model, tokenizer, questions, proc, recipe.infer)
     blind = evaluate_vqa(model, tokenizer, questions, proc, recipe.infer, blind=True)
     caps = evaluate_captions(model, tokenizer, captions, proc, recipe.infer)
+    prior = question_prior_report(read_llava(f"{d}/train_llava.json").samples, questions)
     summary = {
         "vqa_accuracy": vqa["overall"],
         "vqa_per_type": vqa["per_type"],
         "blind_vqa_accuracy": blind["overall"],
         "blind_per_type": blind["per_type"],
+        "prior_vqa_accuracy": prior["overall"],
+        "prior_per_type": prior["per_type"],
         "caption": {k: caps[k] for k in ("BLEU-4", "ROUGE-L", "CIDEr-D")},
         "num_test_questions": vqa["count"],
         "num_test_images": len(captions),
         "wall_time_s": round(time.time() - t0, 1),
         "quick": quick,
+        "steps_scale": scale,
     }
     _write_json(os.path.join(out, "summary.json"), summary)
     print(format_summary(summary))
@@ -96,8 +105,9 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = ())
 
 
 def format_summary(s: dict) -> str:
-    rows = [("VQA accuracy (image)", s["vqa_accuracy"]), ("VQA accuracy (blind)", s["blind_vqa_accuracy"])]
-    rows += [(f"  {t} (image / blind)", f"{v:.3f} / {s['blind_per_type'].get(t, 0):.3f}")
+    rows = [("VQA accuracy: image / blanked image / question prior",
+             f"{s['vqa_accuracy']:.3f} / {s['blind_vqa_accuracy']:.3f} / {s['prior_vqa_accuracy']:.3f}")]
+    rows += [(f"  {t}", f"{v:.3f} / {s['blind_per_type'].get(t, 0):.3f} / {s['prior_per_type'].get(t, 0):.3f}")
              for t, v in sorted(s["vqa_per_type"].items())]
     rows += [(name, value) for name, value in s["caption"].items()]
     rows += [("test questions / images", f"{s['num_test_questions']} / {s['num_test_images']}"),

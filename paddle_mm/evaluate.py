@@ -1,6 +1,7 @@
 """Answer held-out samples with a model and score them (VQAv2 accuracy, caption metrics)."""
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -8,7 +9,7 @@ import numpy as np
 from paddle_mm.config import InferConfig
 from paddle_mm.data.dataset import collate
 from paddle_mm.data.image import ImageProcessor
-from paddle_mm.data.readers import Sample
+from paddle_mm.data.readers import IMAGE_TOKEN, Sample
 from paddle_mm.metrics.caption import caption_report
 from paddle_mm.metrics.vqa import vqa_report
 from paddle_mm.tokenizer import Tokenizer
@@ -73,6 +74,31 @@ def evaluate_vqa(model, tokenizer, samples, image_processor, infer, blind=False,
     report = vqa_report(preds, annotations)
     report["predictions"] = preds
     return report
+
+
+def _question_key(text: str) -> str:
+    return text.replace(IMAGE_TOKEN, "").strip().lower()
+
+
+def question_prior_report(train_samples: Sequence[Sample], samples: Sequence[Sample]) -> dict:
+    """The text-only baseline: answer each question with the answer the training data gives it
+    most often (over every user turn of every conversation). No model, no image: what the
+    question alone is worth, the yardstick a model that ignores the image would approach.
+    """
+    counts: dict[str, Counter] = {}
+    for s in train_samples:
+        for (role, question), (_, answer) in zip(s.turns[::2], s.turns[1::2]):
+            if role == "user":
+                counts.setdefault(_question_key(question), Counter())[answer.strip()] += 1
+    overall = Counter(a for c in counts.values() for a in c.elements())
+    fallback = overall.most_common(1)[0][0] if overall else ""
+    preds = {}
+    for s in samples:
+        c = counts.get(_question_key(prompt_turns(s)[-1][1]))
+        preds[s.id] = c.most_common(1)[0][0] if c else fallback
+    annotations = {s.id: {"answers": s.meta["answers"], "question_type": s.meta.get("question_type") or "all"}
+                   for s in samples}
+    return vqa_report(preds, annotations)
 
 
 def evaluate_captions(model, tokenizer, samples, image_processor, infer, system="") -> dict:

@@ -90,3 +90,12 @@ def test_eval_command_scores_vqa_and_captions(run_dir, demo_data, tmp_path, caps
     assert {"BLEU-4", "ROUGE-L", "CIDEr-D"} <= set(scores["caption"])
     saved = json.loads(report.read_text())
     assert len(saved["vqa"]["predictions"]) == scores["vqa"]["count"]
+
+
+def test_chat_reads_turns_from_stdin_and_keeps_history(run_dir, demo_data, capsys, monkeypatch):
+    import io
+
+    image = os.path.join(demo_data["data"], "images", "test", "00002.png")
+    monkeypatch.setattr("sys.stdin", io.StringIO("how many shapes are there?\n\nis there a red circle?\n"))
+    assert main(["infer", run_dir, "--task", "chat", "--image", image]) == 0
+    assert capsys.readouterr().out.count("\n") == 2  # one answer per non-blank user line

@@ -105,3 +105,14 @@ def test_unreadable_image_stops_the_run_or_is_skipped_and_counted(tiny_recipe, d
     run = train(tiny_recipe(str(tmp_path / "b"), spec, "train.max_steps=6", "data.on_error=skip"), quiet=True)
     report = json.load(open(os.path.join(run, "skipped.json")))
     assert report["count"] >= 1 and "00003.png" in report["records"][0]
+
+
+def test_lora_run_trains_only_lora_and_projector_and_loads_back(tiny_recipe, tmp_path):
+    run = train(tiny_recipe(str(tmp_path / "lora"), "train.max_steps=2", "train.lr=1e-2",
+                            "train.trainable=[multi_modal_projector, language_model]", "train.lora.enabled=true",
+                            "train.lora.r=2", "train.lora.alpha=4"), quiet=True)
+    weights = load_tensors(os.path.join(run, "model.safetensors"))
+    assert any(k.endswith("lora_A") for k in weights)
+    _, _, _, model = builder.load_run(run)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), weights[name], err_msg=name)

@@ -113,10 +113,13 @@ class VisionTransformer(nn.Layer):
         """Return the selected features [B, P (+1), D], and all hidden states if asked."""
         x = self.pre_norm(self.embed(pixel_values))
         hidden_states = [x]
-        for block in self.blocks:
+        # Blocks past the selected layer cannot change the features: skip them (LLaVA's -2
+        # saves one block in 24) unless the caller wants every hidden state.
+        layer = self.config.feature_layer % (len(self.blocks) + 1)
+        for block in self.blocks if output_hidden_states else self.blocks[:layer]:
             x = block(x)
             hidden_states.append(x)
-        features = hidden_states[self.config.feature_layer]
+        features = hidden_states[layer]
         if self.config.post_norm:
             features = self.post_norm(features)
         if self.config.drop_cls_token:
