@@ -60,7 +60,9 @@ def read_samples(specs: list[DatasetSpec], recipe: Recipe) -> tuple[list[Sample]
         elif spec.format == "caption":
             kw["prompt"] = recipe.infer.caption_prompt
         result = read_dataset(spec.path, spec.format, **kw)
-        samples.extend(result.samples)
+        if spec.repeat < 1:
+            raise RecipeError(f"data: repeat of {spec.path} must be >= 1, got {spec.repeat}")
+        samples.extend(result.samples * spec.repeat)
         skipped.extend(result.skipped)
     return samples, skipped
 

@@ -130,6 +130,7 @@ class DatasetSpec:
     image_root: str = ""  # default: the data file's folder
     annotations: str = ""  # VQAv2 only
     image_pattern: str = ""  # VQAv2 only
+    repeat: int = 1  # how many times each sample is seen per epoch: weights datasets in a mix
 
 
 @dataclass

@@ -41,7 +41,7 @@ def stage_recipe(stage: str, out: str, extra: list[str]) -> Recipe:
         f"data.tokenizer={p['tokenizer']}",
         f"train.output_dir={p[stage]}",
         f"data.train=[{{path: {d}/train_captions.json, format: caption}}"
-        + ("]" if stage == "pretrain" else f", {{path: {d}/train_llava.json, format: llava}}]"),
+        + ("]" if stage == "pretrain" else f", {{path: {d}/train_llava.json, format: llava, repeat: 2}}]"),
     ]
     if stage == "instruct":
         overrides.append(f"train.init_from={p['pretrain']}")

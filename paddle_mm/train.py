@@ -206,7 +206,8 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     if state["step"] >= cfg.max_steps:
         raise CheckpointError(f"{run_dir}: already trained {state['step']} of max_steps {cfg.max_steps} steps")
 
-    order = _epoch_order(cfg.seed, len(dataset), state["epoch"])
+    lengths = np.array([len(item.input_ids) for item in dataset.items])
+    order = _epoch_order(cfg.seed, lengths, state["epoch"], cfg.batch_size)
     log = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
     progress = Progress(cfg.max_steps, state["step"])
     model.train()
@@ -219,7 +220,8 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
             if state["cursor"] + cfg.batch_size > len(order):
                 state["epoch"] += 1
                 state["cursor"] = 0
-                order = _epoch_order(cfg.seed, len(dataset), state["epoch"])
+                lengths = np.array([len(item.input_ids) for item in dataset.items])
+    order = _epoch_order(cfg.seed, lengths, state["epoch"], cfg.batch_size)
             idx = order[state["cursor"]: state["cursor"] + cfg.batch_size]
             state["cursor"] += cfg.batch_size
             items = _read_items(dataset, idx, recipe.data.on_error, skipped)
@@ -272,6 +274,19 @@ def _read_items(dataset, idx, on_error: str, skipped: list) -> list[dict]:
     return items
 
 
-def _epoch_order(seed: int, n: int, epoch: int) -> np.ndarray:
-    """The data order of an epoch depends only on (seed, epoch), so a resumed run sees the same order."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def _epoch_order(seed: int, lengths: np.ndarray, epoch: int, batch_size: int) -> np.ndarray:
+    """The sample order of an epoch, batched by similar length.
+
+    Shuffle, then sort by length inside windows of 16 batches and shuffle the batches: a
+    batch pads to its longest sample, and mixing 45-token captions with 130-token
+    conversations wasted about a third of each step. Depends only on (seed, epoch), so a
+    resumed run sees the same order.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    window = 16 * batch_size
+    for start in range(0, len(order), window):
+        chunk = order[start: start + window]
+        order[start: start + window] = chunk[np.argsort(lengths[chunk], kind="stable")]
+    batches = [order[i: i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    return np.concatenate([batches[i] for i in rng.permutation(len(batches))]) if batches else order

@@ -116,3 +116,27 @@ def test_lora_run_trains_only_lora_and_projector_and_loads_back(tiny_recipe, tmp
     _, _, _, model = builder.load_run(run)
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), weights[name], err_msg=name)
+
+
+def test_qformer_projector_trains_through_the_same_loop(tiny_recipe, tmp_path):
+    run = train(tiny_recipe(str(tmp_path / "qf"), "train.max_steps=2", "model.projector.type=qformer",
+                            "model.projector.qformer={num_queries: 4, hidden_size: 16, num_layers: 2, num_heads: 2, "
+                            "intermediate_size: 32, cross_attention_every: 1}"), quiet=True)
+    _, cfg, _, model = builder.load_run(run)
+    assert cfg.tokens_per_image == 4
+    assert model.multi_modal_projector.query_tokens.shape == [1, 4, 16]
+
+
+def test_epoch_order_groups_lengths_without_repeating_samples():
+    from paddle_mm.train import _epoch_order
+
+    rng = np.random.default_rng(0)
+    lengths = rng.choice([40, 130], size=203)
+    order = _epoch_order(7, lengths, epoch=0, batch_size=8)
+    assert len(order) == 200 and len(set(order.tolist())) == 200  # full batches, each sample once
+    np.testing.assert_array_equal(order, _epoch_order(7, lengths, epoch=0, batch_size=8))  # resumable
+    assert not np.array_equal(order, _epoch_order(7, lengths, epoch=1, batch_size=8))
+    batches = order.reshape(-1, 8)
+    padded = sum(8 * lengths[b].max() for b in batches)
+    random_batches = rng.permutation(203)[:200].reshape(-1, 8)
+    assert padded < 0.8 * sum(8 * lengths[b].max() for b in random_batches)

@@ -25,6 +25,9 @@ _FAMILIES = {
 
 def _classes(family: str):
     import paddleformers.transformers as pf  # heavy import: only when a backbone is built
+    from paddleformers.utils.log import logger
+
+    logger.set_level("WARNING")  # it logs its loss settings at INFO on every model built
 
     config_name, model_name = _FAMILIES[family]
     return getattr(pf, config_name), getattr(pf, model_name)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -204,12 +203,6 @@ def test_caption_examples():
 def test_unsupported_grid_raises(tmp_path):
     with pytest.raises(ValueError):
         syn.generate_split(tmp_path, "train", 2, seed=0, grid=4)
-
-
-def test_generation_is_fast(tmp_path):
-    start = time.perf_counter()
-    syn.generate_split(tmp_path, "train", 1000, seed=0)
-    assert time.perf_counter() - start < 10  # ~1 s on a laptop CPU; generous for CI
 
 
 def test_demo_data_and_cache(tmp_path):
