@@ -220,8 +220,7 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
             if state["cursor"] + cfg.batch_size > len(order):
                 state["epoch"] += 1
                 state["cursor"] = 0
-                lengths = np.array([len(item.input_ids) for item in dataset.items])
-    order = _epoch_order(cfg.seed, lengths, state["epoch"], cfg.batch_size)
+                order = _epoch_order(cfg.seed, lengths, state["epoch"], cfg.batch_size)
             idx = order[state["cursor"]: state["cursor"] + cfg.batch_size]
             state["cursor"] += cfg.batch_size
             items = _read_items(dataset, idx, recipe.data.on_error, skipped)
