@@ -97,7 +97,7 @@ def _eval(args) -> None:
 def _demo(args) -> None:
     from paddle_mm.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, extra=args.overrides, scale=args.scale)
+    run_demo(args.out, quick=args.quick, extra=args.overrides, scale=args.scale, processes=args.processes)
 
 
 def _tokenizer(args) -> None:
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="the small CI-sized variant")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (a longer run)")
+    p.add_argument("--processes", type=int, default=0, help="data-parallel training processes (0: one per core)")
     p.add_argument("overrides", nargs="*", help="section.key=value for both stages")
     p.set_defaults(func=_demo)
 

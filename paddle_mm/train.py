@@ -6,6 +6,7 @@ continue from. Freezing follows `train.trainable`; nothing here branches on the 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -174,15 +175,34 @@ def write_run_files(run_dir: str, recipe: Recipe, model_cfg, tokenizer) -> None:
     dump_special_tokens(run_dir, tokenizer)
 
 
+def _parallel_context():
+    """(rank, world size); joins the process group when started by paddle.distributed."""
+    import paddle.distributed as dist
+
+    world = dist.get_world_size()
+    if world > 1 and not dist.is_initialized():
+        dist.init_parallel_env()
+    return dist.get_rank(), world
+
+
 def train(recipe: Recipe, quiet: bool = False) -> str:
-    """Run the training stage the recipe describes; returns the run folder."""
+    """Run the training stage the recipe describes; returns the run folder.
+
+    Under paddle.distributed (launch or spawn, gloo on CPU) every process takes its share of
+    each global batch of train.batch_size samples and gradients are averaged; only rank 0
+    writes files.
+    """
     import paddle
+    import paddle.distributed as dist
 
     from paddle_mm.runtime import configure_cpu, seed_everything
 
     cfg = recipe.train
-    configure_cpu(cfg.num_threads)
-    seed_everything(cfg.seed)
+    rank, world = _parallel_context()
+    if cfg.batch_size % world:
+        raise RecipeError(f"train.batch_size {cfg.batch_size} does not split over {world} processes")
+    configure_cpu(cfg.num_threads or max(1, (os.cpu_count() or 1) // world))
+    seed_everything(cfg.seed)  # the same seed everywhere: every process starts from the same weights
     tokenizer = builder.load_tokenizer(recipe)
     model_cfg = builder.model_config_for(recipe, tokenizer)
     model = builder.build_model(model_cfg, tokenizer)
@@ -195,20 +215,22 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
                                   model_cfg.tokens_per_image, recipe.data.max_length, recipe.data.on_error,
                                   recipe.data.system_prompt)
     skipped += dataset.skipped
-    if skipped:
+    if skipped and rank == 0:
         print(f"skipped {len(skipped)} bad records (data.on_error=skip); first: {skipped[0]}", file=sys.stderr)
     if len(dataset) == 0:
         raise RecipeError("data.train yields no usable samples")
 
     run_dir = cfg.output_dir
-    write_run_files(run_dir, recipe, model_cfg, tokenizer)
+    if rank == 0:
+        write_run_files(run_dir, recipe, model_cfg, tokenizer)
     state = load_checkpoint(run_dir, model, optimizer) or {"step": 0, "epoch": 0, "cursor": 0}
     if state["step"] >= cfg.max_steps:
         raise CheckpointError(f"{run_dir}: already trained {state['step']} of max_steps {cfg.max_steps} steps")
+    forward = paddle.DataParallel(model) if world > 1 else model
 
     lengths = np.array([len(item.input_ids) for item in dataset.items])
     order = _epoch_order(cfg.seed, lengths, state["epoch"], cfg.batch_size)
-    log = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+    log = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") if rank == 0 else None
     progress = Progress(cfg.max_steps, state["step"])
     model.train()
     t_log, seen = time.time(), 0
@@ -216,26 +238,29 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
         lr = lr_at(state["step"], cfg)
         optimizer.set_lr(lr)
         total_loss = 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             if state["cursor"] + cfg.batch_size > len(order):
                 state["epoch"] += 1
                 state["cursor"] = 0
                 order = _epoch_order(cfg.seed, lengths, state["epoch"], cfg.batch_size)
             idx = order[state["cursor"]: state["cursor"] + cfg.batch_size]
             state["cursor"] += cfg.batch_size
-            items = _read_items(dataset, idx, recipe.data.on_error, skipped)
+            seen += len(idx)
+            items = _read_items(dataset, idx[rank::world], recipe.data.on_error, skipped)
             if not items:
                 continue
             batch = collate(items, tokenizer.pad_token_id)
-            loss, _ = model(
-                paddle.to_tensor(batch["input_ids"]),
-                paddle.to_tensor(batch["attention_mask"]),
-                None if batch["pixel_values"] is None else paddle.to_tensor(batch["pixel_values"]),
-                paddle.to_tensor(batch["labels"]),
-            )
-            (loss / cfg.grad_accum).backward()
+            # Gradients are averaged across processes once, on the last micro-batch.
+            sync = world > 1 and micro < cfg.grad_accum - 1
+            with forward.no_sync() if sync else contextlib.nullcontext():
+                loss, _ = forward(
+                    paddle.to_tensor(batch["input_ids"]),
+                    paddle.to_tensor(batch["attention_mask"]),
+                    None if batch["pixel_values"] is None else paddle.to_tensor(batch["pixel_values"]),
+                    paddle.to_tensor(batch["labels"]),
+                )
+                (loss / cfg.grad_accum).backward()
             total_loss += float(loss) / cfg.grad_accum
-            seen += len(idx)
         if not math.isfinite(total_loss):
             raise FloatingPointError(f"non-finite loss {total_loss} at step {state['step']}, samples {batch['ids']}")
         optimizer.step()
@@ -243,20 +268,51 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
         state["step"] += 1
         step = state["step"]
         if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if world > 1:  # log the loss of the whole global batch
+                total = paddle.to_tensor([total_loss])
+                dist.all_reduce(total)
+                total_loss = float(total) / world
             rate = seen / max(time.time() - t_log, 1e-9)
-            log.write(json.dumps({"step": step, "loss": total_loss, "lr": lr, "samples_per_s": rate}) + "\n")
-            log.flush()
-            if not quiet:
-                progress.update(step, total_loss, lr, rate)
+            if rank == 0:
+                log.write(json.dumps({"step": step, "loss": total_loss, "lr": lr, "samples_per_s": rate}) + "\n")
+                log.flush()
+                if not quiet:
+                    progress.update(step, total_loss, lr, rate)
             t_log, seen = time.time(), 0
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            save_checkpoint(run_dir, model, optimizer, dict(state))
-    log.close()
-    with open(os.path.join(run_dir, "skipped.json"), "w", encoding="utf-8") as f:
-        json.dump({"count": len(skipped), "records": [str(e) for e in skipped[:100]]}, f, indent=1)
-    _save_weights(run_dir, model)
-    save_checkpoint(run_dir, model, optimizer, dict(state))
+            _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world)
+    if rank == 0:
+        log.close()
+        with open(os.path.join(run_dir, "skipped.json"), "w", encoding="utf-8") as f:
+            json.dump({"count": len(skipped), "records": [str(e) for e in skipped[:100]]}, f, indent=1)
+        _save_weights(run_dir, model)
+    _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world)
     return run_dir
+
+
+def _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world) -> None:
+    if rank == 0:
+        save_checkpoint(run_dir, model, optimizer, dict(state))
+    if world > 1:
+        import paddle.distributed as dist
+
+        dist.barrier()  # nobody runs ahead of a checkpoint that may be needed to resume
+
+
+def train_in_processes(recipe: Recipe, processes: int, quiet: bool = False) -> str:
+    """Data-parallel training in `processes` local processes (gloo on CPU); returns the run folder."""
+    if processes <= 1:
+        return train(recipe, quiet)
+    import paddle.distributed as dist
+
+    dist.spawn(train, args=(recipe, quiet), nprocs=processes, backend="gloo" if _on_cpu() else "auto")
+    return recipe.train.output_dir
+
+
+def _on_cpu() -> bool:
+    import paddle
+
+    return paddle.device.get_device() == "cpu"
 
 
 def _read_items(dataset, idx, on_error: str, skipped: list) -> list[dict]:

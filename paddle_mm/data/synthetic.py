@@ -33,7 +33,7 @@ POSITIONS_3X3 = (("top left", "top", "top right"),
                  ("bottom left", "bottom", "bottom right"))
 BACKGROUND = 235
 VQA_IMAGE_PATTERN = "images/{split}/{image_id:05d}.png"
-_FORMAT_VERSION = 1  # bump when the generator's output changes, so cached demo data is redone
+_FORMAT_VERSION = 2  # bump when the generator's output changes, so cached demo data is redone
 
 
 def vqa_image_pattern(split: str) -> str:
@@ -160,6 +160,9 @@ def _split_paths(out: Path, split: str) -> dict:
                for k in ("llava", "captions", "vqa_questions", "vqa_annotations", "scenes")}}
 
 
+CAPTION_PROMPT = "Describe the image briefly."  # the caption prompt of the demo recipes
+
+
 def generate_split(out_dir, split: str, num_images: int, seed: int,
                    grid: int = 3, cell: int = 16) -> dict:
     """Write one split's images and annotation files; returns their paths by kind."""
@@ -177,10 +180,15 @@ def generate_split(out_dir, split: str, num_images: int, seed: int,
         qas = sample_questions(scene, rng)
         cap = caption(scene)
         key = f"{split}-{i:05d}"
+        # The conversation also asks for the caption, at a random turn: every training
+        # sequence then carries both signals, with no short caption-only sample to pad.
+        dialogue = [(qa["question"], qa["answer"]) for qa in qas]
+        dialogue.insert(int(rng.integers(0, len(dialogue) + 1)), (CAPTION_PROMPT, cap))
         turns = []
+        for k, (question, answer) in enumerate(dialogue):
+            turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + question})
+            turns.append({"from": "gpt", "value": answer})
         for k, qa in enumerate(qas):
-            turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + qa["question"]})
-            turns.append({"from": "gpt", "value": qa["answer"]})
             qid = i * 10 + k
             questions.append({"image_id": i, "question": qa["question"], "question_id": qid})
             annotations.append({

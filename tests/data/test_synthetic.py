@@ -93,7 +93,7 @@ def test_file_layouts(test_split):
         assert rec["id"] == f"test-{i:05d}" and rec["image"] == f"images/test/{i:05d}.png"
         assert (out / rec["image"]).is_file()
         conv = rec["conversations"]
-        assert len(conv) % 2 == 0 and 8 <= len(conv) <= 10
+        assert len(conv) % 2 == 0 and 10 <= len(conv) <= 12  # 4-5 questions + the caption request
         assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
         assert conv[0]["value"].startswith("<image>\n")
         assert all("<image>" not in t["value"] for t in conv[1:])
@@ -104,7 +104,7 @@ def test_file_layouts(test_split):
         assert isinstance(rec["caption"], list) and len(rec["caption"]) == 1  # test layout
     qs = _load(paths, "vqa_questions")["questions"]
     anns = _load(paths, "vqa_annotations")["annotations"]
-    assert len(qs) == len(anns) == sum(len(r["conversations"]) // 2 for r in llava)
+    assert len(qs) == len(anns) == sum(len(r["conversations"]) // 2 - 1 for r in llava)
     assert len({q["question_id"] for q in qs}) == len(qs)
     pattern = syn.vqa_image_pattern("test")
     for q, a in zip(qs, anns):
@@ -142,8 +142,12 @@ def test_questions_unambiguous_and_answers_match(test_split):
         objs = scene["objects"]
         assert 1 <= len(objs) <= 3
         assert len({(o["row"], o["col"]) for o in objs}) == len(objs)  # distinct cells
-        per_image = [t["value"] for t in rec["conversations"]]
-        assert per_image[0].removeprefix("<image>\n") == scene["qas"][0]["question"]
+        asked = [t["value"].removeprefix("<image>\n") for t in rec["conversations"][::2]]
+        answered = [t["value"] for t in rec["conversations"][1::2]]
+        # The questions in their order, with the caption request inserted at one turn.
+        k = asked.index(syn.CAPTION_PROMPT)
+        assert answered[k] == scene["caption"]
+        assert asked[:k] + asked[k + 1:] == [qa["question"] for qa in scene["qas"]]
         # One question per type; colour is the only type that may be impossible.
         img_types = [qa["question_type"] for qa in scene["qas"]]
         assert len(img_types) == len(set(img_types))
