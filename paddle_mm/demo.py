@@ -1,9 +1,9 @@
 """The demo: synthetic scenes -> tokenizer -> pretrain -> instruct -> held-out evaluation.
 
-Everything runs on CPU from the recipes in recipes/demo/. The tiny ViT and LM have no
-pretrained weights to start from (none can be downloaded), so the demo's pretrain stage
-trains all three parts on captions; the recipes users run on real checkpoints keep the
-vision tower and LM frozen there (recipes/llava/).
+Everything runs on CPU from the recipes in recipes/demo/ (read from the checkout, so the
+package is installed editable). The tiny ViT and LM have no pretrained weights to start
+from (none can be downloaded), so both demo stages train all three parts; a pretrain recipe
+for real checkpoints keeps the vision tower and LM frozen (trainable: [multi_modal_projector]).
 """
 from __future__ import annotations
 

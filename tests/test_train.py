@@ -140,3 +140,13 @@ def test_epoch_order_groups_lengths_without_repeating_samples():
     padded = sum(8 * lengths[b].max() for b in batches)
     random_batches = rng.permutation(203)[:200].reshape(-1, 8)
     assert padded < 0.8 * sum(8 * lengths[b].max() for b in random_batches)
+
+
+def test_two_process_data_parallel_run_writes_one_loadable_run(tiny_recipe, tmp_path):
+    from paddle_mm.train import train_in_processes
+
+    run = train_in_processes(tiny_recipe(str(tmp_path / "dp"), "train.max_steps=3"), processes=2, quiet=True)
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert steps == [1, 2, 3]  # rank 0 alone logs
+    _, _, _, model = builder.load_run(run)
+    assert model is not None
