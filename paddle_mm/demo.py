@@ -7,12 +7,12 @@ for real checkpoints keeps the vision tower and LM frozen (trainable: [multi_mod
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
 from paddle_mm.config import Recipe
+from paddle_mm.fileio import write_json_atomic
 from paddle_mm.recipe import load_recipe
 
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "demo")
@@ -59,7 +59,11 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (),
     from paddle_mm.builder import image_processor_for, load_run
     from paddle_mm.data.readers import read_captions, read_llava, read_vqav2
     from paddle_mm.data.synthetic import generate_demo_data, vqa_image_pattern
-    from paddle_mm.evaluate import evaluate_captions, evaluate_vqa, question_prior_report
+    from paddle_mm.evaluate import (
+        evaluate_captions,
+        evaluate_vqa,
+        question_prior_report,
+    )
     from paddle_mm.tokenizer import Tokenizer, training_corpus
     from paddle_mm.train import train_in_processes
 
@@ -103,7 +107,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (),
         "steps_scale": scale,
         "processes": processes or os.cpu_count() or 1,
     }
-    _write_json(os.path.join(out, "summary.json"), summary)
+    write_json_atomic(os.path.join(out, "summary.json"), summary)
     print(format_summary(summary))
     q = questions[0]
     answer = vqa["predictions"][q.id]
@@ -125,13 +129,6 @@ def format_summary(s: dict) -> str:
         text = f"{value:.3f}" if isinstance(value, float) else str(value)
         lines.append(f"{name:<{width}}  {text}")
     return "\n".join(lines)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _say(msg: str) -> None:

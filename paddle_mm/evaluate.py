@@ -66,12 +66,15 @@ def generate_answers(
     return answers
 
 
+def _vqa_annotations(samples: Sequence[Sample]) -> dict:
+    return {s.id: {"answers": s.meta["answers"], "question_type": s.meta.get("question_type") or "all"}
+            for s in samples}
+
+
 def evaluate_vqa(model, tokenizer, samples, image_processor, infer, blind=False, system="") -> dict:
     """VQAv2 accuracy overall and per question type; samples need meta["answers"]."""
     preds = generate_answers(model, tokenizer, samples, image_processor, infer, blind=blind, system=system)
-    annotations = {s.id: {"answers": s.meta["answers"], "question_type": s.meta.get("question_type") or "all"}
-                   for s in samples}
-    report = vqa_report(preds, annotations)
+    report = vqa_report(preds, _vqa_annotations(samples))
     report["predictions"] = preds
     return report
 
@@ -96,9 +99,7 @@ def question_prior_report(train_samples: Sequence[Sample], samples: Sequence[Sam
     for s in samples:
         c = counts.get(_question_key(prompt_turns(s)[-1][1]))
         preds[s.id] = c.most_common(1)[0][0] if c else fallback
-    annotations = {s.id: {"answers": s.meta["answers"], "question_type": s.meta.get("question_type") or "all"}
-                   for s in samples}
-    return vqa_report(preds, annotations)
+    return vqa_report(preds, _vqa_annotations(samples))
 
 
 def evaluate_captions(model, tokenizer, samples, image_processor, infer, system="") -> dict:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import re
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any, Literal, Sequence, Union
 import yaml
 
 from paddle_mm.errors import RecipeError
+from paddle_mm.fileio import write_text_atomic
 
 __all__ = ["load_recipe", "from_dict", "recipe_to_dict", "save_recipe"]
 
@@ -265,17 +264,5 @@ def recipe_to_dict(obj: Any) -> Any:
 
 def save_recipe(obj: Any, path: str | Path) -> None:
     """Write the resolved recipe as YAML; a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(recipe_to_dict(obj), sort_keys=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, text)

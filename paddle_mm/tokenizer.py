@@ -12,11 +12,11 @@ everything else, the user turns and the image span included, is IGNORE_INDEX.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections.abc import Iterable, Sequence
 
 from paddle_mm.errors import CheckpointError, DataError
+from paddle_mm.fileio import write_json_atomic
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
@@ -165,6 +165,6 @@ def training_corpus(paths: Sequence[str]) -> list[str]:
 
 def dump_special_tokens(folder: str, tok: Tokenizer) -> None:
     """Record the ids the model relies on beside tokenizer.json, for people reading a run folder."""
-    with open(os.path.join(folder, "special_tokens.json"), "w", encoding="utf-8") as f:
-        json.dump({"image_token_id": tok.image_token_id, "eos_token_id": tok.eos_token_id,
-                   "im_start_id": tok.im_start_id, "im_end_id": tok.im_end_id}, f, indent=1)
+    write_json_atomic(os.path.join(folder, "special_tokens.json"),
+                      {"image_token_id": tok.image_token_id, "eos_token_id": tok.eos_token_id,
+                       "im_start_id": tok.im_start_id, "im_end_id": tok.im_end_id})

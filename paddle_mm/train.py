@@ -23,6 +23,7 @@ from paddle_mm.checkpoint import load_into, load_tensors, save_tensors
 from paddle_mm.config import Recipe, TrainConfig
 from paddle_mm.data.dataset import ConversationDataset, collate
 from paddle_mm.errors import CheckpointError, DataError, RecipeError
+from paddle_mm.fileio import write_json_atomic
 from paddle_mm.recipe import save_recipe
 from paddle_mm.tokenizer import dump_special_tokens
 
@@ -167,10 +168,7 @@ def _init_weights(model, cfg: TrainConfig) -> None:
 def write_run_files(run_dir: str, recipe: Recipe, model_cfg, tokenizer) -> None:
     os.makedirs(run_dir, exist_ok=True)
     save_recipe(recipe, os.path.join(run_dir, builder.RECIPE_FILE))
-    tmp = os.path.join(run_dir, "config.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(asdict(model_cfg), f, indent=1)
-    os.replace(tmp, os.path.join(run_dir, "config.json"))
+    write_json_atomic(os.path.join(run_dir, "config.json"), asdict(model_cfg))
     tokenizer.save(run_dir)
     dump_special_tokens(run_dir, tokenizer)
 
@@ -283,8 +281,8 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
             _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world)
     if rank == 0:
         log.close()
-        with open(os.path.join(run_dir, "skipped.json"), "w", encoding="utf-8") as f:
-            json.dump({"count": len(skipped), "records": [str(e) for e in skipped[:100]]}, f, indent=1)
+        write_json_atomic(os.path.join(run_dir, "skipped.json"),
+                          {"count": len(skipped), "records": [str(e) for e in skipped[:100]]})
         _save_weights(run_dir, model)
     _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world)
     return run_dir

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from paddle_mm.fileio import write_json_atomic, write_text_atomic
 
 # Clearly distinct hues, far from the light-gray background even after the +-15 jitter.
 COLOURS = {
@@ -137,23 +138,6 @@ def sample_questions(scene: dict, rng: np.random.Generator) -> list[dict]:
     return [qas[int(i)] for i in rng.permutation(len(qas))]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Temp file in the same folder + os.replace: readers never see a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
-
-
 def _split_paths(out: Path, split: str) -> dict:
     return {"images": str(out / "images" / split),
             **{k: str(out / f"{split}_{k}.json")
@@ -204,11 +188,11 @@ def generate_split(out_dir, split: str, num_images: int, seed: int,
         scenes.append({"image_id": key, "image": rel, "caption": cap, "qas": qas, **scene})
     header = {"info": {"description": "paddle_mm synthetic shapes demo"},
               "task_type": "Open-Ended", "data_type": "synthetic", "data_subtype": split}
-    _write_json(Path(paths["llava"]), llava)
-    _write_json(Path(paths["captions"]), captions)
-    _write_json(Path(paths["vqa_questions"]), {**header, "questions": questions})
-    _write_json(Path(paths["vqa_annotations"]), {**header, "annotations": annotations})
-    _write_json(Path(paths["scenes"]), scenes)
+    write_json_atomic(Path(paths["llava"]), llava)
+    write_json_atomic(Path(paths["captions"]), captions)
+    write_json_atomic(Path(paths["vqa_questions"]), {**header, "questions": questions})
+    write_json_atomic(Path(paths["vqa_annotations"]), {**header, "annotations": annotations})
+    write_json_atomic(Path(paths["scenes"]), scenes)
     return paths
 
 
@@ -240,6 +224,6 @@ def generate_demo_data(out_dir, num_train: int, num_val: int, num_test: int,
         lines.append(rec["caption"])
         for qa in rec["qas"]:
             lines += [qa["question"], qa["answer"]]
-    _write_atomic(out / "corpus.txt", "\n".join(lines) + "\n")
-    _write_json(manifest, params)  # last, so its presence means every file above is complete
+    write_text_atomic(out / "corpus.txt", "\n".join(lines) + "\n")
+    write_json_atomic(manifest, params)  # last, so its presence means every file above is complete
     return result
