@@ -1,0 +1,1 @@
+"""Weights from other implementations: Hugging Face and PaddleMIX folders, mapped by explicit tables."""

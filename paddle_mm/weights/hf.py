@@ -1,0 +1,105 @@
+"""Read a Hugging Face style checkpoint folder: config.json and safetensors (single or sharded).
+
+safetensors' numpy loader cannot hold bfloat16, and most released checkpoints are bf16, so
+the file format (an 8-byte header length, a JSON header, raw little-endian data) is read
+here directly; bf16 is widened to fp32 by placing its 16 bits in the top half of a float32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+
+from paddle_mm.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def read_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder}: no config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read config ({e})") from e
+
+
+def safetensors_files(folder: str) -> list[str]:
+    """The weight files of a folder: those the shard index names, or the single file."""
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors shard index ({e})") from e
+        files = [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
+        return files
+    single = os.path.join(folder, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")) if os.path.isdir(folder) else []
+    if found:
+        return [os.path.join(folder, n) for n in found]
+    raise CheckpointError(f"{folder}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})")
+
+
+def read_safetensors(path: str, to_float32: bool = True) -> dict[str, np.ndarray]:
+    """All tensors of one file; a truncated file or an unknown dtype is an error naming the tensor."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from e
+    if len(data) < 8:
+        raise CheckpointError(f"{path}: not a safetensors file ({len(data)} bytes)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if 8 + header_len > len(data):
+        raise CheckpointError(f"{path}: truncated (header of {header_len} bytes, file of {len(data)})")
+    try:
+        header = json.loads(data[8: 8 + header_len])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    body = memoryview(data)[8 + header_len:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+        start, end = info["data_offsets"]
+        if end > len(body):
+            raise CheckpointError(f"{path}: truncated: tensor {name} needs bytes up to {end}, file body has {len(body)}")
+        array = np.frombuffer(body[start:end], dtype=dtype).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            array = (array.astype(np.uint32) << 16).view(np.float32) if to_float32 else array
+        elif to_float32 and array.dtype in (np.float16, np.float64):
+            array = array.astype(np.float32)
+        out[name] = array.copy() if not array.flags.writeable else array
+    return out
+
+
+def read_tensors(folder: str, to_float32: bool = True) -> dict[str, np.ndarray]:
+    """Every tensor of a folder's safetensors files, floating point widened to fp32 unless told not to."""
+    tensors: dict[str, np.ndarray] = {}
+    for path in safetensors_files(folder):
+        part = read_safetensors(path, to_float32)
+        clash = set(part) & set(tensors)
+        if clash:
+            raise CheckpointError(f"{path}: tensors also found in another shard: {', '.join(sorted(clash)[:5])}")
+        tensors.update(part)
+    return tensors
