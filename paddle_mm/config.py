@@ -31,6 +31,7 @@ class VisionConfig:
     feature_layer: int = -2
     drop_cls_token: bool = True  # LLaVA's "default" strategy; False keeps the class token
     post_norm: bool = False  # apply the final LayerNorm to the selected features (BLIP-2 does)
+    patch_bias: bool = False  # a bias on the patch embedding: CLIP has none, BLIP-2's EVA ViT has one
 
     def validate(self) -> None:
         if self.image_size % self.patch_size:

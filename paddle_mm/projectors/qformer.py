@@ -131,7 +131,8 @@ class QFormerProjector(nn.Layer):
     def num_output_tokens(self) -> int:
         return self.num_queries
 
-    def forward(self, image_features: paddle.Tensor) -> paddle.Tensor:
+    def query_states(self, image_features: paddle.Tensor) -> paddle.Tensor:
+        """The Q-Former's output before the projection (HF's qformer last_hidden_state): [B, Q, D]."""
         b = image_features.shape[0]
         # Same learned queries for every image; expand keeps them shared so
         # gradients from all batch rows accumulate into one parameter.
@@ -139,4 +140,7 @@ class QFormerProjector(nn.Layer):
         x = self.query_norm(x)
         for layer in self.layers:
             x = layer(x, image_features)  # [B, Q, D]
-        return self.proj(x)  # [B, Q, output_hidden]
+        return x
+
+    def forward(self, image_features: paddle.Tensor) -> paddle.Tensor:
+        return self.proj(self.query_states(image_features))  # [B, Q, output_hidden]

@@ -2,7 +2,9 @@
 
 Parameter names mirror CLIPVisionModel one to one (class_embedding, patch_embedding,
 position_embedding, pre_norm, blocks.i.{norm1, attn.{q,k,v,out}_proj, norm2, mlp.fc1/fc2},
-post_norm) so a CLIP checkpoint maps onto it with a flat name table.
+post_norm) so a CLIP checkpoint maps onto it with a flat name table. BLIP-2's EVA ViT is the
+same network with config switches: no pre_norm, a patch bias, gelu, post_norm on the last
+layer's features, class token kept (its fused qkv is split by the weight table).
 """
 from __future__ import annotations
 
@@ -77,9 +79,10 @@ class VisionTransformer(nn.Layer):
         self.config = cfg
         d = cfg.hidden_size
         # A convolution whose kernel and stride are the patch size = a linear map of each
-        # flattened patch (patch*patch*channels values) to D. No bias, as in CLIP.
+        # flattened patch (patch*patch*channels values) to D. CLIP has no bias here; BLIP-2 has one.
         self.patch_embedding = nn.Conv2D(
-            cfg.num_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias_attr=False
+            cfg.num_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+            bias_attr=None if cfg.patch_bias else False,
         )
         init = nn.initializer.Normal(std=d**-0.5)
         self.class_embedding = self.create_parameter([d], default_initializer=init)
