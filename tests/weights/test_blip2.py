@@ -1,0 +1,229 @@
+"""BLIP-2 checkpoints against the numbers of transformers' Blip2ForConditionalGeneration.
+
+The fixture (tools/make_blip2_fixtures.py) holds a tiny random BLIP-2 with a Qwen2 text model
+in the Hugging Face layout (fp32, and bf16 sharded) and the reference outputs of transformers
+4.57 on CPU. These tests need neither torch nor transformers.
+"""
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import paddle
+import pytest
+
+from paddle_mm.checkpoint import load_tensors, save_tensors
+from paddle_mm.config import LMConfig
+from paddle_mm.errors import CheckpointError
+from paddle_mm.lm.adapter import build_language_model, run_language_model
+from paddle_mm.weights.blip2 import load_blip2
+from paddle_mm.weights.hf import read_config, read_tensors
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "reference", "blip2")
+HF = os.path.join(FIXTURE, "hf")
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return load_tensors(os.path.join(FIXTURE, "reference.safetensors"))
+
+
+def outputs(model, ref):
+    px, ids = paddle.to_tensor(ref["pixel_values"]), paddle.to_tensor(ref["input_ids"])
+    with paddle.no_grad():
+        vision = model.vision_tower(px)
+        queries = model.multi_modal_projector.query_states(vision)
+        _, logits = model(ids, pixel_values=px)
+        tokens = model.generate(ids, pixel_values=px, max_new_tokens=16, eos_token_id=None)
+    return {"vision_features": vision.numpy(), "qformer_output": queries.numpy(),
+            "projected": model.multi_modal_projector.proj(queries).numpy(), "logits": logits.numpy(),
+            "greedy_tokens": np.array(tokens)}
+
+
+@pytest.fixture(scope="module")
+def fp32_out(ref):
+    return outputs(load_blip2(HF), ref)
+
+
+@pytest.mark.parametrize("name", ["vision_features", "qformer_output", "projected", "logits"])
+def test_hf_checkpoint_matches_transformers(fp32_out, ref, name):
+    assert fp32_out[name].shape == ref[name].shape
+    assert np.abs(fp32_out[name] - ref[name]).max() <= TOL
+
+
+def test_greedy_tokens_identical_for_16_steps(fp32_out, ref):
+    assert fp32_out["greedy_tokens"].tolist() == ref["greedy_tokens"].tolist()
+
+
+def test_bf16_sharded_copy_gives_the_same_numbers(fp32_out, ref):
+    folder = os.path.join(FIXTURE, "hf_bf16")
+    assert os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))
+    out = outputs(load_blip2(folder), ref)
+    # The fixture's weights are bf16-exact, so widening must reproduce the fp32 run bit for bit.
+    np.testing.assert_array_equal(out["logits"], fp32_out["logits"])
+    assert out["greedy_tokens"].tolist() == ref["greedy_tokens"].tolist()
+
+
+def test_loading_writes_nothing_to_the_source_folder(tmp_path):
+    folder = shutil.copytree(HF, tmp_path / "hf")
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    load_blip2(str(folder))
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_language_model_matches_paddleformers_own_loading(tmp_path):
+    """PaddleFormers converts the same LM from the HF layout itself; both must agree exactly."""
+    raw = read_config(HF)
+    lm_folder = tmp_path / "lm"
+    lm_folder.mkdir()
+    (lm_folder / "config.json").write_text(json.dumps({**raw["text_config"], "architectures": ["Qwen2ForCausalLM"]}))
+    lm_tensors = {k[len("language_model."):]: v for k, v in read_tensors(HF).items() if k.startswith("language_model.")}
+    save_tensors(lm_tensors, str(lm_folder / "model.safetensors"))
+
+    theirs = build_language_model(LMConfig(family="qwen2", path=str(lm_folder)))
+    ours = load_blip2(HF).language_model
+    theirs_sd, ours_sd = theirs.state_dict(), ours.state_dict()
+    assert sorted(theirs_sd) == sorted(ours_sd)
+    for k in ours_sd:
+        np.testing.assert_array_equal(ours_sd[k].numpy(), theirs_sd[k].numpy(), err_msg=k)
+    embeds = paddle.to_tensor(np.random.default_rng(0).standard_normal((2, 7, 32)).astype("float32"))
+    theirs.eval()
+    # from_pretrained picks eager attention, our build sdpa (about 1e-5 apart): compare like with like.
+    theirs.config._attn_implementation = ours.config._attn_implementation
+    with paddle.no_grad():
+        a, _ = run_language_model(ours, embeds)
+        b, _ = run_language_model(theirs, embeds)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+# ---- bad checkpoints ---------------------------------------------------------------------------
+def copy_with(tmp_path, change) -> str:
+    """The fixture folder with its tensors changed by `change(dict)`."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    shutil.copy(os.path.join(HF, "config.json"), folder / "config.json")
+    tensors = read_tensors(HF)
+    change(tensors)
+    save_tensors(tensors, str(folder / "model.safetensors"))
+    return str(folder)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    name = "qformer.encoder.layer.0.crossattention.attention.key.weight"
+    folder = copy_with(tmp_path, lambda t: t.pop(name))
+    with pytest.raises(CheckpointError, match=re.escape(name)):
+        load_blip2(folder)
+
+
+def test_wrong_shape_is_named_with_both_sides(tmp_path):
+    name = "vision_model.encoder.layers.1.self_attn.projection.weight"
+    folder = copy_with(tmp_path, lambda t: t.__setitem__(name, np.zeros((32, 16), np.float32)))
+    with pytest.raises(CheckpointError, match=re.escape(name)) as err:
+        load_blip2(folder)
+    assert "vision_tower.blocks.1.attn.out_proj.weight" in str(err.value)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    folder = copy_with(tmp_path, lambda t: t.__setitem__("qformer.extra.weight", np.zeros(3, np.float32)))
+    with pytest.raises(CheckpointError, match=r"unexpected 1: qformer\.extra\.weight"):
+        load_blip2(folder)
+
+
+def edit_config(tmp_path, change) -> str:
+    folder = shutil.copytree(HF, tmp_path / "edited")
+    raw = read_config(str(folder))
+    change(raw)
+    (folder / "config.json").write_text(json.dumps(raw))
+    return str(folder)
+
+
+def test_unsupported_text_model_names_the_config(tmp_path):
+    folder = edit_config(tmp_path, lambda raw: raw["text_config"].update(model_type="opt"))
+    with pytest.raises(CheckpointError, match=r"config\.json: text model type 'opt'"):
+        load_blip2(folder)
+
+
+def test_checkpoint_without_image_token_needs_one_given(tmp_path, ref):
+    folder = edit_config(tmp_path, lambda raw: raw.pop("image_token_index"))
+    with pytest.raises(CheckpointError, match="image_token_id"):
+        load_blip2(folder)
+    assert load_blip2(folder, image_token_id=95).config.image_token_id == 95
+
+
+# ---- the PaddleMIX layout ----------------------------------------------------------------------
+# Written from paddlemix/models/blip2 (eva_vit.py, Qformer.py, modeling.py) independently of the
+# tables in paddle_mm.weights.blip2: renames, then every 2-D Linear weight turned to [in, out].
+PADDLEMIX_RENAMES = [
+    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
+    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
+    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"visual_encoder.blocks.\1.norm\2."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+    (r"^vision_model\.post_layernorm\.", "Qformer.ln_vision."),
+    (r"^query_tokens$", "Qformer.query_tokens"),
+    (r"^qformer\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
+    (r"^qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.", r"Qformer.bert.encoder.layer.\1.\2.self."),
+    (r"^qformer\.encoder\.", "Qformer.bert.encoder."),
+    (r"^language_projection\.", "Qformer.language_projection."),
+    (r"^language_model\.model\.", "language_model.qwen2."),
+]
+
+
+def to_paddlemix(hf: dict) -> dict:
+    out = {}
+    for name, value in hf.items():
+        new = name
+        for pattern, repl in PADDLEMIX_RENAMES:
+            new, n = re.subn(pattern, repl, new)
+            if n:
+                break
+        linear = value.ndim == 2 and new.endswith(".weight") and "embed_tokens" not in new
+        out[new] = np.ascontiguousarray(value.T) if linear else value
+    # A stage-1 leftover the generation model skips by name.
+    out["Qformer.bert.embeddings.word_embeddings.weight"] = np.zeros((10, 32), np.float32)
+    return out
+
+
+def paddlemix_folder(tmp_path) -> str:
+    folder = tmp_path / "paddlemix"
+    (folder / "lm").mkdir(parents=True)
+    raw = read_config(HF)
+    (folder / "lm" / "config.json").write_text(json.dumps(raw["text_config"]))
+    v, q = raw["vision_config"], raw["qformer_config"]
+    config = {
+        "model_type": "blip-2", "text_config": "lm",
+        "vision_config": {"img_size": v["image_size"], "patch_size": v["patch_size"], "embed_dim": v["hidden_size"],
+                          "depth": v["num_hidden_layers"], "num_heads": v["num_attention_heads"],
+                          "mlp_ratio": v["intermediate_size"] / v["hidden_size"], "qkv_bias": True,
+                          "epsilon": v["layer_norm_eps"]},
+        "qformer_config": {"hidden_size": q["hidden_size"], "num_hidden_layers": q["num_hidden_layers"],
+                           "num_attention_heads": q["num_attention_heads"], "intermediate_size": q["intermediate_size"],
+                           "cross_attention_freq": q["cross_attention_frequency"], "layer_norm_eps": q["layer_norm_eps"]},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    save_tensors(to_paddlemix(read_tensors(HF)), str(folder / "model.safetensors"))
+    return str(folder)
+
+
+def test_paddlemix_layout_matches_transformers(tmp_path, ref):
+    out = outputs(load_blip2(paddlemix_folder(tmp_path), layout="paddlemix", image_token_id=95), ref)
+    assert np.abs(out["logits"] - ref["logits"]).max() <= TOL
+    assert out["greedy_tokens"].tolist() == ref["greedy_tokens"].tolist()
+
+
+def test_pdparams_is_read_only_when_named(tmp_path, ref):
+    folder = paddlemix_folder(tmp_path)
+    tensors = load_tensors(os.path.join(folder, "model.safetensors"))
+    os.remove(os.path.join(folder, "model.safetensors"))
+    paddle.save({k: paddle.to_tensor(v) for k, v in tensors.items()}, os.path.join(folder, "model_state.pdparams"))
+    with pytest.raises(CheckpointError, match="weights_format='pdparams'"):
+        load_blip2(folder, layout="paddlemix", image_token_id=95)
+    model = load_blip2(folder, layout="paddlemix", weights_format="pdparams", image_token_id=95)
+    px, ids = paddle.to_tensor(ref["pixel_values"]), paddle.to_tensor(ref["input_ids"])
+    with paddle.no_grad():
+        _, logits = model(ids, pixel_values=px)
+    assert np.abs(logits.numpy() - ref["logits"]).max() <= TOL
