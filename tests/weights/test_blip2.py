@@ -227,3 +227,45 @@ def test_pdparams_is_read_only_when_named(tmp_path, ref):
     with paddle.no_grad():
         _, logits = model(ids, pixel_values=px)
     assert np.abs(logits.numpy() - ref["logits"]).max() <= TOL
+
+
+def test_tied_checkpoint_without_lm_head_takes_the_embedding(tmp_path):
+    folder = edit_config(tmp_path, lambda raw: raw["text_config"].update(tie_word_embeddings=True))
+    tensors = read_tensors(folder)
+    embed = tensors["language_model.model.embed_tokens.weight"]
+    del tensors["language_model.lm_head.weight"]
+    os.remove(os.path.join(folder, "model.safetensors"))
+    save_tensors(tensors, os.path.join(folder, "model.safetensors"))
+    lm = load_blip2(folder).language_model
+    np.testing.assert_array_equal(lm.lm_head.weight.numpy(), embed)
+
+
+# ---- the BLIP-2 style recipes ------------------------------------------------------------------
+RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "blip2")
+# Qwen2-1.5B-Instruct's config.json, as the text_config of a BLIP-2 checkpoint built on it.
+QWEN2_1_5B = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+              "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+              "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": True, "use_sliding_window": False, "hidden_act": "silu",
+              "bos_token_id": 151643, "eos_token_id": 151645}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "instruct"])
+def test_blip2_recipes_describe_the_model_load_blip2_builds(stage):
+    from dataclasses import replace
+
+    from paddle_mm.config import Recipe
+    from paddle_mm.recipe import load_recipe
+    from paddle_mm.weights.blip2 import model_config_from_hf
+
+    recipe = load_recipe(os.path.join(RECIPES, f"{stage}.yaml"), Recipe)
+    # A full-size BLIP-2 config.json: its vision and Q-Former sections left at transformers' defaults.
+    loaded, _, _ = model_config_from_hf({"model_type": "blip-2", "text_config": QWEN2_1_5B, "image_token_index": 0},
+                                        "blip2 config.json")
+    model = recipe.model
+    assert model.vision == loaded.vision
+    assert model.projector.qformer == loaded.projector.qformer and model.projector.type == "qformer"
+    assert replace(model.lm, attn_implementation="sdpa") == replace(loaded.lm, attn_implementation="sdpa")
+    assert recipe.train.stage == stage and recipe.train.trainable == ["multi_modal_projector"]
+    local = [recipe.train.init_from, recipe.data.tokenizer] + [spec.path for spec in recipe.data.train]
+    assert all(p and not os.path.isabs(p) and "://" not in p for p in local)
