@@ -10,8 +10,8 @@ array changes). Hugging Face stores Linear weights [out, in], Paddle [in, out].
     load_blip2(folder, layout="paddlemix", image_token_id=...)   PaddleMIX blip2 (safetensors)
     load_blip2(..., weights_format="pdparams")           model_state.pdparams, a pickle: only when asked
 
-Feeding images: HF transformers (4.47+) expands `num_query_tokens` image tokens in the prompt and
-writes the projected queries there, as paddle_mm does. PaddleMIX prepends the queries to the
+Feeding images: transformers (4.57 checked) expands `num_query_tokens` image tokens in the prompt
+(`image_token_index`) and writes the projected queries there, as paddle_mm does. PaddleMIX prepends the queries to the
 prompt embeddings instead; with its weights, start the prompt with the image tokens to match.
 """
 from __future__ import annotations
@@ -376,7 +376,7 @@ def apply_table(table: list[Row], tensors: dict, expected: dict, source: str,
                 wrong.append(f"{src} {list(tensors[src].shape)} -> {dst}: {e}")
                 continue
         elif src is None:
-            value = np.zeros(expected.get(dst, [0]), dtype=np.float32)
+            value = np.zeros(expected[dst], dtype=np.float32)
         else:
             continue
         if dst in expected and list(value.shape) != list(expected[dst]):

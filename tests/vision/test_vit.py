@@ -181,6 +181,19 @@ def test_clip_style_parameter_names():
     assert "patch_embedding.bias" not in names  # no bias, as in CLIP
 
 
+def test_patch_bias_is_added_to_every_patch_and_not_to_the_class_token():
+    """BLIP-2's EVA ViT has a patch-embedding bias; the class token and positions do not get it."""
+    plain = make_vit(seed=0)
+    biased = make_vit(seed=0, patch_bias=True)
+    assert set(biased.state_dict()) - set(plain.state_dict()) == {"patch_embedding.bias"}
+    biased.set_state_dict({**plain.state_dict(), "patch_embedding.bias": paddle.full([32], 0.5)})
+    x = pixels(2, 16)
+    with paddle.no_grad():
+        diff = (biased.embed(x) - plain.embed(x)).numpy()  # [B, 1 + P, D]
+    np.testing.assert_allclose(diff[:, 0], 0.0, atol=1e-6)
+    np.testing.assert_allclose(diff[:, 1:], 0.5, atol=1e-5)
+
+
 def test_quick_gelu_matches_numpy():
     x = np.linspace(-6, 6, 101).astype("float32")
     out = QuickGELU()(paddle.to_tensor(x)).numpy()
