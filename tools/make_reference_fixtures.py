@@ -182,7 +182,8 @@ def make_llava(folder: str) -> None:
     torch.manual_seed(0)
     config = LlavaConfig(
         vision_config=vision,
-        text_config=LlamaConfig(**LM_COMMON, tie_word_embeddings=False, rms_norm_eps=1e-5),
+        # a byte-level BPE has at least 256 + 4 tokens: the LM vocabulary must hold them all
+        text_config=LlamaConfig(**{**LM_COMMON, "vocab_size": 320}, tie_word_embeddings=False, rms_norm_eps=1e-5),
         image_token_index=image_id,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
