@@ -138,3 +138,41 @@ def read_tensors(folder: str, to_float32: bool = True) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{path}: tensors also found in another shard: {', '.join(sorted(clash)[:5])}")
         tensors.update(part)
     return tensors
+
+
+def bf16_bits(array: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bit patterns, rounding to nearest even (exact for values widened from bf16)."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (rounded >> 16).astype(np.uint16)
+
+
+_NUMPY_OF = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtypes: dict[str, str] | None = None) -> None:
+    """Write tensors as safetensors, each in dtypes[name] (default F32; BF16 allowed), atomically.
+
+    Written here rather than by safetensors.numpy because numpy has no bfloat16.
+    """
+    from paddle_mm.checkpoint import atomic_path
+
+    header, chunks, offset = {}, [], 0
+    for name in sorted(tensors):
+        dtype = (dtypes or {}).get(name, "F32")
+        array = tensors[name]
+        raw = bf16_bits(array) if dtype == "BF16" else np.ascontiguousarray(array, dtype=_NUMPY_OF[dtype])
+        data = raw.tobytes()
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    header["__metadata__"] = {"format": "pt"}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format asks for the data to start 8-byte aligned
+    tmp = atomic_path(path)
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for data in chunks:
+            f.write(data)
+    os.replace(tmp, path)
