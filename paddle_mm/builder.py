@@ -10,7 +10,6 @@ from paddle_mm.config import DatasetSpec, ModelConfig, Recipe
 from paddle_mm.data.image import ImageProcessor
 from paddle_mm.data.readers import Sample, read_dataset
 from paddle_mm.errors import CheckpointError, DataError, RecipeError
-from paddle_mm.lm.adapter import resolved_lm_config
 from paddle_mm.recipe import from_dict, load_recipe
 from paddle_mm.tokenizer import Tokenizer
 
@@ -20,15 +19,18 @@ RECIPE_FILE = "recipe.yaml"
 
 
 def load_tokenizer(recipe: Recipe, recipe_source: str = "recipe") -> Tokenizer:
-    path = recipe.data.tokenizer or recipe.model.lm.path
+    path = recipe.data.tokenizer or recipe.model.lm.path or recipe.model.path
     if not path:
-        raise RecipeError(f"{recipe_source}: data.tokenizer is empty and model.lm.path names no folder")
+        raise RecipeError(f"{recipe_source}: data.tokenizer is empty and neither model.lm.path nor model.path names a folder")
     return Tokenizer.load(path)
 
 
 def model_config_for(recipe: Recipe, tokenizer: Tokenizer) -> ModelConfig:
-    """The recipe's model config completed from the tokenizer (and the LM folder, if one is named)."""
-    lm = resolved_lm_config(recipe.model.lm)
+    """The recipe's model config completed from the tokenizer and the checkpoint folders it names."""
+    from paddle_mm.weights.pretrained import resolved_model_config
+
+    model = resolved_model_config(recipe.model)
+    lm = model.lm
     if not lm.path and lm.vocab_size <= 0:
         # A from-scratch LM sized to the tokenizer, rounded up to a multiple of 64 for faster matmuls.
         lm = replace(lm, vocab_size=-(-tokenizer.vocab_size // 64) * 64)
@@ -36,13 +38,20 @@ def model_config_for(recipe: Recipe, tokenizer: Tokenizer) -> ModelConfig:
         raise RecipeError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the LM vocabulary has {lm.vocab_size}"
         )
-    return replace(recipe.model, lm=lm, image_token_id=tokenizer.image_token_id)
+    if model.path and model.image_token_id != tokenizer.image_token_id:
+        raise RecipeError(f"{model.path}: the checkpoint's image token is {model.image_token_id}, "
+                          f"the tokenizer's <image> is {tokenizer.image_token_id}")
+    return replace(model, lm=lm, image_token_id=tokenizer.image_token_id)
 
 
 def build_model(cfg: ModelConfig, tokenizer: Tokenizer):
+    """The model, with the weights of the checkpoint folders the config names."""
     from paddle_mm.model import VisionLanguageModel
+    from paddle_mm.weights.pretrained import load_pretrained_parts
 
-    return VisionLanguageModel(cfg, tokenizer.special_ids())
+    model = VisionLanguageModel(cfg, tokenizer.special_ids())
+    load_pretrained_parts(model, cfg)
+    return model
 
 
 def read_samples(specs: list[DatasetSpec], recipe: Recipe) -> tuple[list[Sample], list[DataError]]:
@@ -71,6 +80,11 @@ def image_processor_for(recipe: Recipe) -> ImageProcessor:
     return ImageProcessor(recipe.data.image)
 
 
+def without_paths(cfg: ModelConfig) -> ModelConfig:
+    """The config with no checkpoint folder named: build the shape only."""
+    return replace(cfg, path="", vision=replace(cfg.vision, path=""), lm=replace(cfg.lm, path=""))
+
+
 def load_run(run_dir: str):
     """(recipe, model config, tokenizer, model) of a finished run folder, weights loaded."""
     recipe_file = os.path.join(run_dir, RECIPE_FILE)
@@ -83,7 +97,7 @@ def load_run(run_dir: str):
         cfg = from_dict(ModelConfig, json.load(f), source=config_file)
     tokenizer = Tokenizer.load(run_dir)
     # The weights file holds the LM too: build it from the saved shape, not from lm.path.
-    model = build_model(replace(cfg, lm=replace(cfg.lm, path="")), tokenizer)
+    model = build_model(without_paths(cfg), tokenizer)
     if recipe.train.lora.enabled:  # the saved weights hold the LoRA matrices beside the base ones
         from paddle_mm.lora import add_lora
 

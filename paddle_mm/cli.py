@@ -1,4 +1,4 @@
-"""The `paddle-mm` command: train, infer, eval, demo, tokenizer.
+"""The `paddle-mm` command: train, infer, eval, demo, tokenizer, convert, export.
 
 Thin: each subcommand parses its arguments and calls the library. Heavy imports (paddle,
 PaddleFormers) happen inside the subcommands so `paddle-mm --help` is instant.
@@ -107,6 +107,23 @@ def _tokenizer(args) -> None:
     print(tok.save(args.out))
 
 
+def _convert(args) -> None:
+    from paddle_mm.weights.convert import convert
+
+    if args.source_format == "paddlemix":
+        from paddle_mm.weights.paddlemix import convert_paddlemix
+
+        print(convert_paddlemix(args.src, args.dst, args.family, allow_pickle=args.pdparams, vision=args.vision))
+        return
+    print(convert(args.src, args.dst, args.family))
+
+
+def _export(args) -> None:
+    from paddle_mm.weights.convert import export
+
+    print(export(args.src, args.dst))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paddle-mm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=0, help="data-parallel training processes (0: one per core)")
     p.add_argument("overrides", nargs="*", help="section.key=value for both stages")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("convert", help="a Hugging Face (or PaddleMIX) checkpoint folder -> a new paddle_mm folder")
+    p.add_argument("src")
+    p.add_argument("dst", help="a folder that does not exist yet")
+    p.add_argument("--from", dest="source_format", choices=["hf", "paddlemix"], default="hf")
+    p.add_argument("--family", required=True, choices=["llava", "clip", "qwen2", "llama"])
+    p.add_argument("--pdparams", action="store_true",
+                   help="PaddleMIX only: read model_state.pdparams, a pickle (only from a source you trust)")
+    p.add_argument("--vision", default="", help="PaddleMIX only: the CLIP folder, if mm_vision_tower is not local")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("export", help="a paddle_mm folder (converted or a trained run) -> a new Hugging Face folder")
+    p.add_argument("src")
+    p.add_argument("dst", help="a folder that does not exist yet")
+    p.add_argument("--to", choices=["hf"], default="hf")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on text files")
     p.add_argument("corpus", nargs="+")

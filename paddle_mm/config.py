@@ -17,6 +17,9 @@ from paddle_mm.errors import RecipeError
 class VisionConfig:
     """ViT image encoder; field names follow CLIPVisionConfig so CLIP weights map 1:1."""
 
+    # A local CLIP folder (Hugging Face layout): its config.json sets the architecture fields
+    # below and its weights are loaded; the feature selection fields stay the recipe's.
+    path: str = ""
     image_size: int = 224
     patch_size: int = 14
     num_channels: int = 3
@@ -110,17 +113,24 @@ class ModelConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     # Filled from the tokenizer when a run starts; -1 means "not known yet".
     image_token_id: int = -1
+    # A whole LLaVA checkpoint folder (Hugging Face layout): its config.json replaces the
+    # vision, projector and lm fields and its weights are loaded into all three parts.
+    path: str = ""
 
     def validate(self) -> None:
         grid = self.vision.image_size // self.vision.patch_size
         if grid % self.projector.pool:
             raise RecipeError(f"projector.pool {self.projector.pool} does not divide the {grid}x{grid} patch grid")
+        if self.projector.pool > 1 and not self.vision.drop_cls_token:
+            raise RecipeError("projector.pool > 1 needs vision.drop_cls_token: the class token is not on the grid")
 
     @property
     def tokens_per_image(self) -> int:
         """How many LM positions one <image> placeholder expands to."""
         if self.projector.type == "qformer":
             return self.projector.qformer.num_queries
+        if not self.vision.drop_cls_token:  # LLaVA's "full" strategy keeps the class token
+            return self.vision.num_patches + 1
         return self.vision.num_patches // (self.projector.pool**2)
 
 

@@ -64,9 +64,22 @@ def lm_config_from_folder(path: str) -> LMConfig:
         raise CheckpointError(f"{path}: no config.json in the language model folder")
     with open(config_file, encoding="utf-8") as f:
         raw = json.load(f)
+    return lm_config_from_hf(raw, path, config_file)
+
+
+# Config fields LMConfig cannot carry: a checkpoint that sets them would be rebuilt as a
+# different network, so it is refused instead (value that is fine -> accepted values).
+_UNSUPPORTED = {"rope_scaling": (None,), "attention_bias": (False,), "mlp_bias": (False,), "hidden_act": ("silu",)}
+
+
+def lm_config_from_hf(raw: dict, path: str, source: str) -> LMConfig:
+    """A Hugging Face Qwen2/Llama/Qwen3 config dict as our LMConfig."""
     family = raw.get("model_type", "")
     if family not in _FAMILIES:
-        raise CheckpointError(f"{config_file}: model_type {family!r} is not one of {sorted(_FAMILIES)}")
+        raise CheckpointError(f"{source}: model_type {family!r} is not one of {sorted(_FAMILIES)}")
+    for key, accepted in _UNSUPPORTED.items():
+        if key in raw and raw[key] not in accepted:
+            raise CheckpointError(f"{source}: {key}={raw[key]!r} is not supported (only {accepted[0]!r})")
     return LMConfig(
         family=family,
         path=path,
@@ -85,13 +98,17 @@ def lm_config_from_folder(path: str) -> LMConfig:
 
 def build_language_model(cfg: LMConfig, special_ids: dict[str, int] | None = None):
     """Build the backbone from the config fields, or load it from the local folder `cfg.path`."""
-    config_cls, model_cls = _classes(cfg.family)
-    if cfg.path:
-        if not os.path.isdir(cfg.path):
-            raise CheckpointError(f"{cfg.path}: language model folder does not exist")
-        model = model_cls.from_pretrained(cfg.path, dtype="float32")
-    else:
-        model = model_cls(backbone_config(cfg, special_ids))
+    _, model_cls = _classes(cfg.family)
+    if not cfg.path:
+        return model_cls(backbone_config(cfg, special_ids))
+    if not os.path.isdir(cfg.path):
+        raise CheckpointError(f"{cfg.path}: language model folder does not exist")
+    from paddle_mm.weights.llm import load_causal_lm
+
+    # Built from our config fields, then filled through the explicit name table, so a run
+    # rebuilt later from its saved config.json is the same network.
+    model = model_cls(backbone_config(resolved_lm_config(cfg), special_ids))
+    load_causal_lm(model, cfg.path)
     return model
 
 

@@ -1,0 +1,131 @@
+"""CLIP vision tower: Hugging Face CLIPVisionModel / CLIPModel names -> paddle_mm's ViT.
+
+paddle_mm's ViT keeps CLIP's structure, so the table is one row per tensor kind. Linear
+weights are transposed; the patch convolution has the same layout in both frameworks;
+HF's position_embedding is an nn.Embedding whose [P + 1, D] weight is our parameter.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from paddle_mm.config import VisionConfig
+from paddle_mm.errors import CheckpointError
+from paddle_mm.weights.hf import read_config, read_tensors, tensor_index
+from paddle_mm.weights.mapping import Rule, Table, load_mapped
+
+# Source names relative to CLIPVisionTransformer ("vision_model." in a CLIP checkpoint).
+CLIP_VISION = Table("clip-vision", (
+    Rule("embeddings.class_embedding", "class_embedding"),
+    Rule("embeddings.patch_embedding.weight", "patch_embedding.weight"),
+    Rule("embeddings.position_embedding.weight", "position_embedding"),
+    Rule("pre_layrnorm.weight", "pre_norm.weight"),  # sic: HF spells it "layrnorm"
+    Rule("pre_layrnorm.bias", "pre_norm.bias"),
+    Rule("encoder.layers.{i}.layer_norm1.weight", "blocks.{i}.norm1.weight"),
+    Rule("encoder.layers.{i}.layer_norm1.bias", "blocks.{i}.norm1.bias"),
+    Rule("encoder.layers.{i}.self_attn.q_proj.weight", "blocks.{i}.attn.q_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.q_proj.bias", "blocks.{i}.attn.q_proj.bias"),
+    Rule("encoder.layers.{i}.self_attn.k_proj.weight", "blocks.{i}.attn.k_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.k_proj.bias", "blocks.{i}.attn.k_proj.bias"),
+    Rule("encoder.layers.{i}.self_attn.v_proj.weight", "blocks.{i}.attn.v_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.v_proj.bias", "blocks.{i}.attn.v_proj.bias"),
+    Rule("encoder.layers.{i}.self_attn.out_proj.weight", "blocks.{i}.attn.out_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.out_proj.bias", "blocks.{i}.attn.out_proj.bias"),
+    Rule("encoder.layers.{i}.layer_norm2.weight", "blocks.{i}.norm2.weight"),
+    Rule("encoder.layers.{i}.layer_norm2.bias", "blocks.{i}.norm2.bias"),
+    Rule("encoder.layers.{i}.mlp.fc1.weight", "blocks.{i}.mlp.fc1.weight", transpose=True),
+    Rule("encoder.layers.{i}.mlp.fc1.bias", "blocks.{i}.mlp.fc1.bias"),
+    Rule("encoder.layers.{i}.mlp.fc2.weight", "blocks.{i}.mlp.fc2.weight", transpose=True),
+    Rule("encoder.layers.{i}.mlp.fc2.bias", "blocks.{i}.mlp.fc2.bias"),
+    Rule("post_layernorm.weight", "post_norm.weight"),
+    Rule("post_layernorm.bias", "post_norm.bias"),
+), ignore=(
+    "embeddings.position_ids",  # a buffer of 0..P that older checkpoints saved; recomputed here
+))
+
+# What a whole CLIPModel holds beside its vision tower: the text tower and the contrastive head.
+CLIP_MODEL_EXTRAS = Table("clip-model", (), ignore=(
+    "text_model.embeddings.token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight",
+    "text_model.embeddings.position_ids",
+    "text_model.encoder.layers.{i}.self_attn.q_proj.weight",
+    "text_model.encoder.layers.{i}.self_attn.q_proj.bias",
+    "text_model.encoder.layers.{i}.self_attn.k_proj.weight",
+    "text_model.encoder.layers.{i}.self_attn.k_proj.bias",
+    "text_model.encoder.layers.{i}.self_attn.v_proj.weight",
+    "text_model.encoder.layers.{i}.self_attn.v_proj.bias",
+    "text_model.encoder.layers.{i}.self_attn.out_proj.weight",
+    "text_model.encoder.layers.{i}.self_attn.out_proj.bias",
+    "text_model.encoder.layers.{i}.layer_norm1.weight",
+    "text_model.encoder.layers.{i}.layer_norm1.bias",
+    "text_model.encoder.layers.{i}.layer_norm2.weight",
+    "text_model.encoder.layers.{i}.layer_norm2.bias",
+    "text_model.encoder.layers.{i}.mlp.fc1.weight",
+    "text_model.encoder.layers.{i}.mlp.fc1.bias",
+    "text_model.encoder.layers.{i}.mlp.fc2.weight",
+    "text_model.encoder.layers.{i}.mlp.fc2.bias",
+    "text_model.final_layer_norm.weight",
+    "text_model.final_layer_norm.bias",
+    "text_projection.weight",
+    "visual_projection.weight",
+    "logit_scale",
+))
+
+# The prefixes a CLIP vision tower is found under: a CLIPModel / CLIPVisionModel folder, and
+# a vision tower saved out of a LLaVA model (legacy and transformers 4.57 layouts).
+LAYOUTS = ("vision_model.", "vision_tower.vision_model.", "model.vision_tower.vision_model.")
+
+_ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+def vision_config_from_hf(raw: dict, source: str, base: VisionConfig | None = None) -> VisionConfig:
+    """The architecture fields of a CLIPVisionConfig dict on top of `base` (feature selection kept)."""
+    act = raw.get("hidden_act", "quick_gelu")
+    if act not in _ACTIVATIONS:
+        raise CheckpointError(f"{source}: vision hidden_act {act!r} is not one of {_ACTIVATIONS}")
+    try:
+        return replace(
+            base or VisionConfig(),
+            image_size=int(raw["image_size"]), patch_size=int(raw["patch_size"]),
+            num_channels=int(raw.get("num_channels", 3)), hidden_size=int(raw["hidden_size"]),
+            intermediate_size=int(raw["intermediate_size"]), num_layers=int(raw["num_hidden_layers"]),
+            num_heads=int(raw["num_attention_heads"]), layer_norm_eps=float(raw.get("layer_norm_eps", 1e-5)),
+            hidden_act=act, pre_norm=True,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{source}: vision config lacks {e.args[0]!r}") from e
+
+
+def vision_config_from_folder(folder: str, base: VisionConfig | None = None) -> VisionConfig:
+    """Read a CLIP, CLIP-vision or LLaVA folder's config.json into a VisionConfig."""
+    raw = read_config(folder)
+    source = f"{folder}/config.json"
+    kind = raw.get("model_type")
+    if kind == "clip_vision_model":
+        return vision_config_from_hf(raw, source, base)
+    if kind in ("clip", "llava") and isinstance(raw.get("vision_config"), dict):
+        vision = raw["vision_config"]
+        if vision.get("model_type", "clip_vision_model") != "clip_vision_model":
+            raise CheckpointError(f"{source}: vision tower {vision.get('model_type')!r} is not a CLIP vision model")
+        return vision_config_from_hf(vision, source, base)
+    raise CheckpointError(f"{source}: model_type {kind!r} is not a CLIP vision model (clip, clip_vision_model, llava)")
+
+
+def clip_table(names) -> Table:
+    """The CLIP table under the prefix these tensor names use."""
+    for prefix in LAYOUTS:
+        if any(n.startswith(prefix + "encoder.layers.") for n in names):
+            table = CLIP_VISION.prefixed(prefix, "")
+            return table + CLIP_MODEL_EXTRAS if prefix == "vision_model." else table
+    sample = ", ".join(sorted(names)[:3])
+    raise CheckpointError(f"no CLIP vision tower found (expected names under one of {LAYOUTS}; found {sample}...)")
+
+
+def load_clip_vision(vit, folder: str, strict: bool = True) -> list[str]:
+    """Load a CLIP vision tower from a local Hugging Face folder into paddle_mm's ViT."""
+    tensors = read_tensors(folder)
+    where = {k: path for k, (path, _) in tensor_index(folder).items()}
+    try:
+        table = clip_table(tensors)
+    except CheckpointError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    return load_mapped(vit, tensors, table, folder, where, strict)

@@ -1,0 +1,44 @@
+"""Reference fixtures written by tools/make_reference_fixtures.py (transformers, PyTorch)."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "fixtures", "reference")
+
+
+def folder_of(family: str) -> str:
+    return os.path.normpath(os.path.join(REFERENCE, family))
+
+
+def reference(family: str) -> dict:
+    """{output name: array} that transformers computed for the family's checkpoint."""
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(folder_of(family), "reference.safetensors"))
+
+
+def checkpoint_copy(family: str, dst) -> str:
+    """Copy the checkpoint files alone (no reference outputs) to the new folder dst."""
+    src = folder_of(family)
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        if name != "reference.safetensors" and os.path.isfile(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    return str(dst)
+
+
+def snapshot(folder: str) -> dict:
+    """Every file under folder with its size and mtime: to check nothing was written there."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            st = os.stat(os.path.join(root, name))
+            out[os.path.relpath(os.path.join(root, name), folder)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
