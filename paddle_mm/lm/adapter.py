@@ -89,10 +89,31 @@ def build_language_model(cfg: LMConfig, special_ids: dict[str, int] | None = Non
     if cfg.path:
         if not os.path.isdir(cfg.path):
             raise CheckpointError(f"{cfg.path}: language model folder does not exist")
-        model = model_cls.from_pretrained(cfg.path, dtype="float32")
+        _require_safetensors(cfg.path)
+        model = model_cls.from_pretrained(cfg.path, dtype="float32", use_safetensors=True)
     else:
         model = model_cls(backbone_config(cfg, special_ids))
     return model
+
+
+_PICKLE_WEIGHTS = (".pdparams", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _require_safetensors(path: str) -> None:
+    """Refuse a folder without safetensors weights rather than let PaddleFormers unpickle.
+
+    PaddleFormers falls back to model_state.pdparams (read with pickle, which can run code
+    from the file) when a folder has no safetensors; paddle_mm never takes that fallback.
+    """
+    names = os.listdir(path)
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickled = sorted(n for n in names if n.endswith(_PICKLE_WEIGHTS))
+    found = f"; it holds {', '.join(pickled)}, a pickle format" if pickled else ""
+    raise CheckpointError(
+        f"{path}: no safetensors weights in the language model folder{found}. paddle_mm does not "
+        "unpickle weights: convert them to safetensors first (for files you trust)"
+    )
 
 
 def resolved_lm_config(cfg: LMConfig) -> LMConfig:
