@@ -252,10 +252,11 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
             t_log, seen = time.time(), 0
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world, cfg.keep_checkpoints)
+    skipped_records = _skipped_on_all_ranks(skipped, world)
     if rank == 0:
         log.close()
         write_json_atomic(os.path.join(run_dir, "skipped.json"),
-                          {"count": len(skipped), "records": [str(e) for e in skipped[:100]]})
+                          {"count": len(skipped_records), "records": skipped_records[:100]})
     final = _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world, cfg.keep_checkpoints)
     if rank == 0:
         resume.export_weights(run_dir, final)  # model.safetensors is the final checkpoint's
@@ -331,6 +332,18 @@ def _nonfinite_on_any_rank(loss: float, world: int) -> bool:
     flag = paddle.to_tensor([1.0 if bad else 0.0])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(float(flag) > 0)
+
+
+def _skipped_on_all_ranks(skipped: list, world: int) -> list[str]:
+    """Every rank's skipped records (each rank reads its own share of a batch), without repeats."""
+    records = [str(e) for e in skipped]
+    if world > 1:
+        import paddle.distributed as dist
+
+        gathered: list = []
+        dist.all_gather_object(gathered, records)
+        records = [r for rank_records in gathered for r in rank_records]
+    return list(dict.fromkeys(records))
 
 
 def _sample_ref(dataset, i: int) -> dict:

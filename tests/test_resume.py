@@ -180,3 +180,21 @@ def test_nonfinite_loss_with_skip_drops_the_batch_and_finishes(tiny_recipe, tmp_
     assert skipped and all("train-00007" in [s["id"] for s in r["samples"]] for r in skipped)
     weights = load_tensors(os.path.join(run, "model.safetensors"))
     assert all(np.isfinite(v).all() for v in weights.values())
+
+
+def test_data_parallel_ranks_stay_in_step_when_one_ranks_items_are_all_skipped(tiny_recipe, demo_data, tmp_path):
+    """batch 2 over 2 processes: the rank whose one sample has a broken image has nothing to
+    train on, yet must join the gradient all-reduce (before, it skipped it and the run hung)."""
+    import shutil
+
+    from paddle_mm.train import train_in_processes
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data["data"], data)
+    for name in ("00001.png", "00002.png", "00005.png"):
+        (data / "images" / "train" / name).write_bytes(b"not a png")
+    spec = f"data.train=[{{path: {data}/train_llava.json, format: llava}}]"
+    run = train_in_processes(tiny_recipe(str(tmp_path / "dp"), spec, "train.max_steps=12", "train.batch_size=2",
+                                         "data.on_error=skip"), processes=2, quiet=True)
+    assert [s for s, _, _ in kh.logged(run)] == list(range(1, 13))
+    assert json.load(open(os.path.join(run, "skipped.json")))["count"] >= 1
