@@ -79,6 +79,7 @@ def collate(items: Sequence[dict], pad_token_id: int, padding_side: str = "right
     Right padding for training; left padding for generation, so every row's last real token
     sits in the last column. pixel_values stacks the images of all rows in row order.
     """
+    _check_batch(items)
     length = max(len(x["input_ids"]) for x in items)
     b = len(items)
     input_ids = np.full([b, length], pad_token_id, dtype="int64")
@@ -99,3 +100,14 @@ def collate(items: Sequence[dict], pad_token_id: int, padding_side: str = "right
         "attention_mask": mask,
         "pixel_values": pixel_values,
     }
+
+
+def _check_batch(items: Sequence[dict]) -> None:
+    if not items:
+        raise DataError("<batch>", "cannot collate an empty batch")
+    for x in items:
+        if len(x["labels"]) != len(x["input_ids"]):
+            raise DataError("<batch>", f"{len(x['input_ids'])} input ids but {len(x['labels'])} labels", x["id"])
+    shapes = {x["pixel_values"].shape[1:] for x in items if x["pixel_values"] is not None}
+    if len(shapes) > 1:
+        raise DataError("<batch>", f"images of different shapes in one batch: {sorted(shapes)}")

@@ -224,7 +224,7 @@ def read_llava(path, image_root=None, on_error: OnError = "raise", allow_outside
                     raise _Bad(f"turn {i} (system): text must be a string, got {text!r}")
                 meta["system"] = text
                 continue
-            if role not in _ROLES:
+            if not isinstance(role, str) or role not in _ROLES:
                 raise _Bad(f"turn {i}: unknown role {role!r} (expected human/gpt or user/assistant)")
             turns.append((_ROLES[role], text))
         return rd.make_sample(index, _record_id(rd, rec, index), _image_list(rec), turns, meta)
@@ -288,10 +288,11 @@ def read_vqav2(questions_path, annotations_path=None, image_root=None, on_error:
     annotations: dict[Any, dict] = {}
     if annotations_path is not None:
         for i, ann in enumerate(_top_list(str(annotations_path), "annotations")):
-            if isinstance(ann, dict) and "question_id" in ann:
+            if isinstance(ann, dict) and isinstance(ann.get("question_id"), (int, str)):
                 annotations[ann["question_id"]] = ann
             else:
-                rd.fail(DataError(str(annotations_path), "annotation must be an object with 'question_id'", i))
+                rd.fail(DataError(str(annotations_path), "annotation must be an object with an int or string "
+                                                         "'question_id'", i))
 
     def build(index: int, rec: Any) -> Sample:
         qid = _need(rec, "question_id", (int, str))
