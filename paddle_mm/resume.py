@@ -32,13 +32,12 @@ import sys
 
 import numpy as np
 
+from paddle_mm.builder import MODEL_FILE, PROJECTOR_FILE
 from paddle_mm.checkpoint import load_into, load_tensors, save_tensors
 from paddle_mm.errors import CheckpointError
 from paddle_mm.fileio import write_json_atomic, write_text_atomic
 
 CHECKPOINT_DIR = "checkpoint"
-MODEL_FILE = "model.safetensors"  # the same names as builder.MODEL_FILE / PROJECTOR_FILE
-PROJECTOR_FILE = "projector.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
