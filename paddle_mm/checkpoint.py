@@ -21,6 +21,8 @@ def save_tensors(tensors: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = atomic_path(path)
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+    with open(tmp, "rb") as f:  # on disk before the rename publishes it, as fileio's writes are
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
