@@ -21,6 +21,8 @@ def save_tensors(tensors: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = atomic_path(path)
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+    with open(tmp, "rb") as f:  # on disk before the rename publishes it, as fileio's writes are
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -33,6 +35,11 @@ def load_tensors(path: str) -> dict[str, np.ndarray]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80" or head == b"PK":  # a pickle stream, or torch's zip of pickles
+            raise CheckpointError(f"{path}: is a pickle-based file; paddle_mm reads safetensors only "
+                                  "and never unpickles weights (convert it first, if you trust it)") from e
         raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
 
 

@@ -1,4 +1,4 @@
-"""The `paddle-mm` command: train, infer, eval, demo, tokenizer, convert, export.
+"""The `paddle-mm` command: train, check-data, infer, eval, demo, tokenizer, convert, export.
 
 Thin: each subcommand parses its arguments and calls the library. Heavy imports (paddle,
 PaddleFormers) happen inside the subcommands so `paddle-mm --help` is instant.
@@ -19,6 +19,23 @@ def _train(args) -> None:
 
     recipe = load_recipe(args.recipe, Recipe, args.overrides)
     print(train(recipe))
+
+
+def _check_data(args) -> int:
+    from paddle_mm.check_data import check_data, default_report_path, passed, summary
+    from paddle_mm.config import Recipe
+    from paddle_mm.fileio import write_json_atomic
+    from paddle_mm.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, Recipe, args.overrides)
+    report = check_data(recipe, decode_images=not args.no_decode)
+    report.update(recipe=args.recipe, max_bad_fraction=args.max_bad_fraction,
+                  passed=passed(report, args.max_bad_fraction))
+    path = args.report or default_report_path(recipe)
+    write_json_atomic(path, report)
+    print(summary(report, args.max_bad_fraction))
+    print(f"report: {path}")
+    return 0 if report["passed"] else 1
 
 
 def _load(run_dir: str):
@@ -133,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value, applied after the recipe")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("check-data", help="check a recipe's training data; exit 1 past --max-bad-fraction")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value, applied after the recipe")
+    p.add_argument("--max-bad-fraction", type=float, default=0.0,
+                   help="fail when more than this fraction of records is unusable (default 0)")
+    p.add_argument("--report", default="", help="JSON report path (default: train.output_dir/check_data.json)")
+    p.add_argument("--no-decode", action="store_true", help="check that images exist, without decoding them")
+    p.set_defaults(func=_check_data)
+
     p = sub.add_parser("infer", help="answer with a trained run: vqa, caption or chat")
     p.add_argument("run_dir")
     p.add_argument("--task", choices=["vqa", "caption", "chat"], default="vqa")
@@ -189,11 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except PaddleMMError as e:  # bad input: one readable line, no stack trace
         print(f"paddle-mm: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

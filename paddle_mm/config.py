@@ -187,9 +187,17 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2  # newest checkpoint/step-N folders kept; older ones are deleted
+    # A non-finite loss: stop (saving the state before the step and the batch's sample ids) or
+    # skip the batch without updating the weights.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     log_every: int = 10
     seed: int = 0
     num_threads: int = 0  # 0: all cores
+
+    def validate(self) -> None:
+        if self.keep_checkpoints < 1:
+            raise RecipeError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
 @dataclass

@@ -16,15 +16,24 @@ class RecipeError(PaddleMMError, ValueError):
 
 
 class DataError(PaddleMMError, ValueError):
-    """A data file or one of its records is malformed or points at a missing image."""
+    """A data file or one of its records is malformed or points at a missing image.
 
-    def __init__(self, path: str, cause: str, record: int | str | None = None):
+    `reason` is a short machine-readable name of the problem (e.g. "image_missing"), which
+    `paddle-mm check-data` counts by; the message says the same for people.
+    """
+
+    def __init__(self, path: str, cause: str, record: int | str | None = None, reason: str = "bad_record"):
         self.path = str(path)
         self.record = record
         self.cause = cause
+        self.reason = reason
         where = self.path if record is None else f"{self.path}, record {record}"
         super().__init__(f"{where}: {cause}")
 
 
 class CheckpointError(PaddleMMError, ValueError):
     """A checkpoint folder or file is missing, truncated or does not fit the model."""
+
+
+class NonFiniteLossError(PaddleMMError, FloatingPointError):
+    """Training met a NaN or infinite loss; the message names the step and the batch's samples."""

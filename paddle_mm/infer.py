@@ -2,9 +2,9 @@
 
 A request is {"id", "task": "vqa"|"caption"|"chat", "image": path (optional for chat),
 "prompt": text} or, for chat, "messages": [{"role": "user"|"assistant", "content": text}, ...].
-Answers are appended to the output JSONL one by one (flushed), so a rerun skips the ids
-already answered instead of starting over; a bad request is written to <output>.errors.jsonl
-with its reason and the rest go on.
+Answers are appended to the output JSONL batch by batch (flushed), so a rerun skips the ids
+already answered instead of starting over (a line a kill cut short is dropped and answered
+again); a bad request is written to <output>.errors.jsonl with its reason and the rest go on.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from paddle_mm.config import InferConfig
 from paddle_mm.data.readers import IMAGE_TOKEN, Sample
-from paddle_mm.errors import DataError
+from paddle_mm.errors import DataError, PaddleMMError
 from paddle_mm.evaluate import generate_answers
 
 TASKS = ("vqa", "caption", "chat")
@@ -87,35 +87,82 @@ def answered_ids(path: str) -> set[str]:
                 try:
                     done.add(str(json.loads(line)["id"]))
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut by a crash: that request is answered again
+                    continue  # not an answer line; its request is answered again
     return done
 
 
+def drop_cut_line(path: str) -> None:
+    """Cut a last line a kill left without its newline, so the next append starts a clean line."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - 65536)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            if pos == end and chunk.endswith(b"\n"):
+                return
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            pos = start
+        f.truncate(0)
+
+
 def run_requests(model, tokenizer, image_processor, infer: InferConfig, input_path: str, output_path: str) -> dict:
-    """Answer every request of input_path into output_path; returns counts."""
+    """Answer every request of input_path into output_path; returns counts.
+
+    Every non-blank input line ends up either answered (now, or by an earlier run: its id is
+    in the output) or in <output>.errors.jsonl with its line and reason, so total = answered +
+    skipped_done + errors on every run. The errors file is rewritten by each run, which tries
+    every unanswered request again. A repeated id is an error: answers are keyed by id.
+    """
     errors_path = output_path + ".errors.jsonl"
+    drop_cut_line(output_path)
     done = answered_ids(output_path)
-    counts = {"answered": 0, "skipped_done": 0, "errors": 0}
+    counts = {"total": 0, "answered": 0, "skipped_done": 0, "errors": 0}
+    first_line: dict[str, int] = {}
     pending: list[Sample] = []
-    with open(output_path, "a", encoding="utf-8") as out, open(errors_path, "a", encoding="utf-8") as err:
+    with open(output_path, "a", encoding="utf-8") as out, open(errors_path, "w", encoding="utf-8") as err:
+        def fail(line_no: int, rid, reason: str) -> None:
+            err.write(json.dumps({"line": line_no, "id": rid, "error": reason}) + "\n")
+            err.flush()
+            counts["errors"] += 1
+
         def flush():
-            answers = generate_answers(model, tokenizer, pending, image_processor, infer)
-            for s in pending:
-                out.write(json.dumps({"id": s.id, "answer": answers[s.id]}) + "\n")
+            try:
+                answers = generate_answers(model, tokenizer, pending, image_processor, infer)
+            except PaddleMMError:  # one bad request (an image that does not decode) must not sink the batch
+                answers = {}
+                for sample in pending:
+                    try:
+                        answers.update(generate_answers(model, tokenizer, [sample], image_processor, infer))
+                    except PaddleMMError as e:
+                        fail(sample.index, sample.id, str(e))
+            for sample in pending:
+                if sample.id in answers:
+                    out.write(json.dumps({"id": sample.id, "answer": answers[sample.id]}) + "\n")
+                    counts["answered"] += 1
             out.flush()
-            counts["answered"] += len(pending)
             pending.clear()
 
         for line_no, req in read_requests(input_path):
+            counts["total"] += 1
             try:
                 if isinstance(req, DataError):
                     raise req
                 sample = request_to_sample(req, infer, input_path, line_no)
             except DataError as e:
-                err.write(json.dumps({"line": line_no, "id": getattr(req, "get", lambda k: None)("id"),
-                                      "error": str(e)}) + "\n")
-                counts["errors"] += 1
+                fail(line_no, req.get("id") if isinstance(req, dict) else None, str(e))
                 continue
+            if sample.id in first_line:
+                fail(line_no, sample.id, f"{input_path}, line {line_no}: id {sample.id!r} repeats line "
+                                         f"{first_line[sample.id]}")
+                continue
+            first_line[sample.id] = line_no
             if sample.id in done:
                 counts["skipped_done"] += 1
                 continue

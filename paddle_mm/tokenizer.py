@@ -140,6 +140,8 @@ class Tokenizer:
         for role, text in messages:
             if role not in ROLES:
                 raise DataError("<conversation>", f"unknown role {role!r}; expected one of {ROLES}")
+            if not isinstance(text, str):
+                raise DataError("<conversation>", f"{role} turn text must be a string, got {type(text).__name__}")
             header = [self.im_start_id] + self.encode(role + "\n")
             body = self._expand_images(text, tokens_per_image) + [self.im_end_id]
             newline = self.encode("\n")

@@ -1,8 +1,9 @@
 """One training entry point for every stage; stages differ by recipe, not by code.
 
 A run folder holds: recipe.yaml (resolved), config.json, tokenizer.json, model.safetensors,
-projector.safetensors, metrics.jsonl, and checkpoint/ (weights + optimizer + position) to
-continue from. Freezing follows `train.trainable`; nothing here branches on the stage name.
+projector.safetensors, metrics.jsonl, and checkpoint/step-N/ folders (weights, optimizer,
+data position, random states) to continue from exactly; see paddle_mm/resume.py. Freezing
+follows `train.trainable`; nothing here branches on the stage name.
 """
 from __future__ import annotations
 
@@ -10,24 +11,25 @@ import contextlib
 import json
 import math
 import os
-import re
-import shutil
 import sys
 import time
 from dataclasses import asdict
 
 import numpy as np
 
-from paddle_mm import builder
-from paddle_mm.checkpoint import load_into, load_tensors, save_tensors
+from paddle_mm import builder, resume
+from paddle_mm.checkpoint import load_into, load_tensors
 from paddle_mm.config import Recipe, TrainConfig
 from paddle_mm.data.dataset import ConversationDataset, collate
-from paddle_mm.errors import CheckpointError, DataError, RecipeError
+from paddle_mm.errors import CheckpointError, DataError, NonFiniteLossError, RecipeError
 from paddle_mm.fileio import write_json_atomic
 from paddle_mm.recipe import save_recipe
 from paddle_mm.tokenizer import dump_special_tokens
 
 SUBMODULES = ("vision_tower", "multi_modal_projector", "language_model")
+# With train.on_nonfinite: skip, this many bad batches in a row still stop the run: the
+# weights themselves have gone bad, and skipping would loop over the data for ever.
+MAX_NONFINITE_IN_A_ROW = 8
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -97,64 +99,6 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
-def _save_weights(run_dir: str, model) -> None:
-    save_tensors(model.state_dict(), os.path.join(run_dir, builder.MODEL_FILE))
-    save_tensors(model.multi_modal_projector.state_dict(), os.path.join(run_dir, builder.PROJECTOR_FILE))
-
-
-def save_checkpoint(run_dir: str, model, optimizer, state: dict) -> None:
-    """Write checkpoint/ atomically: build it in a temporary folder, then swap it into place."""
-    final = os.path.join(run_dir, "checkpoint")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_tensors(model.state_dict(), os.path.join(tmp, builder.MODEL_FILE))
-    save_tensors(_optimizer_tensors(optimizer, model), os.path.join(tmp, "optimizer.safetensors"))
-    with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
-        json.dump(state, f)
-    old = final + ".old"
-    if os.path.isdir(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# Paddle names optimizer slots after a parameter's generated name ("linear_3.w_0_moment1_0"),
-# which differs between processes; on disk they are named after the parameter's path instead.
-_SLOT = re.compile(r"^(.*)_(moment1|moment2|beta1_pow_acc|beta2_pow_acc)_(\d+)$")
-
-
-def _optimizer_tensors(optimizer, model) -> dict:
-    path_of = {p.name: n for n, p in model.named_parameters()}
-    out = {}
-    for key, value in optimizer.state_dict().items():
-        match = _SLOT.match(key) if hasattr(value, "numpy") else None
-        if match and match.group(1) in path_of:
-            out[f"{path_of[match.group(1)]}:{match.group(2)}_{match.group(3)}"] = value
-    return out
-
-
-def _load_optimizer_tensors(optimizer, model, tensors: dict) -> None:
-    import paddle
-
-    generated = {n: p.name for n, p in model.named_parameters()}
-    state = {}
-    for key, value in tensors.items():
-        path, slot = key.split(":")
-        state[f"{generated[path]}_{slot}"] = paddle.to_tensor(value)
-    optimizer.set_state_dict(state)
-
-
-def load_checkpoint(run_dir: str, model, optimizer) -> dict | None:
-    ckpt = os.path.join(run_dir, "checkpoint")
-    if not os.path.isfile(os.path.join(ckpt, "state.json")):
-        return None
-    load_into(model, load_tensors(os.path.join(ckpt, builder.MODEL_FILE)), ckpt)
-    _load_optimizer_tensors(optimizer, model, load_tensors(os.path.join(ckpt, "optimizer.safetensors")))
-    with open(os.path.join(ckpt, "state.json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _init_weights(model, cfg: TrainConfig) -> None:
     if cfg.init_from:
         path = cfg.init_from
@@ -221,21 +165,28 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     run_dir = cfg.output_dir
     if rank == 0:
         write_run_files(run_dir, recipe, model_cfg, tokenizer)
-    state = load_checkpoint(run_dir, model, optimizer) or {"step": 0, "epoch": 0, "cursor": 0}
+        resume.clean_leftovers(run_dir)
+    state, ckpt = resume.load_latest(run_dir, model, optimizer)
+    state = state or {"step": 0, "epoch": 0, "cursor": 0}
     if state["step"] >= cfg.max_steps:
-        raise CheckpointError(f"{run_dir}: already trained {state['step']} of max_steps {cfg.max_steps} steps")
+        return _finished_before(run_dir, ckpt, state["step"], cfg.max_steps, rank, world)
     forward = paddle.DataParallel(model) if world > 1 else model
 
     lengths = np.array([len(item.input_ids) for item in dataset.items])
     order = _epoch_order(cfg.seed, lengths, state["epoch"], cfg.batch_size)
-    log = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") if rank == 0 else None
+    log = None
+    if rank == 0:  # steps logged after the checkpoint we resume from are taken again
+        for name in ("metrics.jsonl", resume.NONFINITE_LOG):
+            resume.trim_log(os.path.join(run_dir, name), state["step"])
+        log = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
     progress = Progress(cfg.max_steps, state["step"])
     model.train()
-    t_log, seen = time.time(), 0
+    t_log, seen, bad_in_a_row, stand_in = time.time(), 0, 0, None
     while state["step"] < cfg.max_steps:
         lr = lr_at(state["step"], cfg)
         optimizer.set_lr(lr)
         total_loss = 0.0
+        before, rng_before, step_idx = dict(state), resume.snapshot_rng(), []
         for micro in range(cfg.grad_accum):
             if state["cursor"] + cfg.batch_size > len(order):
                 state["epoch"] += 1
@@ -244,9 +195,15 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
             idx = order[state["cursor"]: state["cursor"] + cfg.batch_size]
             state["cursor"] += cfg.batch_size
             seen += len(idx)
+            step_idx.extend(int(i) for i in idx)
             items = _read_items(dataset, idx[rank::world], recipe.data.on_error, skipped)
+            weight = 1.0
             if not items:
-                continue
+                if world == 1:
+                    continue
+                # Every rank must take part in the gradient all-reduce: a stand-in with no weight.
+                stand_in = stand_in or _first_readable(dataset)
+                items, weight = [stand_in], 0.0
             batch = collate(items, tokenizer.pad_token_id)
             # Gradients are averaged across processes once, on the last micro-batch.
             sync = world > 1 and micro < cfg.grad_accum - 1
@@ -257,10 +214,26 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
                     None if batch["pixel_values"] is None else paddle.to_tensor(batch["pixel_values"]),
                     paddle.to_tensor(batch["labels"]),
                 )
-                (loss / cfg.grad_accum).backward()
-            total_loss += float(loss) / cfg.grad_accum
-        if not math.isfinite(total_loss):
-            raise FloatingPointError(f"non-finite loss {total_loss} at step {state['step']}, samples {batch['ids']}")
+                (loss * weight / cfg.grad_accum).backward()
+            total_loss += float(loss) * weight / cfg.grad_accum
+        if _nonfinite_on_any_rank(total_loss, world):
+            samples = [_sample_ref(dataset, i) for i in step_idx]
+            bad_in_a_row += 1
+            if cfg.on_nonfinite == "skip" and bad_in_a_row <= MAX_NONFINITE_IN_A_ROW:
+                optimizer.clear_grad()  # the weights stay as they were; the data moves on
+                if rank == 0:
+                    resume.log_nonfinite(run_dir, before["step"], total_loss, samples)
+                continue
+            if rank == 0:
+                inspect = resume.save_nonfinite(run_dir, model, optimizer, before, rng_before, total_loss, samples)
+            if world > 1:
+                dist.barrier()
+            raise NonFiniteLossError(
+                f"non-finite loss {total_loss} at step {before['step'] + 1}, "
+                f"samples {[s['id'] for s in samples]}"
+                + (f" ({bad_in_a_row} batches in a row)" if bad_in_a_row > 1 else "")
+                + (f"; state before the step and the batch saved in {inspect}" if rank == 0 else ""))
+        bad_in_a_row = 0
         optimizer.step()
         optimizer.clear_grad()
         state["step"] += 1
@@ -278,23 +251,27 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
                     progress.update(step, total_loss, lr, rate)
             t_log, seen = time.time(), 0
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world)
+            _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world, cfg.keep_checkpoints)
+    skipped_records = _skipped_on_all_ranks(skipped, world)
     if rank == 0:
         log.close()
         write_json_atomic(os.path.join(run_dir, "skipped.json"),
-                          {"count": len(skipped), "records": [str(e) for e in skipped[:100]]})
-        _save_weights(run_dir, model)
-    _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world)
+                          {"count": len(skipped_records), "records": skipped_records[:100]})
+    final = _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world, cfg.keep_checkpoints)
+    if rank == 0:
+        resume.export_weights(run_dir, final)  # model.safetensors is the final checkpoint's
     return run_dir
 
 
-def _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world) -> None:
+def _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world, keep) -> str:
+    ckpt = ""
     if rank == 0:
-        save_checkpoint(run_dir, model, optimizer, dict(state))
+        ckpt = resume.save_checkpoint(run_dir, model, optimizer, dict(state), keep)
     if world > 1:
         import paddle.distributed as dist
 
         dist.barrier()  # nobody runs ahead of a checkpoint that may be needed to resume
+    return ckpt
 
 
 def train_in_processes(recipe: Recipe, processes: int, quiet: bool = False) -> str:
@@ -327,6 +304,61 @@ def _on_cpu() -> bool:
     import paddle
 
     return paddle.device.get_device() == "cpu"
+
+
+def _finished_before(run_dir: str, ckpt: str, step: int, max_steps: int, rank: int, world: int) -> str:
+    """A rerun of a finished run: complete its weight files if a kill cut the end short, else refuse."""
+    exported = resume.is_exported(run_dir, ckpt)
+    if world > 1:
+        import paddle.distributed as dist
+
+        dist.barrier()  # every rank has looked before rank 0 changes anything
+    if exported:
+        raise CheckpointError(f"{run_dir}: already trained {step} of max_steps {max_steps} steps")
+    if rank == 0:
+        resume.export_weights(run_dir, ckpt)
+        print(f"{run_dir}: finished from checkpoint {ckpt}", file=sys.stderr)
+    return run_dir
+
+
+def _nonfinite_on_any_rank(loss: float, world: int) -> bool:
+    """Whether any process saw a non-finite loss: all ranks must stop or skip together."""
+    bad = not math.isfinite(loss)
+    if world == 1:
+        return bad
+    import paddle
+    import paddle.distributed as dist
+
+    flag = paddle.to_tensor([1.0 if bad else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(float(flag) > 0)
+
+
+def _skipped_on_all_ranks(skipped: list, world: int) -> list[str]:
+    """Every rank's skipped records (each rank reads its own share of a batch), without repeats."""
+    records = [str(e) for e in skipped]
+    if world > 1:
+        import paddle.distributed as dist
+
+        gathered: list = []
+        dist.all_gather_object(gathered, records)
+        records = [r for rank_records in gathered for r in rank_records]
+    return list(dict.fromkeys(records))
+
+
+def _sample_ref(dataset, i: int) -> dict:
+    sample = dataset.items[i].sample
+    return {"id": sample.id, "source": sample.source, "record": sample.index}
+
+
+def _first_readable(dataset) -> dict:
+    """A stand-in item, weighted 0 where used: it only keeps a rank in the gradient all-reduce."""
+    for i in range(len(dataset)):
+        try:
+            return dataset[i]
+        except DataError:
+            continue
+    raise DataError(dataset.items[0].sample.source, "no item of the dataset can be read")
 
 
 def _read_items(dataset, idx, on_error: str, skipped: list) -> list[dict]:

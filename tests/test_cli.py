@@ -65,7 +65,7 @@ def test_infer_jsonl_appends_skips_answered_and_records_errors(run_dir, demo_dat
     out = tmp_path / "answers.jsonl"
     assert main(["infer", run_dir, "--input", str(requests), "--output", str(out)]) == 0
     counts = json.loads(capsys.readouterr().out)
-    assert counts == {"answered": 3, "skipped_done": 0, "errors": 2}
+    assert counts == {"total": 5, "answered": 3, "skipped_done": 0, "errors": 2}
     answered = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert answered == ["a", "b", "c"]
     errors = [json.loads(x) for x in open(str(out) + ".errors.jsonl")]

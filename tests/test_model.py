@@ -314,3 +314,12 @@ def test_lora_only_lora_matrices_and_projector_get_grads():
 def test_image_token_id_outside_vocab_raises(bad):
     with pytest.raises(ValueError, match="image_token_id"):
         VisionLanguageModel(tiny_config(image_token_id=bad), special_ids=SPECIAL)
+
+
+def test_causal_lm_loss_is_nan_when_logits_are_nan():
+    # Paddle's CPU cross_entropy maps an all-NaN row of >= 64 logits to log(V): a diverged
+    # model would train on, logging a constant finite loss.
+    logits = np.full([1, 4, 320], np.nan, dtype="float32")
+    labels = np.array([[-100, 3, 4, 5]])
+    loss = causal_lm_loss(paddle.to_tensor(logits, stop_gradient=False), paddle.to_tensor(labels))
+    assert np.isnan(float(loss))

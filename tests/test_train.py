@@ -30,7 +30,7 @@ def test_run_folder_holds_everything_needed_to_load_it(tiny_recipe, tmp_path):
     recipe = tiny_recipe(str(tmp_path / "run"), "train.max_steps=3")
     run = train(recipe, quiet=True)
     for name in ("recipe.yaml", "config.json", "tokenizer.json", "model.safetensors",
-                 "projector.safetensors", "metrics.jsonl", "checkpoint/state.json"):
+                 "projector.safetensors", "metrics.jsonl", "checkpoint/step-00000003/state.json"):
         assert os.path.isfile(os.path.join(run, name)), name
     log = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert [r["step"] for r in log] == [1, 2, 3]

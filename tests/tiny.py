@@ -15,10 +15,8 @@ TINY = [
 
 
 
-def make_tiny_recipe(demo_data, out_dir, *overrides, stage="instruct"):
-    from paddle_mm.config import Recipe
-    from paddle_mm.recipe import load_recipe
-
+def tiny_overrides(demo_data, out_dir, *overrides) -> list[str]:
+    """The command-line overrides that turn the demo recipe into the tiny one."""
     d = demo_data["data"]
     paths = [
         f"data.tokenizer={demo_data['tokenizer']}",
@@ -26,4 +24,15 @@ def make_tiny_recipe(demo_data, out_dir, *overrides, stage="instruct"):
         f"data.train=[{{path: {d}/train_llava.json, format: llava}}, {{path: {d}/train_captions.json, format: caption}}]",
         "train.init_from=''",
     ]
-    return load_recipe(os.path.join(REPO, "recipes", "demo", f"{stage}.yaml"), Recipe, paths + TINY + list(overrides))
+    return paths + TINY + list(overrides)
+
+
+def recipe_path(stage="instruct") -> str:
+    return os.path.join(REPO, "recipes", "demo", f"{stage}.yaml")
+
+
+def make_tiny_recipe(demo_data, out_dir, *overrides, stage="instruct"):
+    from paddle_mm.config import Recipe
+    from paddle_mm.recipe import load_recipe
+
+    return load_recipe(recipe_path(stage), Recipe, tiny_overrides(demo_data, out_dir, *overrides))

@@ -58,12 +58,19 @@ class ConversationDataset:
 
 def encode_sample(sample: Sample, tokenizer: Tokenizer, tokens_per_image: int, max_length: int, system: str = "") -> Encoded:
     ids, labels = tokenizer.encode_chat(sample.turns, tokens_per_image, system=system)
+    check_encoded(sample, ids, labels, max_length)
+    return Encoded(sample, np.asarray(ids, dtype="int64"), np.asarray(labels, dtype="int64"))
+
+
+def check_encoded(sample: Sample, ids: Sequence[int], labels: Sequence[int], max_length: int) -> None:
+    """The rules a tokenized sample must pass to be trained on (check-data applies the same)."""
     if len(ids) > max_length:
         # Never cut: a cut could split an image span or drop the answer the loss needs.
-        raise DataError(sample.source, f"sequence of {len(ids)} tokens exceeds max_length {max_length}", sample.index)
+        raise DataError(sample.source, f"sequence of {len(ids)} tokens exceeds max_length {max_length}",
+                        sample.index, "too_long")
     if all(label == IGNORE_INDEX for label in labels):
-        raise DataError(sample.source, "no assistant tokens to learn from (empty loss mask)", sample.index)
-    return Encoded(sample, np.asarray(ids, dtype="int64"), np.asarray(labels, dtype="int64"))
+        raise DataError(sample.source, "no assistant tokens to learn from (empty loss mask)", sample.index,
+                        "empty_loss_mask")
 
 
 def collate(items: Sequence[dict], pad_token_id: int, padding_side: str = "right") -> dict:
@@ -72,6 +79,7 @@ def collate(items: Sequence[dict], pad_token_id: int, padding_side: str = "right
     Right padding for training; left padding for generation, so every row's last real token
     sits in the last column. pixel_values stacks the images of all rows in row order.
     """
+    _check_batch(items)
     length = max(len(x["input_ids"]) for x in items)
     b = len(items)
     input_ids = np.full([b, length], pad_token_id, dtype="int64")
@@ -92,3 +100,14 @@ def collate(items: Sequence[dict], pad_token_id: int, padding_side: str = "right
         "attention_mask": mask,
         "pixel_values": pixel_values,
     }
+
+
+def _check_batch(items: Sequence[dict]) -> None:
+    if not items:
+        raise DataError("<batch>", "cannot collate an empty batch")
+    for x in items:
+        if len(x["labels"]) != len(x["input_ids"]):
+            raise DataError("<batch>", f"{len(x['input_ids'])} input ids but {len(x['labels'])} labels", x["id"])
+    shapes = {x["pixel_values"].shape[1:] for x in items if x["pixel_values"] is not None}
+    if len(shapes) > 1:
+        raise DataError("<batch>", f"images of different shapes in one batch: {sorted(shapes)}")

@@ -55,13 +55,13 @@ class ImageProcessor:
         """Open and fully decode ``path`` as RGB; a DataError naming the path if that fails."""
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise DataError(path, "cannot read image: file not found")
+            raise DataError(path, "cannot read image: file not found", reason="image_missing")
         try:
             with Image.open(path) as img:
                 img.load()  # force the full decode so truncated files fail here
                 return img.convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataError(path, f"cannot read image: {exc}") from None
+            raise DataError(path, f"cannot read image: {exc}", reason="image_unreadable") from None
 
     def _resize(self, image: Image.Image) -> Image.Image:
         size = self.config.size

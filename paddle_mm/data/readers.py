@@ -44,6 +44,10 @@ class ReadResult:
 class _Bad(Exception):
     """A problem with the current record; turned into a DataError with file and index."""
 
+    def __init__(self, message: str, reason: str = "bad_record"):
+        super().__init__(message)
+        self.reason = reason
+
 
 class _Reader:
     """Holds the options shared by all formats and collects samples / skipped records."""
@@ -64,7 +68,7 @@ class _Reader:
         try:
             self.samples.append(build())
         except _Bad as exc:
-            self.fail(DataError(self.path, str(exc), index))
+            self.fail(DataError(self.path, str(exc), index, exc.reason))
 
     def fail(self, err: DataError) -> None:
         if self.on_error == "raise":
@@ -79,15 +83,17 @@ class _Reader:
             raise _Bad(f"image path must be a non-empty string, got {raw!r}")
         if os.path.isabs(raw):
             if not self.allow_outside_root:
-                raise _Bad(f"absolute image path {raw!r} is not allowed (allow_outside_root=False)")
+                raise _Bad(f"absolute image path {raw!r} is outside the image root {self.root} "
+                           "(data.allow_outside_root: true allows it)", "image_outside_root")
             full = os.path.normpath(raw)
         else:
             full = os.path.normpath(os.path.join(self.root, raw))
             rel = os.path.relpath(full, self.root)
             if (rel == ".." or rel.startswith(".." + os.sep)) and not self.allow_outside_root:
-                raise _Bad(f"image path {raw!r} escapes the image root {self.root}")
+                raise _Bad(f"image path {raw!r} escapes the image root {self.root} "
+                           "(data.allow_outside_root: true allows it)", "image_outside_root")
         if not os.path.isfile(full):
-            raise _Bad(f"image file not found: {raw!r} (looked for {full})")
+            raise _Bad(f"image file not found: {raw!r} (looked for {full})", "image_missing")
         return full
 
     def make_sample(self, index, sid, images, turns, meta=None, empty_answer_ok=False) -> Sample:
@@ -106,14 +112,14 @@ class _Reader:
             if role != expected:
                 raise _Bad(f"turn {i} is {role!r} but roles must alternate starting with 'user'")
         if len(turns) < 2:
-            raise _Bad("conversation has no assistant turn")
+            raise _Bad("conversation has no assistant turn", "no_assistant_turn")
         turns = list(turns)
         n_tags = sum(text.count(IMAGE_TOKEN) for _, text in turns)
         if n_tags != len(images):
             if n_tags == 0 and len(images) == 1:
                 turns[0] = ("user", f"{IMAGE_TOKEN}\n{turns[0][1]}")
             else:
-                raise _Bad(f"{n_tags} {IMAGE_TOKEN} tags but {len(images)} images")
+                raise _Bad(f"{n_tags} {IMAGE_TOKEN} tags but {len(images)} images", "tag_mismatch")
         resolved = [self.resolve(raw) for raw in images]
         return Sample(str(sid), resolved, turns, self.path, index, dict(meta or {}))
 
@@ -164,7 +170,8 @@ def _iter_records(rd: _Reader):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            rd.fail(DataError(rd.path, f"invalid JSON on line {lineno}, column {exc.colno}: {exc.msg}", lineno - 1))
+            rd.fail(DataError(rd.path, f"invalid JSON on line {lineno}, column {exc.colno}: {exc.msg}", lineno - 1,
+                              "bad_json"))
             continue
         yield lineno - 1, obj
 
@@ -217,7 +224,7 @@ def read_llava(path, image_root=None, on_error: OnError = "raise", allow_outside
                     raise _Bad(f"turn {i} (system): text must be a string, got {text!r}")
                 meta["system"] = text
                 continue
-            if role not in _ROLES:
+            if not isinstance(role, str) or role not in _ROLES:
                 raise _Bad(f"turn {i}: unknown role {role!r} (expected human/gpt or user/assistant)")
             turns.append((_ROLES[role], text))
         return rd.make_sample(index, _record_id(rd, rec, index), _image_list(rec), turns, meta)
@@ -281,10 +288,11 @@ def read_vqav2(questions_path, annotations_path=None, image_root=None, on_error:
     annotations: dict[Any, dict] = {}
     if annotations_path is not None:
         for i, ann in enumerate(_top_list(str(annotations_path), "annotations")):
-            if isinstance(ann, dict) and "question_id" in ann:
+            if isinstance(ann, dict) and isinstance(ann.get("question_id"), (int, str)):
                 annotations[ann["question_id"]] = ann
             else:
-                rd.fail(DataError(str(annotations_path), "annotation must be an object with 'question_id'", i))
+                rd.fail(DataError(str(annotations_path), "annotation must be an object with an int or string "
+                                                         "'question_id'", i))
 
     def build(index: int, rec: Any) -> Sample:
         qid = _need(rec, "question_id", (int, str))

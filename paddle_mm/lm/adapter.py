@@ -103,6 +103,7 @@ def build_language_model(cfg: LMConfig, special_ids: dict[str, int] | None = Non
         return model_cls(backbone_config(cfg, special_ids))
     if not os.path.isdir(cfg.path):
         raise CheckpointError(f"{cfg.path}: language model folder does not exist")
+    _require_safetensors(cfg.path)
     from paddle_mm.weights.llm import load_causal_lm
 
     # Built from our config fields, then filled through the explicit name table, so a run
@@ -110,6 +111,26 @@ def build_language_model(cfg: LMConfig, special_ids: dict[str, int] | None = Non
     model = model_cls(backbone_config(resolved_lm_config(cfg), special_ids))
     load_causal_lm(model, cfg.path)
     return model
+
+
+_PICKLE_WEIGHTS = (".pdparams", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _require_safetensors(path: str) -> None:
+    """Refuse a folder without safetensors weights rather than let PaddleFormers unpickle.
+
+    PaddleFormers falls back to model_state.pdparams (read with pickle, which can run code
+    from the file) when a folder has no safetensors; paddle_mm never takes that fallback.
+    """
+    names = os.listdir(path)
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickled = sorted(n for n in names if n.endswith(_PICKLE_WEIGHTS))
+    found = f"; it holds {', '.join(pickled)}, a pickle format" if pickled else ""
+    raise CheckpointError(
+        f"{path}: no safetensors weights in the language model folder{found}. paddle_mm does not "
+        "unpickle weights: convert them to safetensors first (for files you trust)"
+    )
 
 
 def resolved_lm_config(cfg: LMConfig) -> LMConfig:

@@ -180,3 +180,23 @@ def test_build_from_missing_folder_raises(tmp_path):
     with pytest.raises(CheckpointError) as info:
         build_language_model(LMConfig(family="qwen2", path=missing))
     assert missing in str(info.value)
+
+
+def test_pickle_weights_are_refused_never_unpickled(tmp_path, monkeypatch):
+    lm = make_lm("qwen2")
+    folder = str(tmp_path / "pickled")
+    lm.save_pretrained(folder)
+    for name in os.listdir(folder):  # the same weights, rewritten in Paddle's pickle format
+        if name != "config.json":
+            os.remove(os.path.join(folder, name))
+    paddle.save(lm.state_dict(), os.path.join(folder, "model_state.pdparams"))
+    import pickle
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("unpickled")
+
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    monkeypatch.setattr(paddle, "load", no_unpickling)
+    with pytest.raises(CheckpointError, match=r"no safetensors weights.*model_state.pdparams.*does not unpickle"):
+        build_language_model(LMConfig(family="qwen2", path=folder))
