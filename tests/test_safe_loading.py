@@ -66,8 +66,13 @@ def test_image_paths_stay_under_the_root_unless_the_recipe_allows(tmp_path, demo
     assert [s.images[0] for s in samples] == [records[0]["image"], str(tmp_path / "outside.png")]
 
 
+# The one reader of a pickle (PaddleMIX's model_state.pdparams), reached only when the user names
+# that format (tests/weights/test_paddlemix.py checks the default path refuses it).
+NAMED_PICKLE_READER = os.path.join("paddle_mm", "weights", "paddlemix.py")
+
+
 def test_the_package_has_no_unsafe_loader_call():
-    """yaml.load without SafeLoader, pickle, paddle.load, torch.load: none in paddle_mm."""
+    """yaml.load without SafeLoader, pickle, paddle.load, torch.load: none in paddle_mm but the named reader."""
     unsafe = re.compile(r"yaml\.(load|unsafe_load|full_load)\(|import (c?pickle|dill|joblib)\b|"
                         r"from (c?pickle|dill|joblib) import|paddle\.load\(|torch\.load\(")
     found = []
@@ -77,6 +82,6 @@ def test_the_package_has_no_unsafe_loader_call():
                 path = os.path.join(folder, name)
                 for n, line in enumerate(open(path, encoding="utf-8"), 1):
                     code = line.split("#")[0]
-                    if unsafe.search(code):
+                    if unsafe.search(code) and not (path.endswith(NAMED_PICKLE_READER) and "paddle.load(" in code):
                         found.append(f"{path}:{n}: {line.strip()}")
     assert not found, found
