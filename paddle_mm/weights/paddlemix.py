@@ -21,6 +21,7 @@ from paddle_mm.errors import CheckpointError
 from paddle_mm.fileio import write_json_atomic
 from paddle_mm.lm.adapter import lm_config_from_hf
 from paddle_mm.weights.hf import read_config, read_tensors, write_safetensors
+from paddle_mm.weights.llm import causal_lm_table
 from paddle_mm.weights.mapping import Rule, Table, to_paddle_mm
 
 PDPARAMS = "model_state.pdparams"
@@ -52,21 +53,6 @@ PADDLENLP_CLIP_VISION = Table("paddlenlp-clip-vision", (
     Rule("ln_post.bias", "post_norm.bias"),
 ))
 
-# Relative to PaddleNLP's LlamaModel ("llama.").
-PADDLENLP_LLAMA_DECODER = Table("paddlenlp-llama", (
-    Rule("embed_tokens.weight", "embed_tokens.weight"),
-    Rule("layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.weight"),
-    Rule("layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.q_proj.weight"),
-    Rule("layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.k_proj.weight"),
-    Rule("layers.{i}.self_attn.v_proj.weight", "layers.{i}.self_attn.v_proj.weight"),
-    Rule("layers.{i}.self_attn.o_proj.weight", "layers.{i}.self_attn.o_proj.weight"),
-    Rule("layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.weight"),
-    Rule("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj.weight"),
-    Rule("layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj.weight"),
-    Rule("layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj.weight"),
-    Rule("norm.weight", "norm.weight"),
-))
-
 PADDLEMIX_PROJECTOR = Table("paddlemix-mm-projector", (  # nn.Sequential(Linear, GELU, Linear)
     Rule("0.weight", "linear_1.weight"),
     Rule("0.bias", "linear_1.bias"),
@@ -77,8 +63,7 @@ PADDLEMIX_PROJECTOR = Table("paddlemix-mm-projector", (  # nn.Sequential(Linear,
 PADDLEMIX_LLAVA = (
     PADDLENLP_CLIP_VISION.prefixed("llama.vision_tower.vision_tower.vision_model.", "vision_tower.")
     + PADDLEMIX_PROJECTOR.prefixed("llama.mm_projector.", "multi_modal_projector.")
-    + PADDLENLP_LLAMA_DECODER.prefixed("llama.", "language_model.model.")
-    + Table("paddlenlp-lm-head", (Rule("lm_head.weight", "language_model.lm_head.weight", transpose=True),))
+    + causal_lm_table("llama", False, decoder_prefix="llama.", target_prefix="language_model.", paddle_layout=True)
 )
 
 
@@ -106,8 +91,11 @@ def paddlemix_model_config(folder: str, vision_folder: str = "") -> ModelConfig:
     return ModelConfig(vision=vision, projector=ProjectorConfig(type="mlp2x_gelu"), lm=lm)
 
 
-def read_paddlemix_tensors(folder: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """The folder's safetensors, or with allow_pickle its model_state.pdparams."""
+def read_paddlemix_tensors(folder: str, allow_pickle: bool = False, ask: str = "--pdparams") -> dict[str, np.ndarray]:
+    """The folder's safetensors, or with allow_pickle its model_state.pdparams, floating point as fp32.
+
+    `ask` is how the caller's user asks for the pickle, named in the error when only it is there.
+    """
     pdparams = os.path.join(folder, PDPARAMS)
     if allow_pickle:
         if not os.path.isfile(pdparams):
@@ -115,17 +103,25 @@ def read_paddlemix_tensors(folder: str, allow_pickle: bool = False) -> dict[str,
         import paddle
 
         try:
-            state = paddle.load(pdparams)
+            state = paddle.load(pdparams, return_numpy=True)
         except Exception as e:  # a corrupt pickle raises anything
-            raise CheckpointError(f"{pdparams}: cannot read ({e})") from e
-        return {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)).astype(np.float32) for k, v in state.items()}
+            raise CheckpointError(f"{pdparams}: cannot read ({type(e).__name__}: {e})") from e
+        return {k: _float32(np.asarray(v), k, pdparams) for k, v in state.items()}
     try:
         return read_tensors(folder)
     except CheckpointError as e:
         if os.path.isfile(pdparams):
             raise CheckpointError(f"{e}; to read {PDPARAMS} (a pickle: only from a source you trust) "
-                                  "ask for it by name (--pdparams)") from None
+                                  f"ask for it by name ({ask})") from None
         raise
+
+
+def _float32(a: np.ndarray, name: str, path: str) -> np.ndarray:
+    if a.dtype == np.uint16:  # Paddle hands bf16 to numpy as its raw 16 bits
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    if a.dtype.kind != "f":
+        raise CheckpointError(f"{path}: tensor {name} has dtype {a.dtype}, not floating point")
+    return a.astype(np.float32)
 
 
 def convert_paddlemix(src: str, dst: str, family: str = "llava", allow_pickle: bool = False, vision: str = "") -> str:
