@@ -371,7 +371,8 @@ def read_blip2(folder: str, layout: str = "hf", weights_format: str = "safetenso
         raise CheckpointError(f"{folder}: weights_format {weights_format!r} is not 'safetensors' or 'pdparams'")
     raw = read_config(folder)
     pickle = weights_format == "pdparams"
-    tensors = read_paddlemix_tensors(folder, allow_pickle=pickle, ask="weights_format='pdparams'")
+    tensors = read_paddlemix_tensors(folder, allow_pickle=pickle,
+                                     ask="weights_format='pdparams'; paddle-mm convert --pdparams")
     where = {} if pickle else {k: path for k, (path, _) in tensor_index(folder).items()}
     if layout == "hf":
         cfg, ids, qkv_bias = model_config_from_hf(raw, os.path.join(folder, "config.json"), image_token_id)

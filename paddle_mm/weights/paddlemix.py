@@ -1,4 +1,4 @@
-"""PaddleMIX / PaddleNLP LLaVA checkpoints -> paddle_mm.
+"""PaddleMIX / PaddleNLP LLaVA checkpoints -> paddle_mm (BLIP-2's PaddleMIX layout is in blip2.py).
 
 PaddleMIX's LlavaLlamaForCausalLM keeps the decoder under `llama.` with the CLIP tower
 (PaddleNLP's CLIP names: conv1, ln_pre, transformer.layers.{i}.linear1, ...) at
@@ -124,31 +124,39 @@ def _float32(a: np.ndarray, name: str, path: str) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def convert_paddlemix(src: str, dst: str, family: str = "llava", allow_pickle: bool = False, vision: str = "") -> str:
-    """A PaddleMIX LLaVA folder -> a new paddle_mm folder (exportable to the Hugging Face layout)."""
+def convert_paddlemix(src: str, dst: str, family: str = "llava", allow_pickle: bool = False, vision: str = "",
+                      image_token_id: int | None = None) -> str:
+    """A PaddleMIX LLaVA or BLIP-2 folder -> a new paddle_mm folder (exportable to the Hugging Face layout)."""
     from paddle_mm.weights.convert import CONVERSION_FILE, MODEL_FILE, _make_run_folder, _new_folder, hf_llava_config
 
-    if family != "llava":
-        raise CheckpointError(f"PaddleMIX conversion here covers llava, not {family!r}")
-    cfg = paddlemix_model_config(src, vision)
-    tensors = read_paddlemix_tensors(src, allow_pickle)
-    mapped, _ = to_paddle_mm(tensors, PADDLEMIX_LLAVA, src)
-    tokenizer = os.path.isfile(os.path.join(src, "tokenizer.json"))
-    if tokenizer:  # PaddleMIX marks images with -200 in the ids; here <image> is a token of the tokenizer
-        from paddle_mm.tokenizer import Tokenizer
+    if family == "llava":
+        cfg = paddlemix_model_config(src, vision)
+        mapped, _ = to_paddle_mm(read_paddlemix_tensors(src, allow_pickle), PADDLEMIX_LLAVA, src)
+        if os.path.isfile(os.path.join(src, "tokenizer.json")):
+            # PaddleMIX marks images with -200 in the ids; here <image> is a token of the tokenizer
+            from paddle_mm.tokenizer import Tokenizer
 
-        cfg = replace(cfg, image_token_id=Tokenizer.load(src).image_token_id)
+            cfg = replace(cfg, image_token_id=Tokenizer.load(src).image_token_id)
+        layout, source_config = "legacy", hf_llava_config(cfg, src)
+    elif family == "blip2":
+        from paddle_mm.weights.blip2 import blip2_table, hf_blip2_config, read_blip2
+
+        cfg, _, tensors, _ = read_blip2(src, "paddlemix", "pdparams" if allow_pickle else "safetensors",
+                                        image_token_id)
+        mapped, _ = to_paddle_mm(tensors, blip2_table("paddlemix", cfg.lm), src)
+        # the q, k, v biases are written as loaded (zeros where PaddleMIX had none): the same network
+        layout, source_config = "hf", hf_blip2_config(cfg, True, src)
+    else:
+        raise CheckpointError(f"PaddleMIX conversion covers llava and blip2, not {family!r}")
     tmp, final = _new_folder(src, dst)
     try:
         write_safetensors(os.path.join(tmp, MODEL_FILE), mapped)
         write_json_atomic(os.path.join(tmp, "config.json"), asdict(cfg))
         write_json_atomic(os.path.join(tmp, CONVERSION_FILE), {
-            "family": "llava", "from": "paddlemix", "source": os.path.abspath(src), "layout": "legacy",
-            "source_config": hf_llava_config(cfg, src), "paddlemix_config": read_config(src), "dtypes": {},
-            "source_files": [],
+            "family": family, "from": "paddlemix", "source": os.path.abspath(src), "layout": layout,
+            "source_config": source_config, "paddlemix_config": read_config(src), "dtypes": {}, "source_files": [],
         })
-        if tokenizer:
-            _make_run_folder(tmp, asdict(cfg), src)
+        _make_run_folder(tmp, asdict(cfg), src)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
