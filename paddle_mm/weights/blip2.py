@@ -25,6 +25,7 @@ import numpy as np
 
 from paddle_mm.config import LMConfig, ModelConfig, ProjectorConfig, QFormerConfig, VisionConfig
 from paddle_mm.errors import CheckpointError
+from paddle_mm.weights.clip import HF_VIT_NORMS_AND_MLP
 from paddle_mm.weights.hf import read_config, tensor_index
 from paddle_mm.weights.llm import causal_lm_table, nested_lm_config
 from paddle_mm.weights.mapping import Rule, Table, load_mapped, matches
@@ -33,14 +34,12 @@ QKV = ("q", "k", "v")
 
 
 # ---- Hugging Face layout -----------------------------------------------------------------------
-# Relative to Blip2VisionModel ("vision_model.").
+# Relative to Blip2VisionModel ("vision_model."); its layer norms and MLP are named as CLIP's.
 HF_VISION = Table("blip2-vision", (
     Rule("embeddings.class_embedding", "class_embedding"),
     Rule("embeddings.position_embedding", "position_embedding"),
     Rule("embeddings.patch_embedding.weight", "patch_embedding.weight"),
     Rule("embeddings.patch_embedding.bias", "patch_embedding.bias"),
-    Rule("encoder.layers.{i}.layer_norm1.weight", "blocks.{i}.norm1.weight"),
-    Rule("encoder.layers.{i}.layer_norm1.bias", "blocks.{i}.norm1.bias"),
     Rule("encoder.layers.{i}.self_attn.qkv.weight[q]", "blocks.{i}.attn.q_proj.weight", transpose=True),
     Rule("encoder.layers.{i}.self_attn.qkv.weight[k]", "blocks.{i}.attn.k_proj.weight", transpose=True),
     Rule("encoder.layers.{i}.self_attn.qkv.weight[v]", "blocks.{i}.attn.v_proj.weight", transpose=True),
@@ -49,15 +48,7 @@ HF_VISION = Table("blip2-vision", (
     Rule("encoder.layers.{i}.self_attn.qkv.bias[v]", "blocks.{i}.attn.v_proj.bias"),
     Rule("encoder.layers.{i}.self_attn.projection.weight", "blocks.{i}.attn.out_proj.weight", transpose=True),
     Rule("encoder.layers.{i}.self_attn.projection.bias", "blocks.{i}.attn.out_proj.bias"),
-    Rule("encoder.layers.{i}.layer_norm2.weight", "blocks.{i}.norm2.weight"),
-    Rule("encoder.layers.{i}.layer_norm2.bias", "blocks.{i}.norm2.bias"),
-    Rule("encoder.layers.{i}.mlp.fc1.weight", "blocks.{i}.mlp.fc1.weight", transpose=True),
-    Rule("encoder.layers.{i}.mlp.fc1.bias", "blocks.{i}.mlp.fc1.bias"),
-    Rule("encoder.layers.{i}.mlp.fc2.weight", "blocks.{i}.mlp.fc2.weight", transpose=True),
-    Rule("encoder.layers.{i}.mlp.fc2.bias", "blocks.{i}.mlp.fc2.bias"),
-    Rule("post_layernorm.weight", "post_norm.weight"),
-    Rule("post_layernorm.bias", "post_norm.bias"),
-))
+) + HF_VIT_NORMS_AND_MLP)
 
 
 def _qformer_layer(prefix: str, core: str, transpose: bool) -> tuple[Rule, ...]:
@@ -395,17 +386,16 @@ def load_blip2(folder: str, layout: str = "hf", weights_format: str = "safetenso
 
 def hf_blip2_config(cfg: ModelConfig, qkv_bias: bool, source: str) -> dict:
     """A transformers Blip2Config dict for a model of ours; refuses what BLIP-2 cannot express."""
+    from paddle_mm.weights.convert import refuse_inexpressible
     from paddle_mm.weights.llm import hf_text_config
 
     v, q = cfg.vision, cfg.projector.qformer
-    problems = [msg for bad, msg in (
+    refuse_inexpressible(source, "BLIP-2", (
         (cfg.projector.type != "qformer", f"projector {cfg.projector.type!r} (BLIP-2 has a Q-Former)"),
         (v.pre_norm or not v.post_norm or not v.patch_bias or v.drop_cls_token or v.feature_layer != -1,
          "a vision tower other than BLIP-2's EVA ViT"),
         (v.hidden_act != "gelu", f"vision hidden_act {v.hidden_act!r}"),
-    ) if bad]
-    if problems:
-        raise CheckpointError(f"{source}: cannot be written as a transformers BLIP-2: {'; '.join(problems)}")
+    ))
     return {
         "architectures": ["Blip2ForConditionalGeneration"], "model_type": "blip-2",
         "num_query_tokens": q.num_queries, "image_token_index": cfg.image_token_id,

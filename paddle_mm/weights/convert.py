@@ -234,18 +234,23 @@ def _conversion_record(src: str) -> dict:
             "source_files": []}
 
 
+def refuse_inexpressible(source: str, target: str, checks) -> None:
+    """One CheckpointError naming every (failed, reason) check the target layout cannot express."""
+    problems = [reason for failed, reason in checks if failed]
+    if problems:
+        raise CheckpointError(f"{source}: cannot be written as a transformers {target}: {'; '.join(problems)}")
+
+
 def hf_llava_config(cfg, source: str) -> dict:
     """A transformers LlavaConfig dict for a model built here; refuses what LLaVA cannot express."""
     v, lm = cfg.vision, cfg.lm
-    problems = [msg for bad, msg in (
+    refuse_inexpressible(source, "LLaVA", (
         (cfg.projector.type != "mlp2x_gelu", f"projector {cfg.projector.type!r} (LLaVA has mlp2x_gelu)"),
         (cfg.projector.pool != 1, "projector.pool > 1"),
         (v.post_norm, "vision.post_norm (LLaVA does not normalize the selected features)"),
         (not v.pre_norm, "vision.pre_norm false"),
         (lm.family not in ("llama", "qwen2"), f"LM family {lm.family!r}"),
-    ) if bad]
-    if problems:
-        raise CheckpointError(f"{source}: cannot be written as a transformers LLaVA: {'; '.join(problems)}")
+    ))
     return {
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
         "image_token_index": cfg.image_token_id, "image_seq_length": cfg.tokens_per_image,
