@@ -285,3 +285,20 @@ def test_paddlemix_folder_converts_and_exports_to_the_hugging_face_tensors(tmp_p
     out = outputs(load_blip2(str(tmp_path / "hf")), ref)
     assert np.abs(out["logits"] - ref["logits"]).max() <= TOL
     assert out["greedy_tokens"].tolist() == ref["greedy_tokens"].tolist()
+
+
+def test_checkpoint_without_qkv_biases_loads_zeros_and_exports_none():
+    from paddle_mm.weights.blip2 import join_for_export, split_for_mapping
+
+    tensors = {k: v for k, v in read_tensors(HF).items() if not k.endswith("self_attn.qkv.bias")}
+    split = split_for_mapping(tensors, "hf", qkv_bias=False, source="x")
+    weight = tensors["vision_model.encoder.layers.0.self_attn.qkv.weight"]
+    np.testing.assert_array_equal(split["vision_model.encoder.layers.0.self_attn.qkv.weight[k]"], weight[32:64])
+    assert not np.any(split["vision_model.encoder.layers.0.self_attn.qkv.bias[v]"])
+    back = join_for_export(split, "hf", qkv_bias=False, source="x")
+    assert sorted(back) == sorted(tensors)
+    for name in tensors:
+        np.testing.assert_array_equal(back[name], tensors[name], err_msg=name)
+    split["vision_model.encoder.layers.1.self_attn.qkv.bias[q]"] += 1.0  # trained here: cannot be dropped
+    with pytest.raises(CheckpointError, match=r"qkv\.bias is not zero"):
+        join_for_export(split, "hf", qkv_bias=False, source="x")
