@@ -130,7 +130,8 @@ def _convert(args) -> None:
     if args.source_format == "paddlemix":
         from paddle_mm.weights.paddlemix import convert_paddlemix
 
-        print(convert_paddlemix(args.src, args.dst, args.family, allow_pickle=args.pdparams, vision=args.vision))
+        print(convert_paddlemix(args.src, args.dst, args.family, allow_pickle=args.pdparams, vision=args.vision,
+                                image_token_id=args.image_token_id))
         return
     print(convert(args.src, args.dst, args.family))
 
@@ -192,10 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst", help="a folder that does not exist yet")
     p.add_argument("--from", dest="source_format", choices=["hf", "paddlemix"], default="hf")
-    p.add_argument("--family", required=True, choices=["llava", "clip", "qwen2", "llama"])
+    p.add_argument("--family", required=True, choices=["llava", "clip", "qwen2", "llama", "blip2"])
     p.add_argument("--pdparams", action="store_true",
                    help="PaddleMIX only: read model_state.pdparams, a pickle (only from a source you trust)")
     p.add_argument("--vision", default="", help="PaddleMIX only: the CLIP folder, if mm_vision_tower is not local")
+    p.add_argument("--image-token-id", type=int, help="PaddleMIX BLIP-2 only: the image token's id in its tokenizer")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("export", help="a paddle_mm folder (converted or a trained run) -> a new Hugging Face folder")

@@ -7,6 +7,7 @@ Second opinion for the LMs: PaddleFormers' own from_pretrained on a copy of the 
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 import sys
 import tempfile
@@ -80,10 +81,29 @@ def main() -> None:
     rows.append(("llava", "image features", diff(feats, ref["image_features"]), "-", "-"))
     rows.append(("llava", "logits", diff(logits, ref["logits"]), "-", greedy == ref["greedy"].tolist()))
 
-    print(f"{'fixture':12} {'output':24} {'max |d| vs transformers':>24} {'vs PaddleFormers':>17} {'16 greedy same':>15}")
+    # BLIP-2: the outputs and the PaddleMIX folder the tests build (tests/weights/test_blip2.py)
+    sys.path.insert(0, os.path.join(ROOT, "tests", "weights"))
+    from test_blip2 import outputs, paddlemix_folder
+
+    from paddle_mm.weights.blip2 import load_blip2
+
+    ref = load_file(os.path.join(FIXTURES, "blip2", "reference.safetensors"))
+    scratch = tempfile.mkdtemp()
+    for name, model in (("blip2/hf", load_blip2(os.path.join(FIXTURES, "blip2", "hf"))),
+                        ("blip2/hf_bf16", load_blip2(os.path.join(FIXTURES, "blip2", "hf_bf16"))),
+                        ("blip2/paddlemix", load_blip2(paddlemix_folder(pathlib.Path(scratch)),
+                                                       layout="paddlemix", image_token_id=95))):
+        out = outputs(model, ref)
+        for what in ("vision_features", "qformer_output", "projected"):
+            rows.append((name, what, diff(out[what], ref[what]), "-", "-"))
+        rows.append((name, "logits", diff(out["logits"], ref["logits"]), "-",
+                     out["greedy_tokens"].tolist() == ref["greedy_tokens"].tolist()))
+    shutil.rmtree(scratch)
+
+    print(f"{'fixture':16} {'output':24} {'max |d| vs transformers':>24} {'vs PaddleFormers':>17} {'16 greedy same':>15}")
     for name, what, d_ref, d_pf, same in rows:
         d_pf = d_pf if isinstance(d_pf, str) else f"{d_pf:.2e}"
-        print(f"{name:12} {what:24} {d_ref:>24.2e} {d_pf:>17} {str(same):>15}")
+        print(f"{name:16} {what:24} {d_ref:>24.2e} {d_pf:>17} {str(same):>15}")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def lm_config_from_folder(path: str) -> LMConfig:
 
 # Config fields LMConfig cannot carry: a checkpoint that sets them would be rebuilt as a
 # different network, so it is refused instead (value that is fine -> accepted values).
-_UNSUPPORTED = {"rope_scaling": (None,), "attention_bias": (False,), "mlp_bias": (False,), "hidden_act": ("silu",)}
+_UNSUPPORTED = {"rope_scaling": (None,), "attention_bias": (False,), "mlp_bias": (False,), "hidden_act": ("silu",),
+                "use_sliding_window": (False,)}
 
 
 def lm_config_from_hf(raw: dict, path: str, source: str) -> LMConfig:
@@ -80,6 +81,15 @@ def lm_config_from_hf(raw: dict, path: str, source: str) -> LMConfig:
     for key, accepted in _UNSUPPORTED.items():
         if key in raw and raw[key] not in accepted:
             raise CheckpointError(f"{source}: {key}={raw[key]!r} is not supported (only {accepted[0]!r})")
+    absent = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+              if k not in raw]
+    if absent:
+        raise CheckpointError(f"{source}: the language model config has no {', '.join(map(repr, absent))}")
+    heads = raw["num_attention_heads"]
+    # PaddleFormers' Llama and Qwen2 derive the head size from hidden_size; Qwen3 has its own field
+    if family != "qwen3" and raw.get("head_dim") not in (None, raw["hidden_size"] // heads):
+        raise CheckpointError(f"{source}: head_dim={raw['head_dim']!r} is not supported "
+                              f"(only hidden_size / num_attention_heads = {raw['hidden_size'] // heads})")
     return LMConfig(
         family=family,
         path=path,
@@ -87,8 +97,8 @@ def lm_config_from_hf(raw: dict, path: str, source: str) -> LMConfig:
         hidden_size=raw["hidden_size"],
         intermediate_size=raw["intermediate_size"],
         num_layers=raw["num_hidden_layers"],
-        num_heads=raw["num_attention_heads"],
-        num_kv_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+        num_heads=heads,
+        num_kv_heads=raw.get("num_key_value_heads") or heads,
         max_position_embeddings=raw.get("max_position_embeddings", 2048),
         rope_theta=float(raw.get("rope_theta", 10000.0)),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),

@@ -3,8 +3,10 @@
 A BLIP-2 model is our three slots with config switches: the EVA ViT is `VisionTransformer`
 (no pre-norm, patch bias, gelu, post-norm on the last layer, class token kept), the Q-Former
 plus `language_projection` is `QFormerProjector`, and the text model is a PaddleFormers
-Qwen2/Llama. Each layout has one explicit name table below: (source name, our name, how the
-array changes). Hugging Face stores Linear weights [out, in], Paddle [in, out].
+Qwen2/Llama/Qwen3 (weights/llm.py's tables). Each layout is one explicit name table
+(weights/mapping.py) plus two reshapes a rename cannot do, undone again for export:
+the ViT's fused `qkv` is split into its q, k and v thirds (named `...qkv.weight[q]` etc.),
+and the leading size-1 axes of the class and position embeddings are dropped.
 
     load_blip2(folder)                                   Hugging Face Blip2ForConditionalGeneration
     load_blip2(folder, layout="paddlemix", image_token_id=...)   PaddleMIX blip2 (safetensors)
@@ -17,182 +19,238 @@ prompt embeddings instead; with its weights, start the prompt with the image tok
 from __future__ import annotations
 
 import os
-import re
-from typing import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from paddle_mm.config import LMConfig, ModelConfig, ProjectorConfig, QFormerConfig, VisionConfig
 from paddle_mm.errors import CheckpointError
-from paddle_mm.weights.hf import read_config, read_tensors
+from paddle_mm.weights.clip import HF_VIT_NORMS_AND_MLP
+from paddle_mm.weights.hf import read_config, tensor_index
+from paddle_mm.weights.llm import causal_lm_table, nested_lm_config
+from paddle_mm.weights.mapping import Rule, Table, load_mapped, matches
 
-PDPARAMS_FILE = "model_state.pdparams"
-
-Row = tuple  # (source name or None, our name, transform); None: zeros, the source has no such tensor
-
-
-# ---- array transforms --------------------------------------------------------------------------
-def same(a: np.ndarray) -> np.ndarray:
-    return a
-
-
-def linear(a: np.ndarray) -> np.ndarray:
-    """torch Linear weight [out, in] -> Paddle [in, out]."""
-    return np.ascontiguousarray(a.T)
-
-
-def drop_batch_dims(a: np.ndarray) -> np.ndarray:
-    """Leading size-1 axes off: class token [1, 1, D] -> our [D], positions [1, 1 + P, D] -> [1 + P, D]."""
-    while a.ndim > 1 and a.shape[0] == 1:
-        a = a[0]
-    return a
-
-
-def qkv_part(index: int, axis: int, transpose: bool) -> Callable[[np.ndarray], np.ndarray]:
-    """One of q, k, v (index 0, 1, 2) from a fused qkv tensor, split in thirds along `axis`."""
-
-    def take(a: np.ndarray) -> np.ndarray:
-        part = np.split(a, 3, axis=axis)[index]
-        return linear(part) if transpose else np.ascontiguousarray(part)
-
-    return take
+QKV = ("q", "k", "v")
 
 
 # ---- Hugging Face layout -----------------------------------------------------------------------
-def hf_vision_rows(num_layers: int, qkv_bias: bool) -> list[Row]:
-    rows = [
-        ("vision_model.embeddings.class_embedding", "vision_tower.class_embedding", drop_batch_dims),
-        ("vision_model.embeddings.position_embedding", "vision_tower.position_embedding", drop_batch_dims),
-        ("vision_model.embeddings.patch_embedding.weight", "vision_tower.patch_embedding.weight", same),
-        ("vision_model.embeddings.patch_embedding.bias", "vision_tower.patch_embedding.bias", same),
-        ("vision_model.post_layernorm.weight", "vision_tower.post_norm.weight", same),
-        ("vision_model.post_layernorm.bias", "vision_tower.post_norm.bias", same),
-    ]
-    for i in range(num_layers):
-        src, dst = f"vision_model.encoder.layers.{i}.", f"vision_tower.blocks.{i}."
-        rows += [
-            (src + "layer_norm1.weight", dst + "norm1.weight", same),
-            (src + "layer_norm1.bias", dst + "norm1.bias", same),
-            # qkv.weight is [3D, D]: rows q, then k, then v.
-            (src + "self_attn.qkv.weight", dst + "attn.q_proj.weight", qkv_part(0, 0, True)),
-            (src + "self_attn.qkv.weight", dst + "attn.k_proj.weight", qkv_part(1, 0, True)),
-            (src + "self_attn.qkv.weight", dst + "attn.v_proj.weight", qkv_part(2, 0, True)),
-            (src + "self_attn.projection.weight", dst + "attn.out_proj.weight", linear),
-            (src + "self_attn.projection.bias", dst + "attn.out_proj.bias", same),
-            (src + "layer_norm2.weight", dst + "norm2.weight", same),
-            (src + "layer_norm2.bias", dst + "norm2.bias", same),
-            (src + "mlp.fc1.weight", dst + "mlp.fc1.weight", linear),
-            (src + "mlp.fc1.bias", dst + "mlp.fc1.bias", same),
-            (src + "mlp.fc2.weight", dst + "mlp.fc2.weight", linear),
-            (src + "mlp.fc2.bias", dst + "mlp.fc2.bias", same),
-        ]
-        # HF keeps BLIP-2's q and v biases as one [3D] tensor with the k third zero at init.
-        rows += [(src + "self_attn.qkv.bias" if qkv_bias else None, dst + f"attn.{p}_proj.bias",
-                  qkv_part(n, 0, False)) for n, p in enumerate("qkv")]
-    return rows
+# Relative to Blip2VisionModel ("vision_model."); its layer norms and MLP are named as CLIP's.
+HF_VISION = Table("blip2-vision", (
+    Rule("embeddings.class_embedding", "class_embedding"),
+    Rule("embeddings.position_embedding", "position_embedding"),
+    Rule("embeddings.patch_embedding.weight", "patch_embedding.weight"),
+    Rule("embeddings.patch_embedding.bias", "patch_embedding.bias"),
+    Rule("encoder.layers.{i}.self_attn.qkv.weight[q]", "blocks.{i}.attn.q_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.qkv.weight[k]", "blocks.{i}.attn.k_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.qkv.weight[v]", "blocks.{i}.attn.v_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.qkv.bias[q]", "blocks.{i}.attn.q_proj.bias"),
+    Rule("encoder.layers.{i}.self_attn.qkv.bias[k]", "blocks.{i}.attn.k_proj.bias"),
+    Rule("encoder.layers.{i}.self_attn.qkv.bias[v]", "blocks.{i}.attn.v_proj.bias"),
+    Rule("encoder.layers.{i}.self_attn.projection.weight", "blocks.{i}.attn.out_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.projection.bias", "blocks.{i}.attn.out_proj.bias"),
+) + HF_VIT_NORMS_AND_MLP)
 
 
-def _qformer_layer_rows(src: str, dst: str, has_cross: bool, self_name: str, fix: Callable) -> list[Row]:
-    """One Q-Former layer; HF and PaddleMIX differ only in the attention core's name and weight layout."""
-    parts = [("attention", "attn")] + ([("crossattention", "cross_attn")] if has_cross else [])
-    rows = []
-    for theirs, ours in parts:
+def _qformer_layer(prefix: str, core: str, transpose: bool) -> tuple[Rule, ...]:
+    """One Q-Former layer's rules; HF and PaddleMIX differ only in the attention core's name
+    ("attention" / "self") and the Linear layout. The cross-attention rules match the layers that have it."""
+    rules = []
+    for theirs, ours in (("attention", "attn"), ("crossattention", "cross_attn")):
+        src, dst = f"{prefix}{{i}}.{theirs}.", f"layers.{{i}}.{ours}"
         for proj, our_proj in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-            rows += [(f"{src}{theirs}.{self_name}.{proj}.weight", f"{dst}{ours}.{our_proj}.weight", fix),
-                     (f"{src}{theirs}.{self_name}.{proj}.bias", f"{dst}{ours}.{our_proj}.bias", same)]
-        rows += [(f"{src}{theirs}.output.dense.weight", f"{dst}{ours}.out_proj.weight", fix),
-                 (f"{src}{theirs}.output.dense.bias", f"{dst}{ours}.out_proj.bias", same),
-                 (f"{src}{theirs}.output.LayerNorm.weight", f"{dst}{ours}_norm.weight", same),
-                 (f"{src}{theirs}.output.LayerNorm.bias", f"{dst}{ours}_norm.bias", same)]
-    return rows + [
-        (src + "intermediate_query.dense.weight", dst + "mlp.fc1.weight", fix),
-        (src + "intermediate_query.dense.bias", dst + "mlp.fc1.bias", same),
-        (src + "output_query.dense.weight", dst + "mlp.fc2.weight", fix),
-        (src + "output_query.dense.bias", dst + "mlp.fc2.bias", same),
-        (src + "output_query.LayerNorm.weight", dst + "mlp_norm.weight", same),
-        (src + "output_query.LayerNorm.bias", dst + "mlp_norm.bias", same),
-    ]
-
-
-def hf_qformer_rows(q: QFormerConfig) -> list[Row]:
-    p = "multi_modal_projector."
-    rows = [
-        ("query_tokens", p + "query_tokens", same),
-        ("qformer.layernorm.weight", p + "query_norm.weight", same),
-        ("qformer.layernorm.bias", p + "query_norm.bias", same),
-        ("language_projection.weight", p + "proj.weight", linear),
-        ("language_projection.bias", p + "proj.bias", same),
-    ]
-    for i in range(q.num_layers):
-        rows += _qformer_layer_rows(f"qformer.encoder.layer.{i}.", f"{p}layers.{i}.",
-                                    i % q.cross_attention_every == 0, "attention", linear)
-    return rows
-
-
-# ---- the language model inside BLIP-2 ----------------------------------------------------------
-# Private LM mapping, to be replaced at merge by helper 3a's shared Qwen2/Llama table
-# (paddle_mm/weights/mapping.py). PaddleFormers keeps HF's names ("model.layers.i...",
-# "lm_head.weight") and its lm_head's [vocab, hidden] layout; only the Linear weights turn over.
-_LM_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def lm_rows(lm: LMConfig, src: str, head: str, head_transform: Callable, linear_transform: Callable,
-            tensors: dict) -> list[Row]:
-    """Rows for a Qwen2/Llama LM whose decoder sits under `src` and whose head is named `head`."""
-    dst = "language_model.model."
-    rows = [(src + "embed_tokens.weight", dst + "embed_tokens.weight", same),
-            (src + "norm.weight", dst + "norm.weight", same)]
-    for i in range(lm.num_layers):
-        s, d = f"{src}layers.{i}.", f"{dst}layers.{i}."
-        rows += [(s + n + ".weight", d + n + ".weight", linear_transform) for n in _LM_LINEARS]
-        rows += [(s + n + ".weight", d + n + ".weight", same) for n in ("input_layernorm", "post_attention_layernorm")]
-        if lm.family == "qwen2":  # Qwen2 has q/k/v biases; Llama and Qwen3 have none
-            rows += [(s + f"self_attn.{p}_proj.bias", d + f"self_attn.{p}_proj.bias", same) for p in "qkv"]
-        if lm.family == "qwen3":
-            rows += [(s + f"self_attn.{n}.weight", d + f"self_attn.{n}.weight", same) for n in ("q_norm", "k_norm")]
-    if lm.tie_word_embeddings and head not in tensors:  # tied checkpoints usually omit the head
-        rows.append((src + "embed_tokens.weight", "language_model.lm_head.weight", same))
-    else:
-        rows.append((head, "language_model.lm_head.weight", head_transform))
-    return rows
-
-
-def lm_config_from_text_config(text: dict, source: str) -> tuple[LMConfig, dict[str, int]]:
-    """Our LMConfig (and bos/eos/pad ids) from a Qwen2/Llama/Qwen3 HF config dict."""
-    family = text.get("model_type", "")
-    if family not in ("qwen2", "llama", "qwen3"):
-        raise CheckpointError(f"{source}: text model type {family!r} is not supported (qwen2, llama, qwen3)")
-
-    def need(key):
-        if key not in text:
-            raise CheckpointError(f"{source}: text_config has no {key!r}")
-        return text[key]
-
-    heads = need("num_attention_heads")
-    unsupported = {
-        "rope_scaling": text.get("rope_scaling") not in (None, {}),
-        "attention_bias": family == "llama" and bool(text.get("attention_bias")),
-        "mlp_bias": bool(text.get("mlp_bias")),
-        "hidden_act": text.get("hidden_act", "silu") != "silu",
-        "head_dim": text.get("head_dim") not in (None, need("hidden_size") // heads),
-        "use_sliding_window": bool(text.get("use_sliding_window")),
-    }
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise CheckpointError(f"{source}: text_config sets {', '.join(f'{k}={text.get(k)!r}' for k in bad)}, "
-                              "which the paddle_mm LM config cannot express")
-    lm = LMConfig(
-        family=family, vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
-        intermediate_size=need("intermediate_size"), num_layers=need("num_hidden_layers"), num_heads=heads,
-        num_kv_heads=text.get("num_key_value_heads") or heads,
-        max_position_embeddings=text.get("max_position_embeddings", 2048),
-        rope_theta=float(text.get("rope_theta", 10000.0)), rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+            rules += [Rule(f"{src}{core}.{proj}.weight", f"{dst}.{our_proj}.weight", transpose),
+                      Rule(f"{src}{core}.{proj}.bias", f"{dst}.{our_proj}.bias")]
+        rules += [Rule(src + "output.dense.weight", dst + ".out_proj.weight", transpose),
+                  Rule(src + "output.dense.bias", dst + ".out_proj.bias"),
+                  Rule(src + "output.LayerNorm.weight", dst + "_norm.weight"),
+                  Rule(src + "output.LayerNorm.bias", dst + "_norm.bias")]
+    src, dst = prefix + "{i}.", "layers.{i}."
+    return tuple(rules) + (
+        Rule(src + "intermediate_query.dense.weight", dst + "mlp.fc1.weight", transpose),
+        Rule(src + "intermediate_query.dense.bias", dst + "mlp.fc1.bias"),
+        Rule(src + "output_query.dense.weight", dst + "mlp.fc2.weight", transpose),
+        Rule(src + "output_query.dense.bias", dst + "mlp.fc2.bias"),
+        Rule(src + "output_query.LayerNorm.weight", dst + "mlp_norm.weight"),
+        Rule(src + "output_query.LayerNorm.bias", dst + "mlp_norm.bias"),
     )
-    ids = {name: text[f"{name}_token_id"] for name in ("bos", "eos", "pad")
-           if isinstance(text.get(f"{name}_token_id"), int)}
-    return lm, ids
+
+
+# Relative to the checkpoint root on the source side, to QFormerProjector on ours.
+HF_QFORMER = Table("blip2-qformer", (
+    Rule("query_tokens", "query_tokens"),
+    Rule("qformer.layernorm.weight", "query_norm.weight"),
+    Rule("qformer.layernorm.bias", "query_norm.bias"),
+    Rule("language_projection.weight", "proj.weight", transpose=True),
+    Rule("language_projection.bias", "proj.bias"),
+) + _qformer_layer("qformer.encoder.layer.", "attention", transpose=True))
+
+
+# ---- PaddleMIX layout --------------------------------------------------------------------------
+# paddlemix/models/blip2: `visual_encoder` (eva_vit.VisionTransformer), `Qformer` (Qformer.BertLMHeadModel
+# holding ln_vision, query_tokens, bert, language_projection) and `language_model` (PaddleNLP, e.g.
+# LlamaForCausalLM: `llama.*`, lm_head [hidden, vocab]). Paddle Linear weights are [in, out] throughout.
+PADDLEMIX_VISION = Table("paddlemix-eva-vit", (
+    Rule("visual_encoder.cls_token", "class_embedding"),
+    Rule("visual_encoder.pos_embed", "position_embedding"),
+    Rule("visual_encoder.patch_embed.proj.weight", "patch_embedding.weight"),
+    Rule("visual_encoder.patch_embed.proj.bias", "patch_embedding.bias"),
+    Rule("visual_encoder.blocks.{i}.norm1.weight", "blocks.{i}.norm1.weight"),
+    Rule("visual_encoder.blocks.{i}.norm1.bias", "blocks.{i}.norm1.bias"),
+    Rule("visual_encoder.blocks.{i}.attn.qkv.weight[q]", "blocks.{i}.attn.q_proj.weight"),
+    Rule("visual_encoder.blocks.{i}.attn.qkv.weight[k]", "blocks.{i}.attn.k_proj.weight"),
+    Rule("visual_encoder.blocks.{i}.attn.qkv.weight[v]", "blocks.{i}.attn.v_proj.weight"),
+    Rule("visual_encoder.blocks.{i}.attn.qkv.bias[q]", "blocks.{i}.attn.q_proj.bias"),
+    Rule("visual_encoder.blocks.{i}.attn.qkv.bias[k]", "blocks.{i}.attn.k_proj.bias"),
+    Rule("visual_encoder.blocks.{i}.attn.qkv.bias[v]", "blocks.{i}.attn.v_proj.bias"),
+    Rule("visual_encoder.blocks.{i}.attn.proj.weight", "blocks.{i}.attn.out_proj.weight"),
+    Rule("visual_encoder.blocks.{i}.attn.proj.bias", "blocks.{i}.attn.out_proj.bias"),
+    Rule("visual_encoder.blocks.{i}.norm2.weight", "blocks.{i}.norm2.weight"),
+    Rule("visual_encoder.blocks.{i}.norm2.bias", "blocks.{i}.norm2.bias"),
+    Rule("visual_encoder.blocks.{i}.mlp.fc1.weight", "blocks.{i}.mlp.fc1.weight"),
+    Rule("visual_encoder.blocks.{i}.mlp.fc1.bias", "blocks.{i}.mlp.fc1.bias"),
+    Rule("visual_encoder.blocks.{i}.mlp.fc2.weight", "blocks.{i}.mlp.fc2.weight"),
+    Rule("visual_encoder.blocks.{i}.mlp.fc2.bias", "blocks.{i}.mlp.fc2.bias"),
+    # EVA's ViT has no final norm; the Q-Former's ln_vision normalizes its output.
+    Rule("Qformer.ln_vision.weight", "post_norm.weight"),
+    Rule("Qformer.ln_vision.bias", "post_norm.bias"),
+))
+
+PADDLEMIX_QFORMER = Table("paddlemix-qformer", (
+    Rule("Qformer.query_tokens", "query_tokens"),
+    Rule("Qformer.bert.embeddings.LayerNorm.weight", "query_norm.weight"),
+    Rule("Qformer.bert.embeddings.LayerNorm.bias", "query_norm.bias"),
+    Rule("Qformer.language_projection.weight", "proj.weight"),
+    Rule("Qformer.language_projection.bias", "proj.bias"),
+) + _qformer_layer("Qformer.bert.encoder.layer.", "self", transpose=False), ignore=(
+    # Stage-1 parts (the Q-Former's text branch, its MLM head and the ITC/ITM heads) that a
+    # PaddleMIX checkpoint may still hold; the generation model has no use for them.
+    "Qformer.bert.embeddings.word_embeddings.weight",
+    "Qformer.bert.embeddings.position_embeddings.weight",
+    "Qformer.bert.embeddings.position_ids",
+    "Qformer.bert.encoder.layer.{i}.intermediate.dense.weight",
+    "Qformer.bert.encoder.layer.{i}.intermediate.dense.bias",
+    "Qformer.bert.encoder.layer.{i}.output.dense.weight",
+    "Qformer.bert.encoder.layer.{i}.output.dense.bias",
+    "Qformer.bert.encoder.layer.{i}.output.LayerNorm.weight",
+    "Qformer.bert.encoder.layer.{i}.output.LayerNorm.bias",
+    "Qformer.cls.predictions.transform.dense.weight",
+    "Qformer.cls.predictions.transform.dense.bias",
+    "Qformer.cls.predictions.transform.LayerNorm.weight",
+    "Qformer.cls.predictions.transform.LayerNorm.bias",
+    "Qformer.cls.predictions.decoder.weight",
+    "Qformer.cls.predictions.decoder.bias",
+    "Qformer.cls.predictions.bias",
+    "Qformer.vision_proj.weight",
+    "Qformer.vision_proj.bias",
+    "Qformer.text_proj.weight",
+    "Qformer.text_proj.bias",
+    "Qformer.itm_head.weight",
+    "Qformer.itm_head.bias",
+    "temp",
+))
+
+
+@dataclass(frozen=True)
+class Layout:
+    vision: Table  # source names from the checkpoint root, ours relative to the ViT
+    qformer: Table  # ours relative to the Q-Former projector
+    fused_qkv: tuple[tuple[str, int], ...]  # (fused q|k|v tensor, the axis its thirds are stacked on)
+    batch_dims: tuple[tuple[str, int], ...]  # (tensor, leading size-1 axes paddle_mm does not keep)
+    lm_decoder: str  # source prefix of the LM decoder; {family} is the LM family
+    paddle_layout: bool  # Linear weights [in, out] (PaddleNLP LM head [hidden, vocab])
+
+
+LAYOUTS = {
+    "hf": Layout(
+        HF_VISION.prefixed("vision_model.", ""), HF_QFORMER,
+        # qkv.weight is [3D, D] (rows q, then k, then v), as torch stores a Linear.
+        (("vision_model.encoder.layers.{i}.self_attn.qkv.weight", 0),
+         ("vision_model.encoder.layers.{i}.self_attn.qkv.bias", 0)),
+        (("vision_model.embeddings.class_embedding", 2), ("vision_model.embeddings.position_embedding", 1)),
+        "language_model.model.", paddle_layout=False),
+    "paddlemix": Layout(
+        PADDLEMIX_VISION, PADDLEMIX_QFORMER,
+        # qkv.weight is [D, 3D]: columns q, then k, then v.
+        (("visual_encoder.blocks.{i}.attn.qkv.weight", 1), ("visual_encoder.blocks.{i}.attn.qkv.bias", 0)),
+        (("visual_encoder.cls_token", 2), ("visual_encoder.pos_embed", 1)),
+        "language_model.{family}.", paddle_layout=True),
+}
+
+
+def _layout(layout: str, source: str) -> Layout:
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"{source}: layout {layout!r} is not one of {sorted(LAYOUTS)}")
+    return LAYOUTS[layout]
+
+
+def blip2_table(layout: str, lm: LMConfig) -> Table:
+    """Source names of a BLIP-2 checkpoint in `layout` -> VisionLanguageModel names."""
+    spec = _layout(layout, "BLIP-2")
+    return (spec.vision.prefixed("", "vision_tower.") + spec.qformer.prefixed("", "multi_modal_projector.")
+            + causal_lm_table(lm.family, lm.tie_word_embeddings, spec.lm_decoder.format(family=lm.family),
+                              "language_model.", "language_model.", paddle_layout=spec.paddle_layout))
+
+
+# ---- the reshapes around the table -------------------------------------------------------------
+def _fused_axis(spec: Layout, name: str) -> int | None:
+    return next((axis for pattern, axis in spec.fused_qkv if matches(pattern, name)), None)
+
+
+def split_for_mapping(tensors: dict[str, np.ndarray], layout: str, qkv_bias: bool, source: str,
+                      where: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors with the fused qkv split in thirds and batch axes dropped.
+
+    Without qkv biases (qkv_bias false) they are zeros, which is what the checkpoint computes.
+    `where` (tensor -> file), if given, gets the names of the thirds too.
+    """
+    spec = _layout(layout, source)
+    out = dict(tensors)
+    for name, lead in spec.batch_dims:
+        if name in out:
+            array = out[name]
+            if array.ndim <= lead or any(n != 1 for n in array.shape[:lead]):
+                raise CheckpointError(f"{source}: {name} has shape {list(array.shape)}, expected {lead} leading "
+                                      "axes of size 1")
+            out[name] = array.reshape(array.shape[lead:])
+    for name in sorted(tensors):
+        axis = _fused_axis(spec, name)
+        if axis is None:
+            continue
+        array = out.pop(name)
+        if array.ndim <= axis or array.shape[axis] % 3:
+            raise CheckpointError(f"{(where or {}).get(name, source)}: {name} has shape {list(array.shape)}, which does not split into "
+                                  f"q, k and v along axis {axis}")
+        for part, piece in zip(QKV, np.split(array, 3, axis=axis)):
+            out[f"{name}[{part}]"] = np.ascontiguousarray(piece)
+            if where is not None and name in where:
+                where[f"{name}[{part}]"] = where[name]
+        bias = name[: -len("weight")] + "bias"
+        if not qkv_bias and name.endswith(".weight") and bias not in tensors and _fused_axis(spec, bias) is not None:
+            for part in QKV:
+                out[f"{bias}[{part}]"] = np.zeros(array.shape[axis] // 3, array.dtype)
+    return out
+
+
+def join_for_export(tensors: dict[str, np.ndarray], layout: str, qkv_bias: bool, source: str) -> dict[str, np.ndarray]:
+    """The inverse of split_for_mapping: the thirds fused again, batch axes restored."""
+    spec = _layout(layout, source)
+    out = dict(tensors)
+    for name in sorted(tensors):
+        if not name.endswith("[q]"):
+            continue
+        fused = name[: -len("[q]")]
+        axis = _fused_axis(spec, fused)
+        parts = [out.pop(f"{fused}[{p}]") for p in QKV]
+        if not qkv_bias and fused.endswith(".bias"):
+            if any(np.any(p) for p in parts):
+                raise CheckpointError(f"{source}: {fused} is not zero, but the checkpoint's config has qkv_bias "
+                                      "false; set it true in the source config to keep the biases")
+            continue
+        out[fused] = np.concatenate(parts, axis=axis)
+    for name, lead in spec.batch_dims:
+        if name in out:
+            out[name] = out[name].reshape((1,) * lead + out[name].shape)
+    return out
 
 
 # ---- configs -----------------------------------------------------------------------------------
@@ -215,6 +273,17 @@ def _check_gelu(act: str, where: str, source: str) -> None:
         raise CheckpointError(f"{source}: {where} hidden_act {act!r} is not supported (BLIP-2 uses gelu)")
 
 
+def _text_model(text: dict, source: str) -> tuple[LMConfig, dict[str, int]]:
+    """Our LMConfig and the bos/eos/pad ids of a BLIP-2 text_config."""
+    if "model_type" not in text:
+        raise CheckpointError(f"{source}: text_config has no model_type")
+    # the public Salesforce BLIP-2s use OPT and Flan-T5, which paddle_mm's LM adapter does not build
+    lm = nested_lm_config(text, source)
+    ids = {name: text[f"{name}_token_id"] for name in ("bos", "eos", "pad")
+           if isinstance(text.get(f"{name}_token_id"), int)}
+    return lm, ids
+
+
 def model_config_from_hf(raw: dict, source: str, image_token_id: int | None = None) -> tuple[ModelConfig, dict, bool]:
     """(ModelConfig, special ids, vision qkv_bias) from a Blip2ForConditionalGeneration config.json."""
     if raw.get("model_type") != "blip-2":
@@ -234,7 +303,7 @@ def model_config_from_hf(raw: dict, source: str, image_token_id: int | None = No
         num_queries=raw.get("num_query_tokens", 32), hidden_size=q["hidden_size"], num_layers=q["num_hidden_layers"],
         num_heads=q["num_attention_heads"], intermediate_size=q["intermediate_size"],
         cross_attention_every=q["cross_attention_frequency"], layer_norm_eps=float(q["layer_norm_eps"]))
-    lm, ids = lm_config_from_text_config(raw.get("text_config", {}), source)
+    lm, ids = _text_model(raw.get("text_config", {}), source)
     if image_token_id is None:
         image_token_id = raw.get("image_token_index", raw.get("image_token_id"))
     if image_token_id is None:
@@ -243,73 +312,6 @@ def model_config_from_hf(raw: dict, source: str, image_token_id: int | None = No
     cfg = ModelConfig(vision=vision, projector=ProjectorConfig(type="qformer", qformer=qformer), lm=lm,
                       image_token_id=int(image_token_id))
     return cfg, ids, bool(v["qkv_bias"])
-
-
-def hf_table(cfg: ModelConfig, qkv_bias: bool, tensors: dict) -> list[Row]:
-    return (hf_vision_rows(cfg.vision.num_layers, qkv_bias) + hf_qformer_rows(cfg.projector.qformer)
-            + lm_rows(cfg.lm, "language_model.model.", "language_model.lm_head.weight", same, linear, tensors))
-
-
-# ---- PaddleMIX layout --------------------------------------------------------------------------
-# paddlemix/models/blip2: `visual_encoder` (eva_vit.VisionTransformer), `Qformer` (Qformer.BertLMHeadModel
-# holding ln_vision, query_tokens, bert, language_projection) and `language_model` (PaddleNLP, e.g.
-# LlamaForCausalLM: `llama.*`, lm_head [hidden, vocab]). Paddle Linear weights are [in, out] throughout.
-def paddlemix_vision_rows(num_layers: int, qkv_bias: bool) -> list[Row]:
-    rows = [
-        ("visual_encoder.cls_token", "vision_tower.class_embedding", drop_batch_dims),
-        ("visual_encoder.pos_embed", "vision_tower.position_embedding", drop_batch_dims),
-        ("visual_encoder.patch_embed.proj.weight", "vision_tower.patch_embedding.weight", same),
-        ("visual_encoder.patch_embed.proj.bias", "vision_tower.patch_embedding.bias", same),
-        # EVA's ViT has no final norm; the Q-Former's ln_vision normalizes its output.
-        ("Qformer.ln_vision.weight", "vision_tower.post_norm.weight", same),
-        ("Qformer.ln_vision.bias", "vision_tower.post_norm.bias", same),
-    ]
-    for i in range(num_layers):
-        src, dst = f"visual_encoder.blocks.{i}.", f"vision_tower.blocks.{i}."
-        rows += [
-            (src + "norm1.weight", dst + "norm1.weight", same),
-            (src + "norm1.bias", dst + "norm1.bias", same),
-            # qkv.weight is [D, 3D]: columns q, then k, then v.
-            (src + "attn.qkv.weight", dst + "attn.q_proj.weight", qkv_part(0, 1, False)),
-            (src + "attn.qkv.weight", dst + "attn.k_proj.weight", qkv_part(1, 1, False)),
-            (src + "attn.qkv.weight", dst + "attn.v_proj.weight", qkv_part(2, 1, False)),
-            (src + "attn.proj.weight", dst + "attn.out_proj.weight", same),
-            (src + "attn.proj.bias", dst + "attn.out_proj.bias", same),
-            (src + "norm2.weight", dst + "norm2.weight", same),
-            (src + "norm2.bias", dst + "norm2.bias", same),
-            (src + "mlp.fc1.weight", dst + "mlp.fc1.weight", same),
-            (src + "mlp.fc1.bias", dst + "mlp.fc1.bias", same),
-            (src + "mlp.fc2.weight", dst + "mlp.fc2.weight", same),
-            (src + "mlp.fc2.bias", dst + "mlp.fc2.bias", same),
-        ]
-        rows += [(src + "attn.qkv.bias" if qkv_bias else None, dst + f"attn.{p}_proj.bias",
-                  qkv_part(n, 0, False)) for n, p in enumerate("qkv")]
-    return rows
-
-
-def paddlemix_qformer_rows(q: QFormerConfig) -> list[Row]:
-    p = "multi_modal_projector."
-    rows = [
-        ("Qformer.query_tokens", p + "query_tokens", same),
-        ("Qformer.bert.embeddings.LayerNorm.weight", p + "query_norm.weight", same),
-        ("Qformer.bert.embeddings.LayerNorm.bias", p + "query_norm.bias", same),
-        ("Qformer.language_projection.weight", p + "proj.weight", same),
-        ("Qformer.language_projection.bias", p + "proj.bias", same),
-    ]
-    for i in range(q.num_layers):
-        rows += _qformer_layer_rows(f"Qformer.bert.encoder.layer.{i}.", f"{p}layers.{i}.",
-                                    i % q.cross_attention_every == 0, "self", same)
-    return rows
-
-
-# Stage-1 parts (the Q-Former's text branch and the ITC/ITM heads) that a PaddleMIX checkpoint may
-# still hold; the generation model has no use for them, so they are skipped by name.
-PADDLEMIX_STAGE1_ONLY = re.compile(
-    r"^Qformer\.(bert\.embeddings\.(word_embeddings|position_embeddings)\.weight"
-    r"|bert\.embeddings\.position_ids"
-    r"|bert\.encoder\.layer\.\d+\.(intermediate|output)\.(dense|LayerNorm)\.(weight|bias)"
-    r"|cls\..+|vision_proj\..+|text_proj\..+|itm_head\..+)$|^temp$"
-)
 
 
 def model_config_from_paddlemix(raw: dict, folder: str, tensors: dict, image_token_id: int | None
@@ -342,7 +344,7 @@ def model_config_from_paddlemix(raw: dict, folder: str, tensors: dict, image_tok
         text = read_config(text_folder)
     if not isinstance(text, dict):
         raise CheckpointError(f"{source}: text_config must be a dict or the path of a local LM folder")
-    lm, ids = lm_config_from_text_config(text, source)
+    lm, ids = _text_model(text, source)
     if image_token_id is None:
         raise CheckpointError(f"{source}: PaddleMIX configs name no image token; pass image_token_id")
     cfg = ModelConfig(vision=vision, projector=ProjectorConfig(type="qformer", qformer=qformer), lm=lm,
@@ -350,102 +352,63 @@ def model_config_from_paddlemix(raw: dict, folder: str, tensors: dict, image_tok
     return cfg, ids, bool(v.get("qkv_bias", True))
 
 
-def paddlemix_table(cfg: ModelConfig, qkv_bias: bool, tensors: dict) -> list[Row]:
-    lm_prefix = f"language_model.{cfg.lm.family}."
-    return (paddlemix_vision_rows(cfg.vision.num_layers, qkv_bias) + paddlemix_qformer_rows(cfg.projector.qformer)
-            + lm_rows(cfg.lm, lm_prefix, "language_model.lm_head.weight", linear, same, tensors))
+def read_blip2(folder: str, layout: str = "hf", weights_format: str = "safetensors",
+               image_token_id: int | None = None) -> tuple[ModelConfig, dict, dict[str, np.ndarray], dict[str, str]]:
+    """(config, special ids, tensors split for the table, tensor -> file) of a BLIP-2 folder."""
+    from paddle_mm.weights.paddlemix import read_paddlemix_tensors
 
-
-# ---- applying a table --------------------------------------------------------------------------
-def apply_table(table: list[Row], tensors: dict, expected: dict, source: str,
-                skip: re.Pattern | None = None) -> dict[str, np.ndarray]:
-    """Our tensors from a checkpoint's by the table; every problem is listed in one CheckpointError.
-
-    `expected` maps our names to shapes. A source tensor that no row reads is an error unless
-    `skip` matches its name.
-    """
-    missing = sorted({src for src, _, _ in table if src is not None and src not in tensors})
-    used = {src for src, _, _ in table}
-    unexpected = sorted(k for k in tensors if k not in used and not (skip and skip.match(k)))
-    out, wrong = {}, []
-    for src, dst, transform in table:
-        if src is not None and src in tensors:
-            try:
-                value = transform(tensors[src])
-            except ValueError as e:  # a fused qkv that does not split in three
-                wrong.append(f"{src} {list(tensors[src].shape)} -> {dst}: {e}")
-                continue
-        elif src is None:
-            value = np.zeros(expected[dst], dtype=np.float32)
-        else:
-            continue
-        if dst in expected and list(value.shape) != list(expected[dst]):
-            wrong.append(f"{src} {list(tensors[src].shape)} -> {dst} {list(value.shape)}, model needs {list(expected[dst])}")
-        out[dst] = value
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)}: {', '.join(missing[:10])}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:10])}")
-    if wrong:
-        problems.append(f"wrong shape: {'; '.join(wrong[:10])}")
-    if problems:
-        raise CheckpointError(f"{source}: does not fit the BLIP-2 model ({' | '.join(problems)})")
-    return out
-
-
-def read_weights(folder: str, weights_format: str = "safetensors") -> dict[str, np.ndarray]:
-    """A folder's tensors as fp32 numpy; the pickle format only when `weights_format` names it."""
-    pdparams = os.path.join(folder, PDPARAMS_FILE)
-    if weights_format == "pdparams":
-        if not os.path.isfile(pdparams):
-            raise CheckpointError(f"{folder}: no {PDPARAMS_FILE}")
-        import paddle
-
-        try:
-            state = paddle.load(pdparams, return_numpy=True)
-        except Exception as e:  # paddle.load raises many types for a bad pickle
-            raise CheckpointError(f"{pdparams}: cannot read ({type(e).__name__}: {e})") from e
-        return {k: _float32(np.asarray(v), k, pdparams) for k, v in state.items()}
-    if weights_format != "safetensors":
+    _layout(layout, folder)
+    if weights_format not in ("safetensors", "pdparams"):
         raise CheckpointError(f"{folder}: weights_format {weights_format!r} is not 'safetensors' or 'pdparams'")
-    try:
-        return read_tensors(folder)
-    except CheckpointError as e:
-        if os.path.isfile(pdparams):  # say how to read it rather than unpickling it unasked
-            raise CheckpointError(f"{e}; {PDPARAMS_FILE} is there, a pickle file read only with "
-                                  "weights_format='pdparams'") from e
-        raise
+    raw = read_config(folder)
+    pickle = weights_format == "pdparams"
+    tensors = read_paddlemix_tensors(folder, allow_pickle=pickle,
+                                     ask="weights_format='pdparams'; paddle-mm convert --pdparams")
+    where = {} if pickle else {k: path for k, (path, _) in tensor_index(folder).items()}
+    if layout == "hf":
+        cfg, ids, qkv_bias = model_config_from_hf(raw, os.path.join(folder, "config.json"), image_token_id)
+    else:
+        cfg, ids, qkv_bias = model_config_from_paddlemix(raw, folder, tensors, image_token_id)
+    return cfg, ids, split_for_mapping(tensors, layout, qkv_bias, folder, where), where
 
 
-def _float32(a: np.ndarray, name: str, path: str) -> np.ndarray:
-    if a.dtype == np.uint16:  # Paddle hands bf16 to numpy as its raw 16 bits
-        return (a.astype(np.uint32) << 16).view(np.float32)
-    if a.dtype.kind != "f":
-        raise CheckpointError(f"{path}: tensor {name} has dtype {a.dtype}, not floating point")
-    return a.astype(np.float32)
-
-
-# ---- the loader --------------------------------------------------------------------------------
 def load_blip2(folder: str, layout: str = "hf", weights_format: str = "safetensors",
                image_token_id: int | None = None):
     """A VisionLanguageModel (eval mode) with the weights of a local BLIP-2 checkpoint folder."""
-    from paddle_mm.checkpoint import load_into
     from paddle_mm.model import VisionLanguageModel
 
-    if layout not in ("hf", "paddlemix"):
-        raise CheckpointError(f"{folder}: layout {layout!r} is not 'hf' or 'paddlemix'")
-    raw = read_config(folder)
-    tensors = read_weights(folder, weights_format)
-    if layout == "hf":
-        cfg, ids, qkv_bias = model_config_from_hf(raw, os.path.join(folder, "config.json"), image_token_id)
-        table, skip = hf_table(cfg, qkv_bias, tensors), None
-    else:
-        cfg, ids, qkv_bias = model_config_from_paddlemix(raw, folder, tensors, image_token_id)
-        table, skip = paddlemix_table(cfg, qkv_bias, tensors), PADDLEMIX_STAGE1_ONLY
+    cfg, ids, tensors, where = read_blip2(folder, layout, weights_format, image_token_id)
     model = VisionLanguageModel(cfg, ids)
-    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
-    mapped = apply_table(table, tensors, expected, folder, skip)
-    load_into(model, mapped, folder)
+    load_mapped(model, tensors, blip2_table(layout, cfg.lm), folder, where)
     model.eval()
     return model
+
+
+def hf_blip2_config(cfg: ModelConfig, qkv_bias: bool, source: str) -> dict:
+    """A transformers Blip2Config dict for a model of ours; refuses what BLIP-2 cannot express."""
+    from paddle_mm.weights.convert import refuse_inexpressible
+    from paddle_mm.weights.llm import hf_text_config
+
+    v, q = cfg.vision, cfg.projector.qformer
+    refuse_inexpressible(source, "BLIP-2", (
+        (cfg.projector.type != "qformer", f"projector {cfg.projector.type!r} (BLIP-2 has a Q-Former)"),
+        (v.pre_norm or not v.post_norm or not v.patch_bias or v.drop_cls_token or v.feature_layer != -1,
+         "a vision tower other than BLIP-2's EVA ViT"),
+        (v.hidden_act != "gelu", f"vision hidden_act {v.hidden_act!r}"),
+    ))
+    return {
+        "architectures": ["Blip2ForConditionalGeneration"], "model_type": "blip-2",
+        "num_query_tokens": q.num_queries, "image_token_index": cfg.image_token_id,
+        "vision_config": {
+            "model_type": "blip_2_vision_model", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "image_size": v.image_size,
+            "patch_size": v.patch_size, "layer_norm_eps": v.layer_norm_eps, "hidden_act": "gelu", "qkv_bias": qkv_bias,
+        },
+        "qformer_config": {
+            "model_type": "blip_2_qformer", "hidden_size": q.hidden_size, "num_hidden_layers": q.num_layers,
+            "num_attention_heads": q.num_heads, "intermediate_size": q.intermediate_size,
+            "cross_attention_frequency": q.cross_attention_every, "layer_norm_eps": q.layer_norm_eps,
+            "encoder_hidden_size": v.hidden_size, "hidden_act": "gelu", "position_embedding_type": "absolute",
+        },
+        "text_config": hf_text_config(cfg.lm),
+    }

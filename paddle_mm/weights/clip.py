@@ -13,23 +13,11 @@ from paddle_mm.errors import CheckpointError
 from paddle_mm.weights.hf import read_config, read_tensors, tensor_index
 from paddle_mm.weights.mapping import Rule, Table, load_mapped
 
-# Source names relative to CLIPVisionTransformer ("vision_model." in a CLIP checkpoint).
-CLIP_VISION = Table("clip-vision", (
-    Rule("embeddings.class_embedding", "class_embedding"),
-    Rule("embeddings.patch_embedding.weight", "patch_embedding.weight"),
-    Rule("embeddings.position_embedding.weight", "position_embedding"),
-    Rule("pre_layrnorm.weight", "pre_norm.weight"),  # sic: HF spells it "layrnorm"
-    Rule("pre_layrnorm.bias", "pre_norm.bias"),
+# The encoder-layer norms and MLP and the final norm, named alike by transformers' CLIP and
+# BLIP-2 vision models (relative to their "vision_model.").
+HF_VIT_NORMS_AND_MLP = (
     Rule("encoder.layers.{i}.layer_norm1.weight", "blocks.{i}.norm1.weight"),
     Rule("encoder.layers.{i}.layer_norm1.bias", "blocks.{i}.norm1.bias"),
-    Rule("encoder.layers.{i}.self_attn.q_proj.weight", "blocks.{i}.attn.q_proj.weight", transpose=True),
-    Rule("encoder.layers.{i}.self_attn.q_proj.bias", "blocks.{i}.attn.q_proj.bias"),
-    Rule("encoder.layers.{i}.self_attn.k_proj.weight", "blocks.{i}.attn.k_proj.weight", transpose=True),
-    Rule("encoder.layers.{i}.self_attn.k_proj.bias", "blocks.{i}.attn.k_proj.bias"),
-    Rule("encoder.layers.{i}.self_attn.v_proj.weight", "blocks.{i}.attn.v_proj.weight", transpose=True),
-    Rule("encoder.layers.{i}.self_attn.v_proj.bias", "blocks.{i}.attn.v_proj.bias"),
-    Rule("encoder.layers.{i}.self_attn.out_proj.weight", "blocks.{i}.attn.out_proj.weight", transpose=True),
-    Rule("encoder.layers.{i}.self_attn.out_proj.bias", "blocks.{i}.attn.out_proj.bias"),
     Rule("encoder.layers.{i}.layer_norm2.weight", "blocks.{i}.norm2.weight"),
     Rule("encoder.layers.{i}.layer_norm2.bias", "blocks.{i}.norm2.bias"),
     Rule("encoder.layers.{i}.mlp.fc1.weight", "blocks.{i}.mlp.fc1.weight", transpose=True),
@@ -38,7 +26,24 @@ CLIP_VISION = Table("clip-vision", (
     Rule("encoder.layers.{i}.mlp.fc2.bias", "blocks.{i}.mlp.fc2.bias"),
     Rule("post_layernorm.weight", "post_norm.weight"),
     Rule("post_layernorm.bias", "post_norm.bias"),
-), ignore=(
+)
+
+# Source names relative to CLIPVisionTransformer ("vision_model." in a CLIP checkpoint).
+CLIP_VISION = Table("clip-vision", (
+    Rule("embeddings.class_embedding", "class_embedding"),
+    Rule("embeddings.patch_embedding.weight", "patch_embedding.weight"),
+    Rule("embeddings.position_embedding.weight", "position_embedding"),
+    Rule("pre_layrnorm.weight", "pre_norm.weight"),  # sic: HF spells it "layrnorm"
+    Rule("pre_layrnorm.bias", "pre_norm.bias"),
+    Rule("encoder.layers.{i}.self_attn.q_proj.weight", "blocks.{i}.attn.q_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.q_proj.bias", "blocks.{i}.attn.q_proj.bias"),
+    Rule("encoder.layers.{i}.self_attn.k_proj.weight", "blocks.{i}.attn.k_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.k_proj.bias", "blocks.{i}.attn.k_proj.bias"),
+    Rule("encoder.layers.{i}.self_attn.v_proj.weight", "blocks.{i}.attn.v_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.v_proj.bias", "blocks.{i}.attn.v_proj.bias"),
+    Rule("encoder.layers.{i}.self_attn.out_proj.weight", "blocks.{i}.attn.out_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.out_proj.bias", "blocks.{i}.attn.out_proj.bias"),
+) + HF_VIT_NORMS_AND_MLP, ignore=(
     "embeddings.position_ids",  # a buffer of 0..P that older checkpoints saved; recomputed here
 ))
 

@@ -20,9 +20,10 @@ import numpy as np
 from paddle_mm.errors import CheckpointError
 from paddle_mm.fileio import write_json_atomic
 from paddle_mm.weights.hf import INDEX_FILE, read_config, read_tensors, tensor_index, write_safetensors
+from paddle_mm.weights.llm import hf_text_config
 from paddle_mm.weights.mapping import Table, from_paddle_mm, to_paddle_mm
 
-FAMILIES = ("llava", "clip", "qwen2", "llama")
+FAMILIES = ("llava", "clip", "qwen2", "llama", "blip2")
 MODEL_FILE = "model.safetensors"
 EXTRAS_FILE = "source_extras.safetensors"
 CONVERSION_FILE = "conversion.json"
@@ -43,6 +44,8 @@ def _layout(family: str, names, source: str) -> str:
         from paddle_mm.weights.llava import layout_of
 
         return layout_of(names, source)
+    if family == "blip2":
+        return "hf"
     return "causal-lm"
 
 
@@ -64,7 +67,29 @@ def _table(family: str, raw: dict, layout: str, source: str) -> Table:
 
         text = raw.get("text_config") or {}
         return llava_table(layout, text.get("model_type", "llama"), bool(text.get("tie_word_embeddings", False)))
+    if family == "blip2":
+        from paddle_mm.weights.blip2 import blip2_table, model_config_from_hf
+
+        return blip2_table(layout, model_config_from_hf(raw, f"{source}/config.json")[0].lm)
     raise CheckpointError(f"unknown family {family!r}: one of {FAMILIES}")
+
+
+def _split_fused(family: str, raw: dict, layout: str, tensors: dict, source: str) -> dict:
+    """What a rename table cannot do, before mapping: BLIP-2's fused qkv split in thirds."""
+    if family != "blip2":
+        return tensors
+    from paddle_mm.weights.blip2 import model_config_from_hf, split_for_mapping
+
+    return split_for_mapping(tensors, layout, model_config_from_hf(raw, source)[2], source)
+
+
+def _join_fused(family: str, raw: dict, layout: str, tensors: dict, source: str) -> dict:
+    """The inverse of _split_fused, after mapping back for export."""
+    if family != "blip2":
+        return tensors
+    from paddle_mm.weights.blip2 import join_for_export, model_config_from_hf
+
+    return join_for_export(tensors, layout, model_config_from_hf(raw, source)[2], source)
 
 
 def _paddle_mm_config(family: str, src: str) -> dict:
@@ -79,6 +104,10 @@ def _paddle_mm_config(family: str, src: str) -> dict:
         cfg = llava_model_config(src)
         cfg.path = ""  # the converted folder holds the weights itself
         return asdict(cfg)
+    if family == "blip2":
+        from paddle_mm.weights.blip2 import model_config_from_hf
+
+        return asdict(model_config_from_hf(read_config(src), f"{src}/config.json")[0])
     from paddle_mm.lm.adapter import lm_config_from_folder
 
     cfg = lm_config_from_folder(src)
@@ -119,7 +148,7 @@ def convert(src: str, dst: str, family: str) -> str:
     tensors = read_tensors(src)
     layout = _layout(family, tensors, src)
     table = _table(family, raw, layout, src)
-    mapped, ignored = to_paddle_mm(tensors, table, src)
+    mapped, ignored = to_paddle_mm(_split_fused(family, raw, layout, tensors, src), table, src)
     config = _paddle_mm_config(family, src)
     dtypes = {k: dtype for k, (_, dtype) in tensor_index(src).items()}
     tmp, final = _new_folder(src, dst)
@@ -135,7 +164,7 @@ def convert(src: str, dst: str, family: str) -> str:
             "family": family, "from": "hf", "source": os.path.abspath(src), "layout": layout,
             "source_config": raw, "dtypes": dtypes, "ignored": ignored, "source_files": copied,
         })
-        if family == "llava":
+        if family in ("llava", "blip2"):
             _make_run_folder(tmp, config, src)
         os.replace(tmp, final)
     except BaseException:
@@ -167,7 +196,7 @@ def export(src: str, dst: str) -> str:
     tensors = merge_lora(tensors, src)
     raw = record["source_config"]
     table = _table(record["family"], raw, record["layout"], src)
-    out = from_paddle_mm(tensors, table, src)
+    out = _join_fused(record["family"], raw, record["layout"], from_paddle_mm(tensors, table, src), src)
     dtypes = dict(record["dtypes"])
     extras = os.path.join(src, EXTRAS_FILE)
     if os.path.isfile(extras):
@@ -205,18 +234,23 @@ def _conversion_record(src: str) -> dict:
             "source_files": []}
 
 
+def refuse_inexpressible(source: str, target: str, checks) -> None:
+    """One CheckpointError naming every (failed, reason) check the target layout cannot express."""
+    problems = [reason for failed, reason in checks if failed]
+    if problems:
+        raise CheckpointError(f"{source}: cannot be written as a transformers {target}: {'; '.join(problems)}")
+
+
 def hf_llava_config(cfg, source: str) -> dict:
     """A transformers LlavaConfig dict for a model built here; refuses what LLaVA cannot express."""
     v, lm = cfg.vision, cfg.lm
-    problems = [msg for bad, msg in (
+    refuse_inexpressible(source, "LLaVA", (
         (cfg.projector.type != "mlp2x_gelu", f"projector {cfg.projector.type!r} (LLaVA has mlp2x_gelu)"),
         (cfg.projector.pool != 1, "projector.pool > 1"),
         (v.post_norm, "vision.post_norm (LLaVA does not normalize the selected features)"),
         (not v.pre_norm, "vision.pre_norm false"),
         (lm.family not in ("llama", "qwen2"), f"LM family {lm.family!r}"),
-    ) if bad]
-    if problems:
-        raise CheckpointError(f"{source}: cannot be written as a transformers LLaVA: {'; '.join(problems)}")
+    ))
     return {
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
         "image_token_index": cfg.image_token_id, "image_seq_length": cfg.tokens_per_image,
@@ -230,13 +264,7 @@ def hf_llava_config(cfg, source: str) -> dict:
             "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "layer_norm_eps": v.layer_norm_eps,
             "hidden_act": v.hidden_act,
         },
-        "text_config": {
-            "model_type": lm.family, "vocab_size": lm.vocab_size, "hidden_size": lm.hidden_size,
-            "intermediate_size": lm.intermediate_size, "num_hidden_layers": lm.num_layers,
-            "num_attention_heads": lm.num_heads, "num_key_value_heads": lm.num_kv_heads,
-            "max_position_embeddings": lm.max_position_embeddings, "rope_theta": lm.rope_theta,
-            "rms_norm_eps": lm.rms_norm_eps, "tie_word_embeddings": lm.tie_word_embeddings, "hidden_act": "silu",
-        },
+        "text_config": hf_text_config(lm),
     }
 
 

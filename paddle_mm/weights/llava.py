@@ -12,10 +12,9 @@ from dataclasses import replace
 
 from paddle_mm.config import ModelConfig, ProjectorConfig
 from paddle_mm.errors import CheckpointError
-from paddle_mm.lm.adapter import lm_config_from_hf
 from paddle_mm.weights.clip import CLIP_VISION, vision_config_from_hf
 from paddle_mm.weights.hf import read_config, read_tensors, tensor_index
-from paddle_mm.weights.llm import LM_HEAD, TIED_LM_HEAD, decoder_table
+from paddle_mm.weights.llm import LM_HEAD, TIED_LM_HEAD, decoder_table, nested_lm_config
 from paddle_mm.weights.mapping import Rule, Table, load_mapped
 
 PROJECTOR = Table("llava-projector", (
@@ -30,17 +29,6 @@ LAYOUTS = {
     "transformers-4.57": ("model.vision_tower.vision_model.", "model.multi_modal_projector.",
                           "model.language_model.", ""),
     "legacy": ("vision_tower.vision_model.", "multi_modal_projector.", "language_model.model.", "language_model."),
-}
-
-# transformers writes only the fields of a nested text_config that differ from the family's
-# defaults (llava-1.5-7b-hf's names no hidden_size), so those defaults are needed to read it.
-TEXT_CONFIG_DEFAULTS = {
-    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
-                  tie_word_embeddings=False),
-    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                  rope_theta=10000.0, tie_word_embeddings=False),
 }
 
 
@@ -80,11 +68,7 @@ def llava_model_config(folder: str, base: ModelConfig | None = None) -> ModelCon
         raise CheckpointError(f"{source}: vision tower {vision_raw.get('model_type')!r} is not a CLIP vision model")
     vision = vision_config_from_hf(vision_raw, source, base.vision)
     vision = replace(vision, path="", feature_layer=layer, drop_cls_token=strategy == "default", post_norm=False)
-    text = dict(raw.get("text_config") or {})
-    family = text.get("model_type", "llama")
-    if family not in TEXT_CONFIG_DEFAULTS:
-        raise CheckpointError(f"{source}: language model {family!r} is not one of {sorted(TEXT_CONFIG_DEFAULTS)}")
-    lm = lm_config_from_hf({"model_type": family, **TEXT_CONFIG_DEFAULTS[family], **text}, "", source)
+    lm = nested_lm_config(raw.get("text_config") or {}, source)
     lm = replace(lm, attn_implementation=base.lm.attn_implementation)
     return replace(base, path=folder, vision=vision, projector=ProjectorConfig(type="mlp2x_gelu"), lm=lm,
                    image_token_id=int(raw.get("image_token_index", base.image_token_id)))

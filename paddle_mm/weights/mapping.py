@@ -34,6 +34,11 @@ def _regex(pattern: str) -> re.Pattern:
     return re.compile(body + r"\Z")
 
 
+def matches(pattern: str, name: str) -> bool:
+    """Whether a name fits a pattern such as "blocks.{i}.attn.qkv.weight"."""
+    return _regex(pattern).match(name) is not None
+
+
 @dataclass(frozen=True)
 class Table:
     name: str
@@ -50,6 +55,10 @@ class Table:
             tuple(source_prefix + p for p in self.ignore),
             tuple(target_prefix + t for t in self.tied),
         )
+
+    def in_paddle_layout(self) -> Table:
+        """The same names for a checkpoint written by Paddle, whose Linear weights are [in, out] already."""
+        return Table(self.name, tuple(Rule(r.source, r.target) for r in self.rules), self.ignore, self.tied)
 
     def __add__(self, other: Table) -> Table:
         return Table(f"{self.name}+{other.name}", self.rules + other.rules, self.ignore + other.ignore,
@@ -68,7 +77,7 @@ class Table:
         return None, None
 
     def is_ignored(self, name: str) -> bool:
-        return any(_regex(p).match(name) for p in self.ignore)
+        return any(matches(p, name) for p in self.ignore)
 
     def target_of(self, source_name: str) -> tuple[str, bool] | None:
         rule, values = self._match(source_name, "source")
@@ -146,13 +155,15 @@ def load_mapped(layer, tensors: dict[str, np.ndarray], table: Table, source: str
             wrong.append(f"{file}: {src} has shape {shown}, the model needs {expected} (for {target})")
     covered = set(mapped) | set(table.tied)
     missing = sorted(set(own) - covered)
+    # the checkpoint's own name is what a user can look for in the file
+    shown_missing = [f"{m} ({hit[0]})" if (hit := table.source_of(m)) and hit[0] != m else m for m in missing]
     problems = []
     if wrong:
         problems.append("wrong shape: " + "; ".join(wrong[:10]))
     if unexpected:
         problems.append(_listed("no such parameter in the model", unexpected))
     if missing and strict:
-        problems.append(_listed("missing", missing))
+        problems.append(_listed("missing", shown_missing))
     if problems:
         raise CheckpointError(f"{source}: does not fit the model ({' | '.join(problems)})")
     for target, array in mapped.items():

@@ -1,4 +1,4 @@
-"""PaddleMIX / PaddleNLP LLaVA checkpoints -> paddle_mm.
+"""PaddleMIX / PaddleNLP LLaVA checkpoints -> paddle_mm (BLIP-2's PaddleMIX layout is in blip2.py).
 
 PaddleMIX's LlavaLlamaForCausalLM keeps the decoder under `llama.` with the CLIP tower
 (PaddleNLP's CLIP names: conv1, ln_pre, transformer.layers.{i}.linear1, ...) at
@@ -21,6 +21,7 @@ from paddle_mm.errors import CheckpointError
 from paddle_mm.fileio import write_json_atomic
 from paddle_mm.lm.adapter import lm_config_from_hf
 from paddle_mm.weights.hf import read_config, read_tensors, write_safetensors
+from paddle_mm.weights.llm import causal_lm_table
 from paddle_mm.weights.mapping import Rule, Table, to_paddle_mm
 
 PDPARAMS = "model_state.pdparams"
@@ -52,21 +53,6 @@ PADDLENLP_CLIP_VISION = Table("paddlenlp-clip-vision", (
     Rule("ln_post.bias", "post_norm.bias"),
 ))
 
-# Relative to PaddleNLP's LlamaModel ("llama.").
-PADDLENLP_LLAMA_DECODER = Table("paddlenlp-llama", (
-    Rule("embed_tokens.weight", "embed_tokens.weight"),
-    Rule("layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.weight"),
-    Rule("layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.q_proj.weight"),
-    Rule("layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.k_proj.weight"),
-    Rule("layers.{i}.self_attn.v_proj.weight", "layers.{i}.self_attn.v_proj.weight"),
-    Rule("layers.{i}.self_attn.o_proj.weight", "layers.{i}.self_attn.o_proj.weight"),
-    Rule("layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.weight"),
-    Rule("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj.weight"),
-    Rule("layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj.weight"),
-    Rule("layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj.weight"),
-    Rule("norm.weight", "norm.weight"),
-))
-
 PADDLEMIX_PROJECTOR = Table("paddlemix-mm-projector", (  # nn.Sequential(Linear, GELU, Linear)
     Rule("0.weight", "linear_1.weight"),
     Rule("0.bias", "linear_1.bias"),
@@ -77,8 +63,7 @@ PADDLEMIX_PROJECTOR = Table("paddlemix-mm-projector", (  # nn.Sequential(Linear,
 PADDLEMIX_LLAVA = (
     PADDLENLP_CLIP_VISION.prefixed("llama.vision_tower.vision_tower.vision_model.", "vision_tower.")
     + PADDLEMIX_PROJECTOR.prefixed("llama.mm_projector.", "multi_modal_projector.")
-    + PADDLENLP_LLAMA_DECODER.prefixed("llama.", "language_model.model.")
-    + Table("paddlenlp-lm-head", (Rule("lm_head.weight", "language_model.lm_head.weight", transpose=True),))
+    + causal_lm_table("llama", False, decoder_prefix="llama.", target_prefix="language_model.", paddle_layout=True)
 )
 
 
@@ -106,8 +91,11 @@ def paddlemix_model_config(folder: str, vision_folder: str = "") -> ModelConfig:
     return ModelConfig(vision=vision, projector=ProjectorConfig(type="mlp2x_gelu"), lm=lm)
 
 
-def read_paddlemix_tensors(folder: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """The folder's safetensors, or with allow_pickle its model_state.pdparams."""
+def read_paddlemix_tensors(folder: str, allow_pickle: bool = False, ask: str = "--pdparams") -> dict[str, np.ndarray]:
+    """The folder's safetensors, or with allow_pickle its model_state.pdparams, floating point as fp32.
+
+    `ask` is how the caller's user asks for the pickle, named in the error when only it is there.
+    """
     pdparams = os.path.join(folder, PDPARAMS)
     if allow_pickle:
         if not os.path.isfile(pdparams):
@@ -115,44 +103,60 @@ def read_paddlemix_tensors(folder: str, allow_pickle: bool = False) -> dict[str,
         import paddle
 
         try:
-            state = paddle.load(pdparams)
+            state = paddle.load(pdparams, return_numpy=True)
         except Exception as e:  # a corrupt pickle raises anything
-            raise CheckpointError(f"{pdparams}: cannot read ({e})") from e
-        return {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)).astype(np.float32) for k, v in state.items()}
+            raise CheckpointError(f"{pdparams}: cannot read ({type(e).__name__}: {e})") from e
+        return {k: _float32(np.asarray(v), k, pdparams) for k, v in state.items()}
     try:
         return read_tensors(folder)
     except CheckpointError as e:
         if os.path.isfile(pdparams):
             raise CheckpointError(f"{e}; to read {PDPARAMS} (a pickle: only from a source you trust) "
-                                  "ask for it by name (--pdparams)") from None
+                                  f"ask for it by name ({ask})") from None
         raise
 
 
-def convert_paddlemix(src: str, dst: str, family: str = "llava", allow_pickle: bool = False, vision: str = "") -> str:
-    """A PaddleMIX LLaVA folder -> a new paddle_mm folder (exportable to the Hugging Face layout)."""
+def _float32(a: np.ndarray, name: str, path: str) -> np.ndarray:
+    if a.dtype == np.uint16:  # Paddle hands bf16 to numpy as its raw 16 bits
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    if a.dtype.kind != "f":
+        raise CheckpointError(f"{path}: tensor {name} has dtype {a.dtype}, not floating point")
+    return a.astype(np.float32)
+
+
+def convert_paddlemix(src: str, dst: str, family: str = "llava", allow_pickle: bool = False, vision: str = "",
+                      image_token_id: int | None = None) -> str:
+    """A PaddleMIX LLaVA or BLIP-2 folder -> a new paddle_mm folder (exportable to the Hugging Face layout)."""
     from paddle_mm.weights.convert import CONVERSION_FILE, MODEL_FILE, _make_run_folder, _new_folder, hf_llava_config
 
-    if family != "llava":
-        raise CheckpointError(f"PaddleMIX conversion here covers llava, not {family!r}")
-    cfg = paddlemix_model_config(src, vision)
-    tensors = read_paddlemix_tensors(src, allow_pickle)
-    mapped, _ = to_paddle_mm(tensors, PADDLEMIX_LLAVA, src)
-    tokenizer = os.path.isfile(os.path.join(src, "tokenizer.json"))
-    if tokenizer:  # PaddleMIX marks images with -200 in the ids; here <image> is a token of the tokenizer
-        from paddle_mm.tokenizer import Tokenizer
+    if family == "llava":
+        cfg = paddlemix_model_config(src, vision)
+        mapped, _ = to_paddle_mm(read_paddlemix_tensors(src, allow_pickle), PADDLEMIX_LLAVA, src)
+        if os.path.isfile(os.path.join(src, "tokenizer.json")):
+            # PaddleMIX marks images with -200 in the ids; here <image> is a token of the tokenizer
+            from paddle_mm.tokenizer import Tokenizer
 
-        cfg = replace(cfg, image_token_id=Tokenizer.load(src).image_token_id)
+            cfg = replace(cfg, image_token_id=Tokenizer.load(src).image_token_id)
+        layout, source_config = "legacy", hf_llava_config(cfg, src)
+    elif family == "blip2":
+        from paddle_mm.weights.blip2 import blip2_table, hf_blip2_config, read_blip2
+
+        cfg, _, tensors, _ = read_blip2(src, "paddlemix", "pdparams" if allow_pickle else "safetensors",
+                                        image_token_id)
+        mapped, _ = to_paddle_mm(tensors, blip2_table("paddlemix", cfg.lm), src)
+        # the q, k, v biases are written as loaded (zeros where PaddleMIX had none): the same network
+        layout, source_config = "hf", hf_blip2_config(cfg, True, src)
+    else:
+        raise CheckpointError(f"PaddleMIX conversion covers llava and blip2, not {family!r}")
     tmp, final = _new_folder(src, dst)
     try:
         write_safetensors(os.path.join(tmp, MODEL_FILE), mapped)
         write_json_atomic(os.path.join(tmp, "config.json"), asdict(cfg))
         write_json_atomic(os.path.join(tmp, CONVERSION_FILE), {
-            "family": "llava", "from": "paddlemix", "source": os.path.abspath(src), "layout": "legacy",
-            "source_config": hf_llava_config(cfg, src), "paddlemix_config": read_config(src), "dtypes": {},
-            "source_files": [],
+            "family": family, "from": "paddlemix", "source": os.path.abspath(src), "layout": layout,
+            "source_config": source_config, "paddlemix_config": read_config(src), "dtypes": {}, "source_files": [],
         })
-        if tokenizer:
-            _make_run_folder(tmp, asdict(cfg), src)
+        _make_run_folder(tmp, asdict(cfg), src)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

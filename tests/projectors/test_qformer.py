@@ -123,22 +123,19 @@ def test_matches_blip2_qformer_of_transformers():
     """Fed the reference ViT features, the Q-Former alone reproduces transformers' BLIP-2 Q-Former."""
     import os
 
-    from paddle_mm.checkpoint import load_into, load_tensors
-    from paddle_mm.config import QFormerConfig
-    from paddle_mm.weights.blip2 import apply_table, hf_qformer_rows
+    from paddle_mm.checkpoint import load_tensors
+    from paddle_mm.weights.blip2 import HF_QFORMER
     from paddle_mm.weights.hf import read_tensors
+    from paddle_mm.weights.mapping import load_mapped
 
     fixture = os.path.join(os.path.dirname(__file__), "..", "fixtures", "reference", "blip2")
     ref = load_tensors(os.path.join(fixture, "reference.safetensors"))
-    cfg = QFormerConfig(num_queries=4, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
     model = QFormerProjector(32, 32, num_queries=4, hidden_size=32, num_layers=2, num_heads=4,
                              intermediate_size=64, cross_attention_every=2)
     model.eval()
     tensors = {k: v for k, v in read_tensors(os.path.join(fixture, "hf")).items()
                if k.startswith(("qformer.", "query_tokens", "language_projection."))}
-    expected = {"multi_modal_projector." + k: list(v.shape) for k, v in model.state_dict().items()}
-    mapped = apply_table(hf_qformer_rows(cfg), tensors, expected, "blip2 fixture")
-    load_into(model, mapped, "blip2 fixture", prefix="multi_modal_projector.")
+    load_mapped(model, tensors, HF_QFORMER, "blip2 fixture")
     with paddle.no_grad():
         queries = model.query_states(paddle.to_tensor(ref["vision_features"]))
         projected = model.proj(queries)

@@ -269,3 +269,36 @@ def test_blip2_recipes_describe_the_model_load_blip2_builds(stage):
     assert recipe.train.stage == stage and recipe.train.trainable == ["multi_modal_projector"]
     local = [recipe.train.init_from, recipe.data.tokenizer] + [spec.path for spec in recipe.data.train]
     assert all(p and not os.path.isabs(p) and "://" not in p for p in local)
+
+
+def test_paddlemix_folder_converts_and_exports_to_the_hugging_face_tensors(tmp_path, ref):
+    from paddle_mm.cli import main
+
+    folder = paddlemix_folder(tmp_path)
+    assert main(["convert", "--from", "paddlemix", "--family", "blip2", "--image-token-id", "95", folder,
+                 str(tmp_path / "pm")]) == 0
+    assert main(["export", str(tmp_path / "pm"), str(tmp_path / "hf")]) == 0
+    exported, original = read_tensors(str(tmp_path / "hf")), read_tensors(HF)
+    assert sorted(exported) == sorted(original)
+    for name in original:
+        np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+    out = outputs(load_blip2(str(tmp_path / "hf")), ref)
+    assert np.abs(out["logits"] - ref["logits"]).max() <= TOL
+    assert out["greedy_tokens"].tolist() == ref["greedy_tokens"].tolist()
+
+
+def test_checkpoint_without_qkv_biases_loads_zeros_and_exports_none():
+    from paddle_mm.weights.blip2 import join_for_export, split_for_mapping
+
+    tensors = {k: v for k, v in read_tensors(HF).items() if not k.endswith("self_attn.qkv.bias")}
+    split = split_for_mapping(tensors, "hf", qkv_bias=False, source="x")
+    weight = tensors["vision_model.encoder.layers.0.self_attn.qkv.weight"]
+    np.testing.assert_array_equal(split["vision_model.encoder.layers.0.self_attn.qkv.weight[k]"], weight[32:64])
+    assert not np.any(split["vision_model.encoder.layers.0.self_attn.qkv.bias[v]"])
+    back = join_for_export(split, "hf", qkv_bias=False, source="x")
+    assert sorted(back) == sorted(tensors)
+    for name in tensors:
+        np.testing.assert_array_equal(back[name], tensors[name], err_msg=name)
+    split["vision_model.encoder.layers.1.self_attn.qkv.bias[q]"] += 1.0  # trained here: cannot be dropped
+    with pytest.raises(CheckpointError, match=r"qkv\.bias is not zero"):
+        join_for_export(split, "hf", qkv_bias=False, source="x")

@@ -19,7 +19,8 @@ from paddle_mm.weights.hf import read_tensors
 from paddle_mm.weights.llava import llava_model_config, load_llava
 from reference_fixtures import folder_of, max_diff, reference, snapshot
 
-FIXTURES = [("clip", "clip"), ("qwen2", "qwen2"), ("qwen2", "qwen2/bf16"), ("llama", "llama"), ("llava", "llava")]
+FIXTURES = [("clip", "clip"), ("qwen2", "qwen2"), ("qwen2", "qwen2/bf16"), ("llama", "llama"), ("llava", "llava"),
+            ("blip2", "blip2/hf"), ("blip2", "blip2/hf_bf16")]
 
 
 def assert_same_tensors(a: str, b: str) -> None:

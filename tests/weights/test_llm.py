@@ -114,3 +114,20 @@ def test_config_the_lm_config_cannot_carry_is_refused(tmp_path):
         json.dump({**raw, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, f)
     with pytest.raises(CheckpointError, match="config.json: rope_scaling=.* is not supported"):
         lm_config_from_folder(folder)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"use_sliding_window": True}, "use_sliding_window=True is not supported"),
+    ({"head_dim": 64}, "head_dim=64 is not supported"),
+    ({"hidden_size": None}, "the language model config has no 'hidden_size'"),
+])
+def test_config_fields_are_checked_before_building(change, message):
+    from paddle_mm.lm.adapter import lm_config_from_hf
+
+    raw = {"model_type": "qwen2", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, **change}
+    raw = {k: v for k, v in raw.items() if v is not None}
+    with pytest.raises(CheckpointError, match=f"lm/config.json: {message}"):
+        lm_config_from_hf(raw, "", "lm/config.json")
+    fine = {**raw, "hidden_size": 32, "use_sliding_window": False, "head_dim": 8}  # 8 = 32 / 4 heads
+    assert lm_config_from_hf(fine, "", "lm/config.json").num_heads == 4
