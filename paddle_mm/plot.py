@@ -7,15 +7,17 @@ from paddle_mm.fileio import write_bytes_atomic
 from paddle_mm.runlog import read_metrics
 
 
-def _pyplot():
+def _new_figure(**kw):
+    """A figure drawn by the Agg (file) renderer, with no pyplot: the process's own backend (a
+    notebook's inline one, say) is left as it was."""
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("plotting needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def run_label(run_dir: str) -> str:
@@ -33,8 +35,8 @@ def plot_runs(run_dirs: list[str], out_png: str, title: str = "") -> str:
     """
     if not run_dirs:
         raise ValueError("plot_runs needs at least one run folder")
-    plt = _pyplot()
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, sharex=True, figsize=(7, 5.5), height_ratios=(2, 1))
+    fig = _new_figure(figsize=(7, 5.5))
+    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     lowest, highest = float("inf"), 0.0
     for run_dir in run_dirs:
         records = read_metrics(run_dir)
@@ -59,7 +61,6 @@ def plot_runs(run_dirs: list[str], out_png: str, title: str = "") -> str:
         ax_loss.set_title(title)
     fig.tight_layout()
     save_figure(fig, out_png)
-    plt.close(fig)
     return out_png
 
 

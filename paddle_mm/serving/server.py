@@ -4,15 +4,18 @@
     GET  /v1/models             the one model this server holds
     POST /v1/chat/completions   text and image content parts; "stream": true for server-sent events
 
-Requests are handled on threads, but one model answers them one at a time (a lock: decoding
-holds a KV cache and Paddle's global RNG). Requests waiting beyond ServerLimits.max_pending are
-refused with 503 instead of piling up. Every refusal is an OpenAI-style JSON error with a 4xx
+Requests are read and checked on one thread each, but one model thread answers them, one at a
+time: decoding holds a KV cache and Paddle's global RNG, and Paddle keeps per-thread kernel
+caches, so a new thread per request ran several times slower than one warm thread. Streamed
+text goes back through a queue, so a slow reader does not hold up the model. Requests waiting
+beyond ServerLimits.max_pending are refused with 503 instead of piling up. Every refusal is an OpenAI-style JSON error with a 4xx
 status, and the server goes on serving.
 """
 from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
 import threading
 import traceback
@@ -33,18 +36,20 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 
 
 class Engine:
-    """The model of one run folder, answering one ChatJob at a time."""
+    """The model of one run folder and the one thread that runs it, answering one ChatJob at a time."""
 
-    def __init__(self, run_dir: str, model_name: str = ""):
+    def __init__(self, run_dir: str, model_name: str = "", num_threads: int = 0):
         from paddle_mm.builder import image_processor_for, load_run
         from paddle_mm.runtime import configure_cpu
 
-        configure_cpu()
+        configure_cpu(num_threads)
         self.recipe, cfg, self.tokenizer, self.model = load_run(run_dir)
         self.image_processor = image_processor_for(self.recipe)
         self.max_positions = cfg.lm.max_position_embeddings
         self.model_name = model_name or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held while a job runs
+        self._jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._work, name="paddle_mm-model", daemon=True).start()
 
     def system_prompt(self, job: ChatJob) -> str:
         return job.system or self.recipe.data.system_prompt  # the one the model was trained with
@@ -60,27 +65,64 @@ class Engine:
         return len(ids)
 
     def answer(self, job: ChatJob, on_delta=None) -> tuple[str, str, dict]:
-        """(text, finish_reason, usage); on_delta(text) sees the answer as it grows."""
+        """(text, finish_reason, usage), computed on the model thread; on_delta(text), called on this
+        thread, sees the answer as it grows. If on_delta raises (the client left), decoding stops."""
+        prompt_tokens = self.check_length(job)
+        events: queue.Queue = queue.Queue()
+        cancelled = threading.Event()
+        self._jobs.put((job, events, cancelled))
+        while True:
+            kind, value = events.get()
+            if kind == "delta":
+                if on_delta is not None:
+                    try:
+                        on_delta(value)
+                    except BaseException:
+                        cancelled.set()
+                        raise
+            elif kind == "error":
+                raise value
+            else:
+                text, ids, stopped = value
+                break
+        # Decoding stops at eos before max_new_tokens, so a full budget means it was cut short.
+        finish = "length" if not stopped and len(ids) >= job.infer.max_new_tokens else "stop"
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
+                 "total_tokens": prompt_tokens + len(ids)}
+        return text, finish, usage
+
+    def _work(self) -> None:
+        while True:
+            job, events, cancelled = self._jobs.get()
+            if cancelled.is_set():
+                continue
+            try:
+                with self.lock:
+                    stream = self._generate(job, lambda d: events.put(("delta", d)), cancelled)
+                events.put(("done", (stream.finish(), stream.ids, stream.stopped)))
+            except Exception as e:  # handed to the request's thread, which answers with an error
+                events.put(("error", e))
+
+    def _generate(self, job: ChatJob, on_delta, cancelled: threading.Event) -> TextStream:
         import paddle
 
         from paddle_mm.evaluate import generate_answers
 
-        prompt_tokens = self.check_length(job)
         stream = TextStream(self.tokenizer, job.stop, on_delta)
-        with self.lock:
-            if job.seed is not None:
-                paddle.seed(job.seed)
-            try:
-                generate_answers(self.model, self.tokenizer, [job.sample], self.image_processor, job.infer,
-                                 system=self.system_prompt(job), on_token=lambda _id, token: stream.add(token))
-            except StopGeneration:
-                pass
-        text = stream.finish()
-        # Decoding stops at eos before max_new_tokens, so a full budget means it was cut short.
-        finish = "length" if not stream.stopped and len(stream.ids) >= job.infer.max_new_tokens else "stop"
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(stream.ids),
-                 "total_tokens": prompt_tokens + len(stream.ids)}
-        return text, finish, usage
+
+        def on_token(_id, token: int) -> None:
+            if cancelled.is_set():
+                raise StopGeneration
+            stream.add(token)
+
+        if job.seed is not None:
+            paddle.seed(job.seed)
+        try:
+            generate_answers(self.model, self.tokenizer, [job.sample], self.image_processor, job.infer,
+                             system=self.system_prompt(job), on_token=on_token)
+        except StopGeneration:
+            pass
+        return stream
 
 
 class ChatServer(ThreadingHTTPServer):
@@ -236,14 +278,16 @@ class ChatHandler(BaseHTTPRequestHandler):
 
 
 def make_server(run_dir: str, host: str = "127.0.0.1", port: int = 8000, model_name: str = "",
-                limits: ServerLimits | None = None, local_image_root: str = "", access_log: bool = False) -> ChatServer:
+                limits: ServerLimits | None = None, local_image_root: str = "", access_log: bool = False,
+                num_threads: int = 0) -> ChatServer:
     """Load the run and bind; port 0 picks a free port (see .url). Call serve_forever() to run."""
-    return ChatServer(Engine(run_dir, model_name), host, port, limits, local_image_root, access_log)
+    return ChatServer(Engine(run_dir, model_name, num_threads), host, port, limits, local_image_root, access_log)
 
 
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, model_name: str = "",
-          local_image_root: str = "", limits: ServerLimits | None = None) -> None:
-    server = make_server(run_dir, host, port, model_name, limits, local_image_root, access_log=True)
+          local_image_root: str = "", limits: ServerLimits | None = None, num_threads: int = 0) -> None:
+    server = make_server(run_dir, host, port, model_name, limits, local_image_root, access_log=True,
+                         num_threads=num_threads)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"paddle-mm: warning: listening on {host}: anyone who can reach it may use the model "
               "(there is no authentication)", file=sys.stderr)
