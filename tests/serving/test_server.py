@@ -227,3 +227,29 @@ def side_server(engine, limits=None):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_serve_command_binds_loopback_and_answers(served):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "paddle_mm.cli", "serve", served["run_dir"], "--port", "0",
+                             "--model-name", "demo", "--threads", "1"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        for line in proc.stderr:  # the server names its address once it listens
+            match = re.search(r"serving 'demo' at (http://[\d.]+:\d+)/v1", line)
+            if match:
+                url = match.group(1)
+                break
+        assert url and url.startswith("http://127.0.0.1:")
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == ["demo"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
