@@ -12,7 +12,6 @@ import paddle
 import pytest
 
 from paddle_mm.cli import main
-from paddle_mm.errors import CheckpointError
 from paddle_mm.plot import plot_runs
 from paddle_mm.runlog import global_grad_norm, visualdl_writer
 from paddle_mm.train import train
