@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Vision-language models from parts on PaddlePaddle, trained and run from recipe files",
     packages=find_packages(include=["paddle_mm", "paddle_mm.*"]),
+    package_data={"paddle_mm.serving": ["chat.html"]},
     python_requires=">=3.10",
     # Pinned versions live in requirements.txt (a set checked to install together);
     # these are the direct needs, unpinned so the package composes with other pins.

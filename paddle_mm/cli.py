@@ -1,4 +1,4 @@
-"""The `paddle-mm` command: train, check-data, infer, eval, demo, tokenizer, convert, export.
+"""The `paddle-mm` command: train, check-data, infer, eval, demo, tokenizer, convert, export, plot, serve.
 
 Thin: each subcommand parses its arguments and calls the library. Heavy imports (paddle,
 PaddleFormers) happen inside the subcommands so `paddle-mm --help` is instant.
@@ -142,6 +142,23 @@ def _export(args) -> None:
     print(export(args.src, args.dst))
 
 
+def _plot(args) -> None:
+    import os
+
+    from paddle_mm.plot import plot_runs
+
+    print(plot_runs(args.run_dirs, args.out or os.path.join(args.run_dirs[0], "curves.png")))
+
+
+def _serve(args) -> None:
+    from paddle_mm.serving.server import ServerLimits, serve
+
+    limits = ServerLimits(max_request_bytes=args.max_request_mb * 2**20, max_image_bytes=args.max_image_mb * 2**20,
+                          max_image_pixels=args.max_image_pixels, max_tokens=args.max_tokens)
+    serve(args.run_dir, host=args.host, port=args.port, model_name=args.model_name,
+          local_image_root=args.allow_local_images, limits=limits, num_threads=args.threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paddle-mm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,6 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_tokenizer)
+    p = sub.add_parser("plot", help="PNG of the loss and learning-rate curves of one or more runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="the PNG to write (default: RUN_DIR/curves.png of the first run)")
+    p.set_defaults(func=_plot)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible chat server (and a chat page) for a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default="", help="the model id clients name (default: the run folder's name)")
+    p.add_argument("--allow-local-images", metavar="DIR", default="",
+                   help="also accept image paths (file://) inside DIR; by default only data: URLs")
+    p.add_argument("--max-request-mb", type=int, default=16)
+    p.add_argument("--max-image-mb", type=int, default=8)
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    p.add_argument("--max-tokens", type=int, default=512, help="the most new tokens a request may ask for")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0: every core)")
+    p.set_defaults(func=_serve)
     return parser
 
 

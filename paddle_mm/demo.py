@@ -64,6 +64,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (),
         evaluate_vqa,
         question_prior_report,
     )
+    from paddle_mm.plot import plot_runs
     from paddle_mm.tokenizer import Tokenizer, training_corpus
     from paddle_mm.train import train_in_processes
 
@@ -109,6 +110,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (),
     }
     write_json_atomic(os.path.join(out, "summary.json"), summary)
     print(format_summary(summary))
+    _say(f"training curves: {plot_runs([p['pretrain'], p['instruct']], os.path.join(out, 'curves.png'))}")
     q = questions[0]
     answer = vqa["predictions"][q.id]
     print(f"\nimage {q.images[0]}\nQ: {q.turns[0][1].split(chr(10))[-1]}\nA: {answer}  (expected: {q.turns[-1][1]})")

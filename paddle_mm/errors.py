@@ -31,6 +31,10 @@ class DataError(PaddleMMError, ValueError):
         super().__init__(f"{where}: {cause}")
 
 
+class ImageTooLargeError(DataError):
+    """An image is larger (bytes or pixels) than the limit the caller set."""
+
+
 class CheckpointError(PaddleMMError, ValueError):
     """A checkpoint folder or file is missing, truncated or does not fit the model."""
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -31,8 +31,12 @@ def generate_answers(
     infer: InferConfig,
     blind: bool = False,
     system: str = "",
+    on_token: Callable[[str, int], None] | None = None,
 ) -> dict[str, str]:
-    """{sample id: generated text}. blind=True replaces every image with a blank one."""
+    """{sample id: generated text}. blind=True replaces every image with a blank one.
+
+    on_token(sample id, token id) sees each new token as it is chosen, for streaming.
+    """
     import paddle
 
     answers: dict[str, str] = {}
@@ -60,6 +64,7 @@ def generate_answers(
             temperature=infer.temperature,
             top_p=infer.top_p,
             num_beams=infer.num_beams,
+            on_token=None if on_token is None else (lambda row, t, ids=batch["ids"]: on_token(ids[row], t)),
         )
         for sid, out in zip(batch["ids"], outs):
             answers[sid] = tokenizer.decode(out).strip()

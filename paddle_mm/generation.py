@@ -5,6 +5,8 @@ left-padded attention mask, so every row's next token is read from the last colu
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import paddle
 import paddle.nn.functional as F
 
@@ -12,8 +14,13 @@ from paddle_mm.lm.adapter import run_language_model
 
 
 def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id: int | None, do_sample: bool = False,
-           temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True) -> list[list[int]]:
-    """Greedy or sampled decoding; returns the new ids of each row, cut at eos."""
+           temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True,
+           on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Greedy or sampled decoding; returns the new ids of each row, cut at eos.
+
+    on_token(row, token id) is called as each kept token is chosen (streaming); an exception
+    it raises stops decoding and propagates.
+    """
     embed_tokens = lm.get_input_embeddings()
     b = embeds.shape[0]
     done = [False] * b
@@ -31,6 +38,8 @@ def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id: int | None, do_s
                 done[i] = t == eos_token_id
                 if not done[i]:
                     out[i].append(t)
+                    if on_token is not None:
+                        on_token(i, t)
         if all(done):
             break
         new_embeds = embed_tokens(next_ids.unsqueeze(-1))  # [B, 1, D]

@@ -85,15 +85,22 @@ class VisionLanguageModel(nn.Layer):
         top_p: float = 1.0,
         num_beams: int = 1,
         use_cache: bool = True,
+        on_token=None,
     ) -> list[list[int]]:
-        """Decode new tokens for a left-padded batch; returns the new ids per row (eos cut)."""
+        """Decode new tokens for a left-padded batch; returns the new ids per row (eos cut).
+
+        on_token(row, token id) sees each token as it is chosen (not with beam search, whose
+        hypotheses are only final at the end).
+        """
         if attention_mask is None:
             attention_mask = paddle.ones_like(input_ids)
         embeds = self.embed(input_ids, pixel_values)
         if num_beams > 1:
+            if on_token is not None:
+                raise ValueError("on_token (streaming) needs num_beams=1")
             return beam_search(self.language_model, embeds, attention_mask, max_new_tokens, eos_token_id, num_beams)
         return decode(self.language_model, embeds, attention_mask, max_new_tokens, eos_token_id,
-                      do_sample, temperature, top_p, use_cache)
+                      do_sample, temperature, top_p, use_cache, on_token)
 
 
 def causal_lm_loss(logits, labels):

@@ -24,6 +24,7 @@ from paddle_mm.data.dataset import ConversationDataset, collate
 from paddle_mm.errors import CheckpointError, DataError, NonFiniteLossError, RecipeError
 from paddle_mm.fileio import write_json_atomic
 from paddle_mm.recipe import save_recipe
+from paddle_mm.runlog import METRICS_FILE, RunLog, global_grad_norm
 from paddle_mm.tokenizer import dump_special_tokens
 
 SUBMODULES = ("vision_tower", "multi_modal_projector", "language_model")
@@ -174,14 +175,13 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
 
     lengths = np.array([len(item.input_ids) for item in dataset.items])
     order = _epoch_order(cfg.seed, lengths, state["epoch"], cfg.batch_size)
-    log = None
     if rank == 0:  # steps logged after the checkpoint we resume from are taken again
-        for name in ("metrics.jsonl", resume.NONFINITE_LOG):
+        for name in (METRICS_FILE, resume.NONFINITE_LOG):
             resume.trim_log(os.path.join(run_dir, name), state["step"])
-        log = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+    runlog = RunLog(run_dir, dataset, write=rank == 0)
     progress = Progress(cfg.max_steps, state["step"])
     model.train()
-    t_log, seen, bad_in_a_row, stand_in = time.time(), 0, 0, None
+    bad_in_a_row, stand_in = 0, None
     while state["step"] < cfg.max_steps:
         lr = lr_at(state["step"], cfg)
         optimizer.set_lr(lr)
@@ -194,8 +194,8 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
                 order = _epoch_order(cfg.seed, lengths, state["epoch"], cfg.batch_size)
             idx = order[state["cursor"]: state["cursor"] + cfg.batch_size]
             state["cursor"] += cfg.batch_size
-            seen += len(idx)
             step_idx.extend(int(i) for i in idx)
+            runlog.add_batch(idx)
             items = _read_items(dataset, idx[rank::world], recipe.data.on_error, skipped)
             weight = 1.0
             if not items:
@@ -234,27 +234,25 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
                 + (f" ({bad_in_a_row} batches in a row)" if bad_in_a_row > 1 else "")
                 + (f"; state before the step and the batch saved in {inspect}" if rank == 0 else ""))
         bad_in_a_row = 0
+        step = state["step"] + 1
+        logs = step % cfg.log_every == 0 or step == cfg.max_steps
+        grad_norm = global_grad_norm(p for ps in groups.values() for p in ps) if logs else 0.0
         optimizer.step()
         optimizer.clear_grad()
-        state["step"] += 1
-        step = state["step"]
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        state["step"] = step
+        if logs:
             if world > 1:  # log the loss of the whole global batch
                 total = paddle.to_tensor([total_loss])
                 dist.all_reduce(total)
                 total_loss = float(total) / world
-            rate = seen / max(time.time() - t_log, 1e-9)
-            if rank == 0:
-                log.write(json.dumps({"step": step, "loss": total_loss, "lr": lr, "samples_per_s": rate}) + "\n")
-                log.flush()
-                if not quiet:
-                    progress.update(step, total_loss, lr, rate)
-            t_log, seen = time.time(), 0
+            record = runlog.write(step, total_loss, lr, grad_norm)
+            if rank == 0 and not quiet:
+                progress.update(step, total_loss, lr, record["samples_per_s"])
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world, cfg.keep_checkpoints)
     skipped_records = _skipped_on_all_ranks(skipped, world)
+    runlog.close()
     if rank == 0:
-        log.close()
         write_json_atomic(os.path.join(run_dir, "skipped.json"),
                           {"count": len(skipped_records), "records": skipped_records[:100]})
     final = _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world, cfg.keep_checkpoints)

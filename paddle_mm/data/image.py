@@ -8,7 +8,7 @@ from typing import Literal, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from paddle_mm.errors import DataError
+from paddle_mm.errors import DataError, ImageTooLargeError
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -43,6 +43,27 @@ class ImageProcessorConfig:
 ImageInput = Union[str, os.PathLike, Image.Image]
 
 
+def open_image(fp, source: str, max_pixels: int = 0) -> Image.Image:
+    """Decode a path or binary file object fully as RGB; a DataError naming `source` if it is not
+    a readable image, an ImageTooLargeError if it has more than max_pixels (0: no limit).
+
+    The size is checked from the header, before the pixels are decoded.
+    """
+    try:
+        with Image.open(fp) as img:
+            w, h = img.size
+            if max_pixels and w * h > max_pixels:
+                raise ImageTooLargeError(source, f"{w}x{h} pixels is more than the limit of {max_pixels}")
+            img.load()  # force the full decode so truncated files fail here
+            return img.convert("RGB")
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(source, str(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(source, f"cannot read image: {exc}", reason="image_unreadable") from None
+
+
 class ImageProcessor:
     """Loads images and turns them into normalized ``[3, size, size]`` float32 arrays."""
 
@@ -56,12 +77,7 @@ class ImageProcessor:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise DataError(path, "cannot read image: file not found", reason="image_missing")
-        try:
-            with Image.open(path) as img:
-                img.load()  # force the full decode so truncated files fail here
-                return img.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataError(path, f"cannot read image: {exc}", reason="image_unreadable") from None
+        return open_image(path, path)
 
     def _resize(self, image: Image.Image) -> Image.Image:
         size = self.config.size
