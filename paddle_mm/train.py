@@ -8,7 +8,6 @@ follows `train.trainable`; nothing here branches on the stage name.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
