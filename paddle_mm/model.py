@@ -62,10 +62,16 @@ class VisionLanguageModel(nn.Layer):
         gathered = paddle.gather(flat, paddle.clip(order, min=0)).reshape(embeds.shape)
         return paddle.where(is_image.unsqueeze(-1), gathered, embeds)
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
-        """Return (loss or None, logits [B, L, V])."""
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, position_ids=None,
+                attn_mask_startend_row_indices=None):
+        """Return (loss or None, logits [B, L, V]).
+
+        Packed rows (paddle_mm.data.packing) pass position_ids and attn_mask_startend_row_indices
+        instead of attention_mask.
+        """
         embeds = self.embed(input_ids, pixel_values)
-        logits, _ = run_language_model(self.language_model, embeds, attention_mask)
+        logits, _ = run_language_model(self.language_model, embeds, attention_mask, position_ids=position_ids,
+                                       attn_mask_startend_row_indices=attn_mask_startend_row_indices)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
@@ -96,8 +102,9 @@ class VisionLanguageModel(nn.Layer):
                       do_sample, temperature, top_p, use_cache)
 
 
-def causal_lm_loss(logits, labels):
-    """Mean next-token cross-entropy over the positions whose label is not IGNORE_INDEX.
+def causal_lm_loss(logits, labels, reduction: str = "mean"):
+    """Next-token cross-entropy over the positions whose label is not IGNORE_INDEX: their mean,
+    or their sum (training divides the sum by the labelled-token count of the whole global batch).
 
     Summed and divided by the count by hand: Paddle 3.3's cross_entropy with reduction="mean"
     divides by every position when ignore_index is negative, so padding and prompt length
@@ -110,4 +117,5 @@ def causal_lm_loss(logits, labels):
     per_token = F.cross_entropy(
         shift_logits.reshape([-1, v]), shift_labels.unsqueeze(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).reshape([-1])
-    return (per_token * keep).sum() / paddle.clip(keep.sum(), min=1.0)
+    total = (per_token * keep).sum()
+    return total if reduction == "sum" else total / paddle.clip(keep.sum(), min=1.0)

@@ -95,6 +95,14 @@ def build_language_model(cfg: LMConfig, special_ids: dict[str, int] | None = Non
     return model
 
 
+def enable_recompute(lm) -> None:
+    """Recompute every decoder layer in backward (PaddleFormers 1.0.0 does it per layer only
+    for this combination of settings, in Qwen2, Llama and Qwen3 alike)."""
+    lm.config.recompute_granularity = "full"
+    lm.config.recompute_method = "uniform"
+    lm.config.recompute_num_layers = 1
+
+
 def resolved_lm_config(cfg: LMConfig) -> LMConfig:
     """The config with the fields of a local folder filled in, so a saved run is self-describing."""
     if not cfg.path:
@@ -114,22 +122,33 @@ def position_ids_from_mask(attention_mask: paddle.Tensor, past_length: int = 0) 
     return pos[:, past_length:]
 
 
-def run_language_model(lm, inputs_embeds, attention_mask=None, past_key_values=None, use_cache=False):
+def run_language_model(lm, inputs_embeds, attention_mask=None, past_key_values=None, use_cache=False,
+                       position_ids=None, attn_mask_startend_row_indices=None):
     """Forward the backbone on embeddings; returns (logits [B, L, V], cache or None).
 
-    attention_mask covers the cached and the new positions ([B, past + L]).
+    attention_mask covers the cached and the new positions ([B, past + L]). Packed rows pass
+    attn_mask_startend_row_indices ([B, 1, L, 1]: for each key column, the first query row
+    that may not see it) and their own position_ids instead; with attn_implementation
+    "flashmask" (GPU) the backbone's variable-length kernel reads them directly, the other
+    implementations expand them to a dense mask.
     """
     b, length = inputs_embeds.shape[:2]
     past = past_key_values.get_seq_length() if past_key_values is not None else 0
-    if attention_mask is None:
+    kwargs = {}
+    if attn_mask_startend_row_indices is not None:
+        kwargs["attn_mask_startend_row_indices"] = attn_mask_startend_row_indices
+    elif attention_mask is None:
         attention_mask = paddle.ones([b, past + length], dtype="int64")
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask, past)
     out = lm(
         input_ids=None,
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask, past),
+        position_ids=position_ids,
         past_key_values=past_key_values,
         use_cache=use_cache,
         return_dict=True,
+        **kwargs,
     )
     return out.logits, (out.past_key_values if use_cache else None)
