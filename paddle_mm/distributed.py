@@ -21,8 +21,9 @@ def on_cpu() -> bool:
     return paddle.device.get_device() == "cpu"
 
 
-def check_settings(cfg: TrainConfig) -> None:
+def check_settings(recipe) -> None:
     """Reject scaling settings this machine cannot honour, before anything is built."""
+    cfg = recipe.train
     if cfg.sharding_stage not in (0, 1, 2, 3):
         raise RecipeError(f"train.sharding_stage must be 0, 1, 2 or 3, got {cfg.sharding_stage}")
     if on_cpu():
@@ -33,6 +34,8 @@ def check_settings(cfg: TrainConfig) -> None:
         if cfg.precision != "fp32":
             # Paddle 3.3.1 on CPU: auto_cast leaves every op in float32, so the setting would do nothing.
             raise RecipeError(f"train.precision {cfg.precision} needs a GPU; on CPU use fp32")
+        if recipe.model.lm.attn_implementation == "flashmask":
+            raise RecipeError("model.lm.attn_implementation flashmask needs a GPU; on CPU use sdpa")
 
 
 def join_process_group(cfg: TrainConfig) -> tuple[int, int]:

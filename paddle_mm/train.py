@@ -212,7 +212,7 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     from paddle_mm.runtime import configure_cpu, seed_everything
 
     cfg = recipe.train
-    distributed.check_settings(cfg)
+    distributed.check_settings(recipe)
     if recipe.data.packing and 0 < recipe.data.pack_length < recipe.data.max_length:
         raise RecipeError(f"data.pack_length {recipe.data.pack_length} is shorter than data.max_length "
                           f"{recipe.data.max_length}: a sample of max_length would fit no packed row")

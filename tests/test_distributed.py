@@ -106,6 +106,7 @@ def test_recompute_gives_the_same_gradients(tiny_recipe, tmp_path):
     ("train.sharding_stage=3", "sharding_stage 3 needs a GPU"),
     ("train.sharding_stage=4", "must be 0, 1, 2 or 3"),
     ("train.precision=bf16", "precision bf16 needs a GPU"),
+    ("model.lm.attn_implementation=flashmask", "flashmask needs a GPU"),
 ])
 def test_settings_this_cpu_cannot_honour_are_recipe_errors(tiny_recipe, tmp_path, override, message):
     with pytest.raises(RecipeError, match=message):

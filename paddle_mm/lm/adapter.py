@@ -122,6 +122,19 @@ def position_ids_from_mask(attention_mask: paddle.Tensor, past_length: int = 0) 
     return pos[:, past_length:]
 
 
+def dense_mask_from_row_indices(row_indices: paddle.Tensor) -> paddle.Tensor:
+    """[B, 1, L, 1] first-hidden-row indices -> a boolean causal mask [B, 1, L, L] (True: may attend).
+
+    Built here because PaddleFormers 1.0.0's own expansion, on the sdpa path, also sets
+    is_causal, and Paddle 3.3.1's CPU attention then ignores the mask: packed samples saw
+    each other (measured).
+    """
+    length = row_indices.shape[2]
+    rows = paddle.arange(length, dtype="int32").reshape([1, 1, length, 1])
+    cols = paddle.arange(length, dtype="int32").reshape([1, 1, 1, length])
+    return (cols <= rows) & (rows < row_indices.reshape([-1, 1, 1, length]))
+
+
 def run_language_model(lm, inputs_embeds, attention_mask=None, past_key_values=None, use_cache=False,
                        position_ids=None, attn_mask_startend_row_indices=None):
     """Forward the backbone on embeddings; returns (logits [B, L, V], cache or None).
@@ -129,14 +142,17 @@ def run_language_model(lm, inputs_embeds, attention_mask=None, past_key_values=N
     attention_mask covers the cached and the new positions ([B, past + L]). Packed rows pass
     attn_mask_startend_row_indices ([B, 1, L, 1]: for each key column, the first query row
     that may not see it) and their own position_ids instead; with attn_implementation
-    "flashmask" (GPU) the backbone's variable-length kernel reads them directly, the other
-    implementations expand them to a dense mask.
+    "flashmask" (GPU) the backbone's variable-length kernel reads them directly, with the
+    others they become a dense [B, 1, L, L] mask here.
     """
     b, length = inputs_embeds.shape[:2]
     past = past_key_values.get_seq_length() if past_key_values is not None else 0
     kwargs = {}
     if attn_mask_startend_row_indices is not None:
-        kwargs["attn_mask_startend_row_indices"] = attn_mask_startend_row_indices
+        if lm.config._attn_implementation == "flashmask":
+            kwargs["attn_mask_startend_row_indices"] = attn_mask_startend_row_indices
+        else:
+            attention_mask = dense_mask_from_row_indices(attn_mask_startend_row_indices)
     elif attention_mask is None:
         attention_mask = paddle.ones([b, past + length], dtype="int64")
     if position_ids is None:
