@@ -101,6 +101,32 @@ def global_sum(values: list[float], world: int) -> list[float]:
     return t.tolist()
 
 
+class _WholeState:
+    """Looks like an optimizer to the checkpoint writer; holds every process's state slots."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+def whole_optimizer(optimizer, cfg: TrainConfig, world: int):
+    """The optimizer whose state_dict() a checkpoint saves: with sharded states (stage 1) each
+    process holds the slots of its own parameters only, so they are gathered (every process
+    must call this). A resumed run loads them all; each process keeps the slots it owns.
+    """
+    if world == 1 or cfg.sharding_stage == 0:
+        return optimizer
+    import paddle
+    import paddle.distributed as dist
+
+    mine = {k: v.numpy() for k, v in optimizer.state_dict().items() if hasattr(v, "numpy")}
+    parts: list = []
+    dist.all_gather_object(parts, mine)
+    return _WholeState({k: paddle.to_tensor(v) for part in parts for k, v in part.items()})
+
+
 def enable_recompute(model) -> None:
     """Recompute ViT blocks and LM decoder layers in backward instead of keeping activations."""
     from paddle_mm.lm.adapter import enable_recompute as lm_recompute

@@ -300,13 +300,13 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
                     progress.update(step, total_loss, lr, rate)
             t_log, seen = time.time(), 0
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world)
+            _checkpoint_on_rank0(run_dir, model, distributed.whole_optimizer(optimizer, cfg, world), state, rank, world)
     if rank == 0:
         log.close()
         write_json_atomic(os.path.join(run_dir, "skipped.json"),
                           {"count": len(skipped), "records": [str(e) for e in skipped[:100]]})
         _save_weights(run_dir, model)
-    _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world)
+    _checkpoint_on_rank0(run_dir, model, distributed.whole_optimizer(optimizer, cfg, world), state, rank, world)
     return run_dir
 
 

@@ -60,10 +60,12 @@ def test_sharded_optimizer_states_match_one_process(tiny_recipe, tmp_path, singl
     _assert_same(_weights(run), single)
 
 
-def test_resumed_two_process_run_continues_where_it_stopped(tiny_recipe, tmp_path, single):
+@pytest.mark.parametrize("stage", [0, 1])
+def test_resumed_two_process_run_continues_where_it_stopped(tiny_recipe, tmp_path, single, stage):
     out = str(tmp_path / "resume")
-    train_in_processes(tiny_recipe(out, *COMMON, "train.max_steps=2"), processes=2, quiet=True)
-    train_in_processes(tiny_recipe(out, *COMMON), processes=2, quiet=True)
+    sharding = f"train.sharding_stage={stage}"
+    train_in_processes(tiny_recipe(out, *COMMON, sharding, "train.max_steps=2"), processes=2, quiet=True)
+    train_in_processes(tiny_recipe(out, *COMMON, sharding), processes=2, quiet=True)
     _assert_same(_weights(out), single)
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
     assert steps == [1, 2, 3, 4]  # rank 0 alone logs, and the second run starts at step 3
