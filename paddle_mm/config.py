@@ -103,7 +103,8 @@ class LMConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    # "flashmask" (GPU): PaddleFormers' variable-length kernel, so packed samples need no L x L mask.
+    attn_implementation: Literal["eager", "sdpa", "flashmask"] = "sdpa"
 
 
 @dataclass
@@ -155,6 +156,10 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     allow_outside_root: bool = False
     system_prompt: str = ""
+    # Pack several samples into each row (attention and positions confined to each sample)
+    # instead of padding every row to the longest sample of its batch.
+    packing: bool = False
+    pack_length: int = 0  # tokens per packed row; 0: max_length
 
 
 @dataclass
@@ -194,6 +199,11 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     num_threads: int = 0  # 0: all cores
+    recompute: bool = False  # recompute each ViT block and LM layer in backward: less memory, more time
+    # 0: plain data parallel; 1: optimizer states sharded over the processes (CPU and GPU);
+    # 2: + gradients, 3: + parameters (GPU only).
+    sharding_stage: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # mixed precision on GPU
 
     def validate(self) -> None:
         if self.keep_checkpoints < 1:

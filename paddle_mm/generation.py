@@ -29,7 +29,7 @@ def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id: int | None, do_s
     step_embeds = embeds
     for _ in range(max_new_tokens):
         if use_cache:
-            logits, cache = run_language_model(lm, step_embeds, mask, cache, use_cache=True)
+            logits, cache = run_language_model(lm, step_embeds, mask, cache, use_cache=True, last_only=True)
         else:  # recompute the whole sequence each step: the reference the cache must match
             logits, _ = run_language_model(lm, step_embeds, mask)
         next_ids = pick(logits[:, -1].astype("float32"), do_sample, temperature, top_p)
@@ -79,7 +79,7 @@ def beam_search(lm, embeds, mask, max_new_tokens: int, eos_token_id: int | None,
     scores = paddle.to_tensor([0.0 if j == 0 else -1e9 for _ in range(b) for j in range(k)])
     seqs: list[list[int]] = [[] for _ in range(b * k)]
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
-    logits, cache = run_language_model(lm, embeds, mask, None, use_cache=True)
+    logits, cache = run_language_model(lm, embeds, mask, None, use_cache=True, last_only=True)
     for step in range(max_new_tokens):
         logp = F.log_softmax(logits[:, -1].astype("float32"), axis=-1)  # [B*K, V]
         v = logp.shape[-1]
@@ -118,5 +118,5 @@ def beam_search(lm, embeds, mask, max_new_tokens: int, eos_token_id: int | None,
         mask = paddle.concat([paddle.gather(mask, paddle.to_tensor(beam_rows)),
                               paddle.ones([b * k, 1], dtype=mask.dtype)], axis=1)
         logits, cache = run_language_model(lm, embed_tokens(paddle.to_tensor(next_ids).unsqueeze(-1)), mask,
-                                           cache, use_cache=True)
+                                           cache, use_cache=True, last_only=True)
     return [max(f, key=lambda x: x[0])[1] if f else [] for f in finished]

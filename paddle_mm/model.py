@@ -62,10 +62,16 @@ class VisionLanguageModel(nn.Layer):
         gathered = paddle.gather(flat, paddle.clip(order, min=0)).reshape(embeds.shape)
         return paddle.where(is_image.unsqueeze(-1), gathered, embeds)
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
-        """Return (loss or None, logits [B, L, V])."""
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, position_ids=None,
+                attn_mask_startend_row_indices=None):
+        """Return (loss or None, logits [B, L, V]).
+
+        Packed rows (paddle_mm.data.packing) pass position_ids and attn_mask_startend_row_indices
+        instead of attention_mask.
+        """
         embeds = self.embed(input_ids, pixel_values)
-        logits, _ = run_language_model(self.language_model, embeds, attention_mask)
+        logits, _ = run_language_model(self.language_model, embeds, attention_mask, position_ids=position_ids,
+                                       attn_mask_startend_row_indices=attn_mask_startend_row_indices)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
@@ -103,8 +109,9 @@ class VisionLanguageModel(nn.Layer):
                       do_sample, temperature, top_p, use_cache, on_token)
 
 
-def causal_lm_loss(logits, labels):
-    """Mean next-token cross-entropy over the positions whose label is not IGNORE_INDEX.
+def causal_lm_loss(logits, labels, reduction: str = "mean"):
+    """Next-token cross-entropy over the positions whose label is not IGNORE_INDEX: their mean,
+    or their sum (training divides the sum by the labelled-token count of the whole global batch).
 
     Summed and divided by the count by hand: Paddle 3.3's cross_entropy with reduction="mean"
     divides by every position when ignore_index is negative, so padding and prompt length
@@ -120,4 +127,5 @@ def causal_lm_loss(logits, labels):
     targets = paddle.where(keep, shift_labels, paddle.zeros_like(shift_labels)).unsqueeze(-1)
     per_token = -paddle.take_along_axis(log_probs, targets, axis=-1).reshape([-1])
     per_token = paddle.where(keep, per_token, paddle.zeros_like(per_token))
-    return per_token.sum() / paddle.clip(keep.astype("float32").sum(), min=1.0)
+    total = per_token.sum()
+    return total if reduction == "sum" else total / paddle.clip(keep.astype("float32").sum(), min=1.0)

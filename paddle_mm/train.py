@@ -7,7 +7,6 @@ follows `train.trainable`; nothing here branches on the stage name.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -16,15 +15,16 @@ from dataclasses import asdict
 
 import numpy as np
 
-from paddle_mm import builder, resume
+from paddle_mm import builder, distributed, resume
 from paddle_mm.checkpoint import load_into, load_tensors
 from paddle_mm.config import Recipe, TrainConfig
 from paddle_mm.data.dataset import ConversationDataset, collate
+from paddle_mm.data.packing import pack
 from paddle_mm.errors import CheckpointError, DataError, NonFiniteLossError, RecipeError
 from paddle_mm.fileio import write_json_atomic
 from paddle_mm.recipe import save_recipe
 from paddle_mm.runlog import METRICS_FILE, RunLog, global_grad_norm
-from paddle_mm.tokenizer import dump_special_tokens
+from paddle_mm.tokenizer import IGNORE_INDEX, dump_special_tokens
 
 SUBMODULES = ("vision_tower", "multi_modal_projector", "language_model")
 # With train.on_nonfinite: skip, this many bad batches in a row still stop the run: the
@@ -68,18 +68,23 @@ def apply_trainable(model, cfg: TrainConfig) -> dict[str, list]:
 def build_optimizer(groups: dict[str, list], cfg: TrainConfig):
     import paddle
 
-    # Paddle multiplies the base rate by a group's "learning_rate": a ratio here.
+    # Paddle multiplies the base rate by a parameter's optimize_attr["learning_rate"]: a ratio here.
     scale = {
         "multi_modal_projector": (cfg.projector_lr or cfg.lr) / cfg.lr,
         "vision_tower": (cfg.vision_lr or cfg.lr) / cfg.lr,
         "language_model": 1.0,
     }
-    param_groups = [{"params": ps, "learning_rate": scale[name]} for name, ps in groups.items() if ps]
-    if not param_groups:
+    # Set on each parameter, as a parameter group would: fleet's sharded optimizer takes no groups.
+    params = []
+    for name, ps in groups.items():
+        for p in ps:
+            p.optimize_attr["learning_rate"] = scale[name]
+            params.append(p)
+    if not params:
         raise RecipeError("train.trainable leaves no parameter to train")
     clip = paddle.nn.ClipGradByGlobalNorm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
     return paddle.optimizer.AdamW(
-        learning_rate=cfg.lr, parameters=param_groups, weight_decay=cfg.weight_decay, grad_clip=clip
+        learning_rate=cfg.lr, parameters=params, weight_decay=cfg.weight_decay, grad_clip=clip
     )
 
 
@@ -117,30 +122,45 @@ def write_run_files(run_dir: str, recipe: Recipe, model_cfg, tokenizer) -> None:
     dump_special_tokens(run_dir, tokenizer)
 
 
-def _parallel_context():
-    """(rank, world size); joins the process group when started by paddle.distributed."""
-    import paddle.distributed as dist
+def batch_inputs(batch: dict) -> dict:
+    """The model's keyword arguments for a padded (collate) or packed (pack) batch, as tensors."""
+    import paddle
 
-    world = dist.get_world_size()
-    if world > 1 and not dist.is_initialized():
-        dist.init_parallel_env()
-    return dist.get_rank(), world
+    keys = ("input_ids", "attention_mask", "position_ids", "attn_mask_startend_row_indices", "pixel_values")
+    return {k: paddle.to_tensor(batch[k]) for k in keys if batch.get(k) is not None}
+
+
+def _batch(items: list[dict], pad_token_id: int, data_cfg) -> dict:
+    if data_cfg.packing:
+        return pack(items, pad_token_id, data_cfg.pack_length or data_cfg.max_length)
+    return collate(items, pad_token_id)
+
+
+def _labelled_tokens(batch: dict) -> int:
+    """Positions that count in the loss: a label that is a next-token target (not the first column)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def train(recipe: Recipe, quiet: bool = False) -> str:
     """Run the training stage the recipe describes; returns the run folder.
 
     Under paddle.distributed (launch or spawn, gloo on CPU) every process takes its share of
-    each global batch of train.batch_size samples and gradients are averaged; only rank 0
-    writes files.
+    each global batch of train.batch_size samples; only rank 0 writes files. The loss of a
+    step is the mean over the labelled tokens of the whole global batch (every process and
+    micro-batch), so N processes give the parameters one process with the same global batch
+    gives.
     """
     import paddle
-    import paddle.distributed as dist
 
+    from paddle_mm.model import causal_lm_loss
     from paddle_mm.runtime import configure_cpu, seed_everything
 
     cfg = recipe.train
-    rank, world = _parallel_context()
+    distributed.check_settings(recipe)
+    if recipe.data.packing and 0 < recipe.data.pack_length < recipe.data.max_length:
+        raise RecipeError(f"data.pack_length {recipe.data.pack_length} is shorter than data.max_length "
+                          f"{recipe.data.max_length}: a sample of max_length would fit no packed row")
+    rank, world = distributed.join_process_group(cfg)
     if cfg.batch_size % world:
         raise RecipeError(f"train.batch_size {cfg.batch_size} does not split over {world} processes")
     configure_cpu(cfg.num_threads or max(1, (os.cpu_count() or 1) // world))
@@ -149,6 +169,8 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     model_cfg = builder.model_config_for(recipe, tokenizer)
     model = builder.build_model(model_cfg, tokenizer)
     _init_weights(model, cfg)
+    if cfg.recompute:
+        distributed.enable_recompute(model)
     groups = apply_trainable(model, cfg)
     optimizer = build_optimizer(groups, cfg)
 
@@ -170,7 +192,8 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     state = state or {"step": 0, "epoch": 0, "cursor": 0}
     if state["step"] >= cfg.max_steps:
         return _finished_before(run_dir, ckpt, state["step"], cfg.max_steps, rank, world)
-    forward = paddle.DataParallel(model) if world > 1 else model
+    forward, stepper = distributed.parallelize(model, optimizer, cfg, world)
+    precision = distributed.Precision(cfg)
 
     lengths = np.array([len(item.input_ids) for item in dataset.items])
     order = _epoch_order(cfg.seed, lengths, state["epoch"], cfg.batch_size)
@@ -184,8 +207,8 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     while state["step"] < cfg.max_steps:
         lr = lr_at(state["step"], cfg)
         optimizer.set_lr(lr)
-        total_loss = 0.0
         before, rng_before, step_idx = dict(state), resume.snapshot_rng(), []
+        batches = []  # (batch, weight)
         for micro in range(cfg.grad_accum):
             if state["cursor"] + cfg.batch_size > len(order):
                 state["epoch"] += 1
@@ -196,39 +219,42 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
             step_idx.extend(int(i) for i in idx)
             runlog.add_batch(idx)
             items = _read_items(dataset, idx[rank::world], recipe.data.on_error, skipped)
-            weight = 1.0
-            if not items:
-                if world == 1:
-                    continue
-                # Every rank must take part in the gradient all-reduce: a stand-in with no weight.
-                stand_in = stand_in or _first_readable(dataset)
-                items, weight = [stand_in], 0.0
-            batch = collate(items, tokenizer.pad_token_id)
+            if items:
+                batches.append((_batch(items, tokenizer.pad_token_id, recipe.data), 1.0))
+        if world > 1 and not batches:
+            # Every rank must take part in the gradient all-reduce: a stand-in with no weight.
+            stand_in = stand_in or _first_readable(dataset)
+            batches.append((_batch([stand_in], tokenizer.pad_token_id, recipe.data), 0.0))
+        # Every token of the global batch weighs the same, however the tokens fall on processes
+        # and micro-batches; the parallel wrappers average gradients, hence the factor world.
+        (global_tokens,) = distributed.global_sum([sum(_labelled_tokens(b) * w for b, w in batches)], world)
+        scale = world / max(global_tokens, 1.0)
+        loss_sum = 0.0
+        for k, (batch, weight) in enumerate(batches):
             # Gradients are averaged across processes once, on the last micro-batch.
-            sync = world > 1 and micro < cfg.grad_accum - 1
-            with forward.no_sync() if sync else contextlib.nullcontext():
-                loss, _ = forward(
-                    paddle.to_tensor(batch["input_ids"]),
-                    paddle.to_tensor(batch["attention_mask"]),
-                    None if batch["pixel_values"] is None else paddle.to_tensor(batch["pixel_values"]),
-                    paddle.to_tensor(batch["labels"]),
-                )
-                (loss * weight / cfg.grad_accum).backward()
-            total_loss += float(loss) * weight / cfg.grad_accum
-        if _nonfinite_on_any_rank(total_loss, world):
+            with distributed.no_sync(forward, world > 1 and k < len(batches) - 1):
+                with precision.autocast():
+                    _, logits = forward(**batch_inputs(batch))
+                token_losses = causal_lm_loss(logits, paddle.to_tensor(batch["labels"]), reduction="sum")
+                precision.backward(token_losses * (scale * weight))
+            loss_sum += float(token_losses) * weight
+        if _nonfinite_on_any_rank(loss_sum, world):
             samples = [_sample_ref(dataset, i) for i in step_idx]
             bad_in_a_row += 1
             if cfg.on_nonfinite == "skip" and bad_in_a_row <= MAX_NONFINITE_IN_A_ROW:
-                optimizer.clear_grad()  # the weights stay as they were; the data moves on
+                stepper.clear_grad()  # the weights stay as they were; the data moves on
                 if rank == 0:
-                    resume.log_nonfinite(run_dir, before["step"], total_loss, samples)
+                    resume.log_nonfinite(run_dir, before["step"], loss_sum, samples)
                 continue
+            whole = distributed.whole_optimizer(optimizer, cfg, world)  # every rank takes part
             if rank == 0:
-                inspect = resume.save_nonfinite(run_dir, model, optimizer, before, rng_before, total_loss, samples)
+                inspect = resume.save_nonfinite(run_dir, model, whole, before, rng_before, loss_sum, samples)
             if world > 1:
+                import paddle.distributed as dist
+
                 dist.barrier()
             raise NonFiniteLossError(
-                f"non-finite loss {total_loss} at step {before['step'] + 1}, "
+                f"non-finite loss {loss_sum} at step {before['step'] + 1}, "
                 f"samples {[s['id'] for s in samples]}"
                 + (f" ({bad_in_a_row} batches in a row)" if bad_in_a_row > 1 else "")
                 + (f"; state before the step and the batch saved in {inspect}" if rank == 0 else ""))
@@ -236,25 +262,25 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
         step = state["step"] + 1
         logs = step % cfg.log_every == 0 or step == cfg.max_steps
         grad_norm = global_grad_norm(p for ps in groups.values() for p in ps) if logs else 0.0
-        optimizer.step()
-        optimizer.clear_grad()
+        precision.step(stepper)
+        stepper.clear_grad()
         state["step"] = step
         if logs:
-            if world > 1:  # log the loss of the whole global batch
-                total = paddle.to_tensor([total_loss])
-                dist.all_reduce(total)
-                total_loss = float(total) / world
+            # the loss of the whole global batch
+            total_loss = distributed.global_sum([loss_sum], world)[0] / max(global_tokens, 1.0)
             record = runlog.write(step, total_loss, lr, grad_norm)
             if rank == 0 and not quiet:
                 progress.update(step, total_loss, lr, record["samples_per_s"])
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world, cfg.keep_checkpoints)
+            _checkpoint_on_rank0(run_dir, model, distributed.whole_optimizer(optimizer, cfg, world), state,
+                                 rank, world, cfg.keep_checkpoints)
     skipped_records = _skipped_on_all_ranks(skipped, world)
     runlog.close()
     if rank == 0:
         write_json_atomic(os.path.join(run_dir, "skipped.json"),
                           {"count": len(skipped_records), "records": skipped_records[:100]})
-    final = _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world, cfg.keep_checkpoints)
+    final = _checkpoint_on_rank0(run_dir, model, distributed.whole_optimizer(optimizer, cfg, world), state,
+                                 rank, world, cfg.keep_checkpoints)
     if rank == 0:
         resume.export_weights(run_dir, final)  # model.safetensors is the final checkpoint's
     return run_dir
@@ -277,7 +303,7 @@ def train_in_processes(recipe: Recipe, processes: int, quiet: bool = False) -> s
         return train(recipe, quiet)
     import paddle.distributed as dist
 
-    dist.spawn(_spawned_train, args=(recipe, quiet), nprocs=processes, backend="gloo" if _on_cpu() else "auto")
+    dist.spawn(_spawned_train, args=(recipe, quiet), nprocs=processes, backend="gloo" if distributed.on_cpu() else "auto")
     return recipe.train.output_dir
 
 
@@ -295,12 +321,6 @@ def _spawned_train(recipe: Recipe, quiet: bool) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def _on_cpu() -> bool:
-    import paddle
-
-    return paddle.device.get_device() == "cpu"
 
 
 def _finished_before(run_dir: str, ckpt: str, step: int, max_steps: int, rank: int, world: int) -> str:

@@ -13,6 +13,7 @@ import math
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+from paddle.distributed.fleet.utils import recompute
 
 from paddle_mm.config import VisionConfig
 
@@ -90,6 +91,7 @@ class VisionTransformer(nn.Layer):
         self.pre_norm = nn.LayerNorm(d, epsilon=cfg.layer_norm_eps) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.LayerList([Block(cfg) for _ in range(cfg.num_layers)])
         self.post_norm = nn.LayerNorm(d, epsilon=cfg.layer_norm_eps)
+        self.recompute = False  # train.recompute: keep only block inputs, rerun blocks in backward
 
     def position_embeddings_for(self, grid_h: int, grid_w: int) -> paddle.Tensor:
         """Position table for a grid_h x grid_w patch grid, bicubic-interpolated from the trained grid."""
@@ -120,7 +122,7 @@ class VisionTransformer(nn.Layer):
         # saves one block in 24) unless the caller wants every hidden state.
         layer = self.config.feature_layer % (len(self.blocks) + 1)
         for block in self.blocks if output_hidden_states else self.blocks[:layer]:
-            x = block(x)
+            x = recompute(block, x) if self.recompute and self.training and not x.stop_gradient else block(x)
             hidden_states.append(x)
         features = hidden_states[layer]
         if self.config.post_norm:

@@ -1,0 +1,98 @@
+"""Packing several samples into one row gives each sample the loss it has alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from paddle_mm.data.packing import pack, plan_rows
+from paddle_mm.errors import RecipeError
+
+
+def test_plan_puts_every_sample_in_one_row_within_the_length():
+    lengths = [90, 40, 35, 70, 20, 100, 5, 60]
+    rows = plan_rows(lengths, 128)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 128 for row in rows)
+    assert len(rows) == 4  # 420 tokens need at least 4 rows of 128
+    with pytest.raises(ValueError, match="200 tokens does not fit a packed row of 128"):
+        plan_rows([200], 128)
+
+
+def test_packed_rows_restart_positions_and_confine_attention():
+    items = [{"id": i, "input_ids": np.arange(n) + 10, "labels": np.arange(n) + 10, "pixel_values": None}
+             for i, n in enumerate([3, 2, 4])]
+    batch = pack(items, pad_token_id=0, pack_length=6)
+    # longest first: row 0 = sample 2 (4 tokens) + sample 1 (2), row 1 = sample 0 (3) + padding
+    np.testing.assert_array_equal(batch["position_ids"], [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["attn_mask_startend_row_indices"][:, 0, :, 0],
+                                  [[4, 4, 4, 4, 6, 6], [3, 3, 3, 6, 6, 6]])
+    assert batch["labels"][0, 0] == batch["labels"][0, 4] == -100  # no target across a sample boundary
+    assert batch["ids"] == [2, 1, 0]
+
+
+def _per_token_losses(logits, labels):
+    import paddle
+    import paddle.nn.functional as F
+
+    ce = F.cross_entropy(paddle.to_tensor(logits[:, :-1]), paddle.to_tensor(labels[:, 1:, None]),
+                         ignore_index=-100, reduction="none")
+    return ce.numpy()[..., 0]
+
+
+def test_per_sample_losses_of_packed_and_padded_batches_are_equal(tiny_recipe, tmp_path):
+    import paddle
+
+    from paddle_mm import builder
+    from paddle_mm.data.dataset import ConversationDataset, collate
+    from paddle_mm.runtime import seed_everything
+    from paddle_mm.train import batch_inputs
+
+    recipe = tiny_recipe(str(tmp_path / "x"))
+    tok = builder.load_tokenizer(recipe)
+    cfg = builder.model_config_for(recipe, tok)
+    samples, _ = builder.read_samples(recipe.data.train, recipe)
+    picked = samples[:3] + samples[-3:]  # conversations and captions: uneven lengths, all with images
+    data = ConversationDataset(picked, tok, builder.image_processor_for(recipe), cfg.tokens_per_image, 2048)
+    items = [data[i] for i in range(len(data))]
+    seed_everything(0)
+    model = builder.build_model(cfg, tok)
+    model.eval()
+
+    def sample_loss(per_token, labels):
+        keep = labels[1:] != -100
+        return per_token[keep].sum() / keep.sum()
+
+    alone = []
+    for x in items:
+        b = collate([x], tok.pad_token_id)
+        _, logits = model(**batch_inputs(b))
+        alone.append(sample_loss(_per_token_losses(logits.numpy(), b["labels"])[0], b["labels"][0]))
+
+    lengths = [len(x["input_ids"]) for x in items]
+    pack_length = sorted(lengths)[-1] + sorted(lengths)[-2]
+    batch = pack(items, tok.pad_token_id, pack_length)
+    assert batch["input_ids"].shape[0] < len(items)  # samples really share rows
+    with paddle.no_grad():
+        _, logits = model(**batch_inputs(batch))
+    per_token = _per_token_losses(logits.numpy(), batch["labels"])
+    packed = {}
+    for row, members in enumerate(plan_rows(lengths, pack_length)):
+        start = 0
+        for i in members:
+            span = slice(start, start + lengths[i])
+            packed[i] = sample_loss(np.append(per_token[row], 0.0)[span][:-1], batch["labels"][row, span])
+            start += lengths[i]
+    np.testing.assert_allclose([packed[i] for i in range(len(items))], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_packed_run_trains_and_rejects_rows_shorter_than_max_length(tiny_recipe, tmp_path):
+    import json
+    import os
+
+    from paddle_mm.train import train
+
+    run = train(tiny_recipe(str(tmp_path / "p"), "train.max_steps=2", "data.packing=true"), quiet=True)
+    log = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+    with pytest.raises(RecipeError, match="pack_length 64 is shorter than data.max_length 256"):
+        train(tiny_recipe(str(tmp_path / "q"), "data.packing=true", "data.pack_length=64"), quiet=True)
