@@ -2,7 +2,9 @@
 
 A run folder holds: recipe.yaml (resolved), config.json, tokenizer.json, model.safetensors,
 projector.safetensors, metrics.jsonl, and checkpoint/ (weights + optimizer + position) to
-continue from. Freezing follows `train.trainable`; nothing here branches on the stage name.
+continue from. Freezing follows `train.trainable`; the only stage-dependent code is the
+choice of model and dataset for the alignment stages (paddle_mm/alignment), which keep
+this loop, its batches and its files.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from paddle_mm import builder
+from paddle_mm import alignment, builder
 from paddle_mm.checkpoint import load_into, load_tensors, save_tensors
 from paddle_mm.config import Recipe, TrainConfig
 from paddle_mm.data.dataset import ConversationDataset, collate
@@ -27,7 +29,8 @@ from paddle_mm.fileio import write_json_atomic
 from paddle_mm.recipe import save_recipe
 from paddle_mm.tokenizer import dump_special_tokens
 
-SUBMODULES = ("vision_tower", "multi_modal_projector", "language_model")
+# text_tower and align_heads exist in the alignment stages' models only.
+SUBMODULES = ("vision_tower", "multi_modal_projector", "language_model", "text_tower", "align_heads")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -45,11 +48,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def apply_trainable(model, cfg: TrainConfig) -> dict[str, list]:
     """Freeze everything outside cfg.trainable; returns the trainable parameters per submodule."""
+    present = [name for name in SUBMODULES if getattr(model, name, None) is not None]
     for name in cfg.trainable:
-        if name not in SUBMODULES:
-            raise RecipeError(f"train.trainable: {name!r} is not one of {SUBMODULES}")
+        if name not in present:
+            raise RecipeError(f"train.trainable: {name!r} is not one of this stage's {tuple(present)}")
     groups: dict[str, list] = {}
-    for name in SUBMODULES:
+    for name in present:
         params = getattr(model, name).parameters()
         train_it = name in cfg.trainable
         for p in params:
@@ -70,9 +74,8 @@ def build_optimizer(groups: dict[str, list], cfg: TrainConfig):
     scale = {
         "multi_modal_projector": (cfg.projector_lr or cfg.lr) / cfg.lr,
         "vision_tower": (cfg.vision_lr or cfg.lr) / cfg.lr,
-        "language_model": 1.0,
     }
-    param_groups = [{"params": ps, "learning_rate": scale[name]} for name, ps in groups.items() if ps]
+    param_groups = [{"params": ps, "learning_rate": scale.get(name, 1.0)} for name, ps in groups.items() if ps]
     if not param_groups:
         raise RecipeError("train.trainable leaves no parameter to train")
     clip = paddle.nn.ClipGradByGlobalNorm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
@@ -99,7 +102,8 @@ class Progress:
 
 def _save_weights(run_dir: str, model) -> None:
     save_tensors(model.state_dict(), os.path.join(run_dir, builder.MODEL_FILE))
-    save_tensors(model.multi_modal_projector.state_dict(), os.path.join(run_dir, builder.PROJECTOR_FILE))
+    if getattr(model, "multi_modal_projector", None) is not None:  # a clip run has none
+        save_tensors(model.multi_modal_projector.state_dict(), os.path.join(run_dir, builder.PROJECTOR_FILE))
 
 
 def save_checkpoint(run_dir: str, model, optimizer, state: dict) -> None:
@@ -163,6 +167,11 @@ def _init_weights(model, cfg: TrainConfig) -> None:
         load_into(model, load_tensors(path), path)
     if cfg.projector_from:
         load_into(model.multi_modal_projector, load_tensors(cfg.projector_from), cfg.projector_from)
+    if cfg.vision_from:  # e.g. the vision tower an align/clip stage trained beside the Q-Former
+        path = cfg.vision_from
+        if os.path.isdir(path):
+            path = os.path.join(path, builder.MODEL_FILE)
+        load_into(model.vision_tower, load_tensors(path), path, prefix="vision_tower.")
 
 
 def write_run_files(run_dir: str, recipe: Recipe, model_cfg, tokenizer) -> None:
@@ -203,15 +212,23 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     seed_everything(cfg.seed)  # the same seed everywhere: every process starts from the same weights
     tokenizer = builder.load_tokenizer(recipe)
     model_cfg = builder.model_config_for(recipe, tokenizer)
-    model = builder.build_model(model_cfg, tokenizer)
+    align = cfg.stage in alignment.ALIGN_STAGES
+    if align:
+        model = alignment.build_align_model(cfg.stage, model_cfg, cfg.seed)
+        alignment.init_text_weights(model, model_cfg)
+    else:
+        model = builder.build_model(model_cfg, tokenizer)
     _init_weights(model, cfg)
     groups = apply_trainable(model, cfg)
     optimizer = build_optimizer(groups, cfg)
 
     samples, skipped = builder.read_samples(recipe.data.train, recipe)
-    dataset = ConversationDataset(samples, tokenizer, builder.image_processor_for(recipe),
-                                  model_cfg.tokens_per_image, recipe.data.max_length, recipe.data.on_error,
-                                  recipe.data.system_prompt)
+    if align:
+        dataset = alignment.build_dataset(model, samples, recipe)
+    else:
+        dataset = ConversationDataset(samples, tokenizer, builder.image_processor_for(recipe),
+                                      model_cfg.tokens_per_image, recipe.data.max_length, recipe.data.on_error,
+                                      recipe.data.system_prompt)
     skipped += dataset.skipped
     if skipped and rank == 0:
         print(f"skipped {len(skipped)} bad records (data.on_error=skip); first: {skipped[0]}", file=sys.stderr)
@@ -221,6 +238,8 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     run_dir = cfg.output_dir
     if rank == 0:
         write_run_files(run_dir, recipe, model_cfg, tokenizer)
+        if align:
+            alignment.save_text_tokenizer(model, run_dir)
     state = load_checkpoint(run_dir, model, optimizer) or {"step": 0, "epoch": 0, "cursor": 0}
     if state["step"] >= cfg.max_steps:
         raise CheckpointError(f"{run_dir}: already trained {state['step']} of max_steps {cfg.max_steps} steps")
