@@ -48,6 +48,12 @@ def init_text_weights(model, model_cfg) -> None:
 def build_dataset(model, samples, recipe):
     from paddle_mm.alignment.data import CaptionPairDataset
     from paddle_mm.builder import image_processor_for
+    from paddle_mm.errors import RecipeError
+
+    for spec in recipe.data.train:
+        if spec.format != "caption":
+            raise RecipeError(f"data.train: {spec.path} has format {spec.format!r}; the {recipe.train.stage} "
+                              "stage trains on image-caption pairs (format: caption)")
 
     return CaptionPairDataset(samples, model.text_tokenizer, image_processor_for(recipe),
                               model.config.text.max_length, recipe.data.on_error)

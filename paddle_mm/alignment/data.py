@@ -14,7 +14,7 @@ from paddle_mm.errors import DataError
 
 def caption_of(sample: Sample) -> str:
     """The caption of an image-caption sample (the caption reader's answer turn)."""
-    if len(sample.images) != 1 or not sample.turns or sample.turns[-1][0] != "assistant":
+    if len(sample.images) != 1 or len(sample.turns) != 2 or sample.turns[-1][0] != "assistant":
         raise DataError(sample.source, "an alignment stage needs image-caption pairs "
                         "(one image and a caption each: data format `caption`)", sample.index)
     return sample.turns[-1][1]
