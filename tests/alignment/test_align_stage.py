@@ -58,7 +58,7 @@ def losses_of(model, batch):
         return {k: float(v) for k, v in model.losses(*batch).items()}
 
 
-def test_align_losses_fall_recall_beats_chance_and_stage2_starts_from_it(pairs):
+def test_align_losses_fall_recall_beats_chance_and_stage2_starts_from_it(pairs, capsys):
     from paddle_mm import alignment, builder
     from paddle_mm.alignment.evaluate import evaluate_alignment_run
     from paddle_mm.runtime import seed_everything
@@ -89,6 +89,13 @@ def test_align_losses_fall_recall_beats_chance_and_stage2_starts_from_it(pairs):
         for k in ("R@5", "R@10"):
             assert report[way][k] > 1.5 * chance[way][k], report
     assert report["i2t"]["R@1"] + report["t2i"]["R@1"] > chance["i2t"]["R@1"] + chance["t2i"]["R@1"], report
+
+    from paddle_mm.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", run, "--retrieval", f"{pairs}/data/test_captions.json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["retrieval"]["i2t"] == report["i2t"]
 
     # Stage 2 starts from stage 1's Q-Former and ViT: same tensors at step 0.
     from paddle_mm.checkpoint import load_tensors
