@@ -1,5 +1,4 @@
 """The Q-Former started from a BERT folder matches BERT's own numbers (transformers 4.57 reference)."""
-import json
 import os
 import shutil
 
