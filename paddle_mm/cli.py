@@ -90,8 +90,15 @@ def _eval(args) -> None:
     from paddle_mm.data.readers import read_captions, read_vqav2
     from paddle_mm.evaluate import evaluate_captions, evaluate_vqa
 
-    recipe, tokenizer, model, proc = _load(args.run_dir)
     report: dict = {}
+    if args.retrieval or args.zero_shot:  # an align or clip run: no language model to answer with
+        from paddle_mm.alignment.evaluate import evaluate_alignment_run
+        from paddle_mm.runtime import configure_cpu
+
+        configure_cpu()
+        report = evaluate_alignment_run(args.run_dir, args.retrieval, args.zero_shot, args.image_root)
+    if args.vqa_questions or args.captions:
+        recipe, tokenizer, model, proc = _load(args.run_dir)
     if args.vqa_questions:
         kw = {"image_root": args.image_root or None, "prompt_template": recipe.infer.vqa_prompt}
         if args.image_pattern:
@@ -103,7 +110,8 @@ def _eval(args) -> None:
                                 prompt=recipe.infer.caption_prompt).samples
         report["caption"] = evaluate_captions(model, tokenizer, samples, proc, recipe.infer)
     if not report:
-        raise SystemExit("nothing to evaluate: give --vqa-questions/--vqa-annotations and/or --captions")
+        raise SystemExit("nothing to evaluate: give --vqa-questions/--vqa-annotations, --captions, "
+                         "--retrieval or --zero-shot")
     scores = {task: {k: v for k, v in r.items() if k != "predictions"} for task, r in report.items()}
     print(json.dumps(scores, indent=1))
     if args.output:
@@ -114,7 +122,8 @@ def _eval(args) -> None:
 def _demo(args) -> None:
     from paddle_mm.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, extra=args.overrides, scale=args.scale, processes=args.processes)
+    run_demo(args.out, quick=args.quick, extra=args.overrides, scale=args.scale, processes=args.processes,
+             pipeline="qformer" if args.qformer else "mlp")
 
 
 def _tokenizer(args) -> None:
@@ -187,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.set_defaults(func=_infer)
 
-    p = sub.add_parser("eval", help="VQAv2 accuracy and caption BLEU-4 / ROUGE-L / CIDEr-D")
+    p = sub.add_parser("eval", help="VQAv2 accuracy, caption BLEU-4 / ROUGE-L / CIDEr-D; retrieval, zero-shot")
     p.add_argument("run_dir")
     p.add_argument("--vqa-questions")
     p.add_argument("--vqa-annotations")
@@ -195,12 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default="")
     p.add_argument("--captions")
     p.add_argument("--blind", action="store_true", help="blank every image (the no-vision baseline)")
+    p.add_argument("--retrieval", default="", help="captions JSON: recall@1/5/10 both ways (align/clip runs)")
+    p.add_argument("--zero-shot", default="", help="zero-shot task JSON: classification accuracy (align/clip runs)")
     p.add_argument("--output", help="write scores and predictions as JSON")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="synthetic data -> pretrain -> instruct -> evaluation, on CPU")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="the small CI-sized variant")
+    p.add_argument("--qformer", action="store_true",
+                   help="a Q-Former projector, trained align (ITC/ITM/ITG) -> pretrain -> instruct")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (a longer run)")
     p.add_argument("--processes", type=int, default=0, help="data-parallel training processes (0: one per core)")
     p.add_argument("overrides", nargs="*", help="section.key=value for both stages")

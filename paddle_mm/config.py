@@ -108,10 +108,28 @@ class LMConfig:
 
 
 @dataclass
+class TextConfig:
+    """The text side of the alignment stages: the Q-Former's text branch (`align`, sized by
+    projector.qformer) or CLIP's text tower (`clip`, sized by the fields below)."""
+
+    tokenizer: str = ""  # WordPiece: a vocab.txt, or a folder with one (a bert-base-uncased folder)
+    init_from: str = ""  # align: a BERT-style folder whose weights start the Q-Former
+    max_length: int = 32  # tokens per caption, [CLS] and [SEP] included; longer captions are cut
+    max_position_embeddings: int = 512
+    embed_dim: int = 256  # width of the contrastive embeddings (ITC / CLIP)
+    hidden_size: int = 256  # clip text tower
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    layer_norm_eps: float = 1e-12
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lm: LMConfig = field(default_factory=LMConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     # Filled from the tokenizer when a run starts; -1 means "not known yet".
     image_token_id: int = -1
     # A whole LLaVA checkpoint folder (Hugging Face layout): its config.json replaces the
@@ -173,13 +191,15 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["pretrain", "instruct"] = "pretrain"
+    # align: Q-Former ITC/ITM/ITG on image-caption pairs; clip: two towers, contrastive
+    stage: Literal["align", "clip", "pretrain", "instruct"] = "pretrain"
     output_dir: str = "runs/default"
     # Submodules whose parameters train; everything else is frozen. The recipe decides, not code.
     trainable: list[str] = field(default_factory=lambda: ["multi_modal_projector"])
     lora: LoraConfig = field(default_factory=LoraConfig)
     init_from: str = ""  # a run folder (or model.safetensors) whose weights start this run
     projector_from: str = ""  # a projector.safetensors written by an earlier stage
+    vision_from: str = ""  # a run folder (or model.safetensors) whose vision_tower starts this run
     max_steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1

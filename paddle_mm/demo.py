@@ -15,12 +15,16 @@ from paddle_mm.config import Recipe
 from paddle_mm.fileio import write_json_atomic
 from paddle_mm.recipe import load_recipe
 
-RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "demo")
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+RECIPE_DIR = os.path.join(RECIPES, "demo")
+# The projector routes: the MLP (LLaVA) in two stages; the Q-Former (BLIP-2) with stage 1 first.
+PIPELINES = {"mlp": ("demo", ("pretrain", "instruct")),
+             "qformer": ("qformer_demo", ("align", "pretrain", "instruct"))}
 
 # (train, val, test) images; quick is the CI-sized variant of the same pipeline.
 SIZES = {"full": (3000, 200, 500), "quick": (1000, 20, 60)}
 # The quick variant's steps per stage (and the log interval so its loss curve has points).
-QUICK_STEPS = {"pretrain": 150, "instruct": 400}
+QUICK_STEPS = {"align": 150, "pretrain": 150, "instruct": 400}
 
 
 def _paths(out: str) -> dict[str, str]:
@@ -28,29 +32,39 @@ def _paths(out: str) -> dict[str, str]:
     return {
         "data": data,
         "tokenizer": os.path.join(out, "tokenizer", "tokenizer.json"),
+        "text_tokenizer": os.path.join(out, "text_tokenizer"),
+        "align": os.path.join(out, "align"),
         "pretrain": os.path.join(out, "pretrain"),
         "instruct": os.path.join(out, "instruct"),
     }
 
 
-def stage_recipe(stage: str, out: str, extra: list[str]) -> Recipe:
+def stage_recipe(stage: str, out: str, extra: list[str], pipeline: str = "mlp") -> Recipe:
     """A demo stage's recipe with its data, tokenizer and output paths placed under `out`."""
     p = _paths(out)
     d = p["data"]
     overrides = [
         f"data.tokenizer={p['tokenizer']}",
         f"train.output_dir={p[stage]}",
-        f"data.train=[{{path: {d}/train_captions.json, format: caption}}]" if stage == "pretrain"
+        f"data.train=[{{path: {d}/train_captions.json, format: caption}}]" if stage in ("align", "pretrain")
         else f"data.train=[{{path: {d}/train_llava.json, format: llava}}]",
     ]
     if stage == "instruct":
         overrides.append(f"train.init_from={p['pretrain']}")
-    return load_recipe(os.path.join(RECIPE_DIR, f"{stage}.yaml"), Recipe, overrides + extra)
+    if pipeline == "qformer":
+        overrides.append(f"model.text.tokenizer={p['text_tokenizer']}")
+        if stage == "pretrain":
+            overrides += [f"train.projector_from={p['align']}/projector.safetensors", f"train.vision_from={p['align']}"]
+    folder = os.path.join(RECIPES, PIPELINES[pipeline][0])
+    return load_recipe(os.path.join(folder, f"{stage}.yaml"), Recipe, overrides + extra)
 
 
 def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (), scale: float = 1.0,
-             processes: int = 0) -> dict:
+             processes: int = 0, pipeline: str = "mlp") -> dict:
     """Run the whole demo; `scale` multiplies every stage's steps (to see how accuracy grows).
+
+    pipeline "qformer" trains a Q-Former projector in three stages (align, pretrain, instruct)
+    and reports the align stage's held-out retrieval too.
 
     Training runs data-parallel in `processes` processes (0: one per core). On CPU this model
     is too small for Paddle's intra-op threads to help (1 and 2 threads measured the same
@@ -75,14 +89,24 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (),
     tokenizer = Tokenizer.train_bpe(training_corpus([files["corpus"]]), vocab_size=400)
     tokenizer.save(os.path.dirname(p["tokenizer"]))
     _say(f"data: {sizes[0]} train / {sizes[2]} test scenes; tokenizer: {tokenizer.vocab_size} tokens")
+    retrieval = None
+    if pipeline == "qformer":
+        from paddle_mm.alignment.text import TextTokenizer
 
-    for stage in ("pretrain", "instruct"):
+        TextTokenizer.train(training_corpus([files["corpus"]]), p["text_tokenizer"], vocab_size=300)
+
+    for stage in PIPELINES[pipeline][1]:
         quick_overrides = [f"train.max_steps={QUICK_STEPS[stage]}", "train.log_every=10"] if quick else []
-        recipe = stage_recipe(stage, out, quick_overrides + list(extra))
+        recipe = stage_recipe(stage, out, quick_overrides + list(extra), pipeline)
         if scale != 1.0:
             recipe.train.max_steps = max(1, round(recipe.train.max_steps * scale))
         _say(f"stage {stage}: {recipe.train.max_steps} steps, trainable {recipe.train.trainable}")
         train_in_processes(recipe, processes or os.cpu_count() or 1)
+        if stage == "align":
+            from paddle_mm.alignment.evaluate import evaluate_alignment_run
+
+            retrieval = evaluate_alignment_run(p["align"], captions=f"{p['data']}/test_captions.json")["retrieval"]
+            _say(f"align: held-out retrieval {retrieval}")
     recipe, _, tokenizer, model = load_run(p["instruct"])
     proc = image_processor_for(recipe)
     d = p["data"]
@@ -107,7 +131,10 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (),
         "quick": quick,
         "steps_scale": scale,
         "processes": processes or os.cpu_count() or 1,
+        "pipeline": pipeline,
     }
+    if retrieval is not None:
+        summary["align_retrieval"] = retrieval
     write_json_atomic(os.path.join(out, "summary.json"), summary)
     print(format_summary(summary))
     _say(f"training curves: {plot_runs([p['pretrain'], p['instruct']], os.path.join(out, 'curves.png'))}")
@@ -123,6 +150,11 @@ def format_summary(s: dict) -> str:
     rows += [(f"  {t}", f"{v:.3f} / {s['blind_per_type'].get(t, 0):.3f} / {s['prior_per_type'].get(t, 0):.3f}")
              for t, v in sorted(s["vqa_per_type"].items())]
     rows += [(name, value) for name, value in s["caption"].items()]
+    if "align_retrieval" in s:
+        r = s["align_retrieval"]
+        rows.append(("align retrieval R@1 image->text / text->image (chance)",
+                     f"{r['i2t']['R@1']:.3f} / {r['t2i']['R@1']:.3f} "
+                     f"({r['chance']['i2t']['R@1']:.3f} / {r['chance']['t2i']['R@1']:.3f})"))
     rows += [("test questions / images", f"{s['num_test_questions']} / {s['num_test_images']}"),
              ("wall time", f"{s['wall_time_s']:.0f} s")]
     width = max(len(r[0]) for r in rows)

@@ -157,7 +157,8 @@ def write_checkpoint(dest: str, model, optimizer, state: dict, rng: tuple | None
     crash_point("save-started")
     save_tensors(model.state_dict(), os.path.join(tmp, MODEL_FILE))
     crash_point("save-model-written")
-    save_tensors(model.multi_modal_projector.state_dict(), os.path.join(tmp, PROJECTOR_FILE))
+    if getattr(model, "multi_modal_projector", None) is not None:  # a clip-stage model has none
+        save_tensors(model.multi_modal_projector.state_dict(), os.path.join(tmp, PROJECTOR_FILE))
     save_tensors(optimizer_tensors(optimizer, model), os.path.join(tmp, OPTIMIZER_FILE))
     for file, obj in (extra_json or {}).items():
         write_json_atomic(os.path.join(tmp, file), obj)
@@ -269,7 +270,7 @@ def export_weights(run_dir: str, ckpt: str) -> None:
     where links are not possible the file is copied. Either way it appears atomically.
     """
     crash_point("export-started")
-    for name in (MODEL_FILE, PROJECTOR_FILE):
+    for name in _weight_files(ckpt):
         src, dst = os.path.join(ckpt, name), os.path.join(run_dir, name)
         tmp = f"{dst}.tmp-{os.getpid()}"
         if os.path.exists(tmp):
@@ -281,10 +282,14 @@ def export_weights(run_dir: str, ckpt: str) -> None:
         os.replace(tmp, dst)
 
 
+def _weight_files(ckpt: str) -> list[str]:
+    return [n for n in (MODEL_FILE, PROJECTOR_FILE) if os.path.isfile(os.path.join(ckpt, n))]
+
+
 def is_exported(run_dir: str, ckpt: str) -> bool:
     try:
         return all(os.path.samefile(os.path.join(ckpt, n), os.path.join(run_dir, n))
-                   for n in (MODEL_FILE, PROJECTOR_FILE))
+                   for n in _weight_files(ckpt))
     except OSError:
         return False
 

@@ -3,7 +3,9 @@
 A run folder holds: recipe.yaml (resolved), config.json, tokenizer.json, model.safetensors,
 projector.safetensors, metrics.jsonl, and checkpoint/step-N/ folders (weights, optimizer,
 data position, random states) to continue from exactly; see paddle_mm/resume.py. Freezing
-follows `train.trainable`; nothing here branches on the stage name.
+follows `train.trainable`; the only stage-dependent code is the choice of model, dataset and
+loss for the alignment stages (paddle_mm/alignment), which keep this loop, its batches and
+its files.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from paddle_mm import builder, distributed, resume
+from paddle_mm import alignment, builder, distributed, resume
 from paddle_mm.checkpoint import load_into, load_tensors
 from paddle_mm.config import Recipe, TrainConfig
 from paddle_mm.data.dataset import ConversationDataset, collate
@@ -26,7 +28,8 @@ from paddle_mm.recipe import save_recipe
 from paddle_mm.runlog import METRICS_FILE, RunLog, global_grad_norm
 from paddle_mm.tokenizer import IGNORE_INDEX, dump_special_tokens
 
-SUBMODULES = ("vision_tower", "multi_modal_projector", "language_model")
+# text_tower and align_heads exist in the alignment stages' models only.
+SUBMODULES = ("vision_tower", "multi_modal_projector", "language_model", "text_tower", "align_heads")
 # With train.on_nonfinite: skip, this many bad batches in a row still stop the run: the
 # weights themselves have gone bad, and skipping would loop over the data for ever.
 MAX_NONFINITE_IN_A_ROW = 8
@@ -47,11 +50,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def apply_trainable(model, cfg: TrainConfig) -> dict[str, list]:
     """Freeze everything outside cfg.trainable; returns the trainable parameters per submodule."""
+    present = [name for name in SUBMODULES if getattr(model, name, None) is not None]
     for name in cfg.trainable:
-        if name not in SUBMODULES:
-            raise RecipeError(f"train.trainable: {name!r} is not one of {SUBMODULES}")
+        if name not in present:
+            raise RecipeError(f"train.trainable: {name!r} is not one of this stage's {tuple(present)}")
     groups: dict[str, list] = {}
-    for name in SUBMODULES:
+    for name in present:
         params = getattr(model, name).parameters()
         train_it = name in cfg.trainable
         for p in params:
@@ -72,13 +76,12 @@ def build_optimizer(groups: dict[str, list], cfg: TrainConfig):
     scale = {
         "multi_modal_projector": (cfg.projector_lr or cfg.lr) / cfg.lr,
         "vision_tower": (cfg.vision_lr or cfg.lr) / cfg.lr,
-        "language_model": 1.0,
     }
     # Set on each parameter, as a parameter group would: fleet's sharded optimizer takes no groups.
     params = []
     for name, ps in groups.items():
         for p in ps:
-            p.optimize_attr["learning_rate"] = scale[name]
+            p.optimize_attr["learning_rate"] = scale.get(name, 1.0)
             params.append(p)
     if not params:
         raise RecipeError("train.trainable leaves no parameter to train")
@@ -112,6 +115,11 @@ def _init_weights(model, cfg: TrainConfig) -> None:
         load_into(model, load_tensors(path), path)
     if cfg.projector_from:
         load_into(model.multi_modal_projector, load_tensors(cfg.projector_from), cfg.projector_from)
+    if cfg.vision_from:  # e.g. the vision tower an align/clip stage trained beside the Q-Former
+        path = cfg.vision_from
+        if os.path.isdir(path):
+            path = os.path.join(path, builder.MODEL_FILE)
+        load_into(model.vision_tower, load_tensors(path), path, prefix="vision_tower.")
 
 
 def write_run_files(run_dir: str, recipe: Recipe, model_cfg, tokenizer) -> None:
@@ -167,7 +175,14 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     seed_everything(cfg.seed)  # the same seed everywhere: every process starts from the same weights
     tokenizer = builder.load_tokenizer(recipe)
     model_cfg = builder.model_config_for(recipe, tokenizer)
-    model = builder.build_model(model_cfg, tokenizer)
+    align = cfg.stage in alignment.ALIGN_STAGES
+    if align and recipe.data.packing:
+        raise RecipeError(f"data.packing: the {cfg.stage} stage compares whole image-caption pairs; it cannot pack them")
+    if align:
+        model = alignment.build_align_model(cfg.stage, model_cfg, cfg.seed)
+        alignment.init_text_weights(model, model_cfg)
+    else:
+        model = builder.build_model(model_cfg, tokenizer)
     _init_weights(model, cfg)
     if cfg.recompute:
         distributed.enable_recompute(model)
@@ -175,9 +190,12 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     optimizer = build_optimizer(groups, cfg)
 
     samples, skipped = builder.read_samples(recipe.data.train, recipe)
-    dataset = ConversationDataset(samples, tokenizer, builder.image_processor_for(recipe),
-                                  model_cfg.tokens_per_image, recipe.data.max_length, recipe.data.on_error,
-                                  recipe.data.system_prompt)
+    if align:
+        dataset = alignment.build_dataset(model, samples, recipe)
+    else:
+        dataset = ConversationDataset(samples, tokenizer, builder.image_processor_for(recipe),
+                                      model_cfg.tokens_per_image, recipe.data.max_length, recipe.data.on_error,
+                                      recipe.data.system_prompt)
     skipped += dataset.skipped
     if skipped and rank == 0:
         print(f"skipped {len(skipped)} bad records (data.on_error=skip); first: {skipped[0]}", file=sys.stderr)
@@ -187,6 +205,8 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     run_dir = cfg.output_dir
     if rank == 0:
         write_run_files(run_dir, recipe, model_cfg, tokenizer)
+        if align:
+            alignment.save_text_tokenizer(model, run_dir)
         resume.clean_leftovers(run_dir)
     state, ckpt = resume.load_latest(run_dir, model, optimizer)
     state = state or {"step": 0, "epoch": 0, "cursor": 0}
@@ -234,10 +254,14 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
             # Gradients are averaged across processes once, on the last micro-batch.
             with distributed.no_sync(forward, world > 1 and k < len(batches) - 1):
                 with precision.autocast():
-                    _, logits = forward(**batch_inputs(batch))
-                token_losses = causal_lm_loss(logits, paddle.to_tensor(batch["labels"]), reduction="sum")
-                precision.backward(token_losses * (scale * weight))
-            loss_sum += float(token_losses) * weight
+                    out, logits = forward(**batch_inputs(batch))
+                if align:  # contrastive terms are batch-level: a mean over micro-batches and processes
+                    term, factor = out, weight / len(batches)
+                else:
+                    term = causal_lm_loss(logits, paddle.to_tensor(batch["labels"]), reduction="sum")
+                    factor = weight * scale
+                precision.backward(term * factor)
+            loss_sum += float(term) * factor
         if _nonfinite_on_any_rank(loss_sum, world):
             samples = [_sample_ref(dataset, i) for i in step_idx]
             bad_in_a_row += 1
@@ -267,7 +291,7 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
         state["step"] = step
         if logs:
             # the loss of the whole global batch
-            total_loss = distributed.global_sum([loss_sum], world)[0] / max(global_tokens, 1.0)
+            total_loss = distributed.global_sum([loss_sum], world)[0] / world
             record = runlog.write(step, total_loss, lr, grad_norm)
             if rank == 0 and not quiet:
                 progress.update(step, total_loss, lr, record["samples_per_s"])

@@ -196,6 +196,20 @@ def generate_split(out_dir, split: str, num_images: int, seed: int,
     return paths
 
 
+def write_zero_shot_task(data_dir, split: str = "test", template: str = "a {}") -> str:
+    """A zero-shot classification task over a split's one-object scenes: which of the 15
+    colour-shape classes is it? Prompts ("a red circle") leave the position out, so a model
+    must match a phrase it never saw whole. Returns the task file's path."""
+    data = Path(data_dir)
+    scenes = json.loads((data / f"{split}_scenes.json").read_text(encoding="utf-8"))
+    classes = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    images = [{"image": rec["image"], "label": f"{rec['objects'][0]['colour']} {rec['objects'][0]['shape']}"}
+              for rec in scenes if len(rec["objects"]) == 1]
+    path = data / f"{split}_zero_shot.json"
+    write_json_atomic(path, {"template": template, "classes": classes, "images": images})
+    return str(path)
+
+
 def generate_demo_data(out_dir, num_train: int, num_val: int, num_test: int,
                        seed: int = 0, grid: int = 3, cell: int = 16) -> dict:
     """Write train/val/test splits, the tokenizer corpus and a manifest; cached by parameters."""

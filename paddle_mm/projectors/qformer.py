@@ -7,8 +7,10 @@ LM always sees ``num_queries`` visual tokens whatever the number of patches.
 Structure follows BLIP-2's Q-Former (a BERT encoder): post-norm layers
 (``LayerNorm(x + sublayer(x))``), cross-attention only on every
 ``cross_attention_every``-th layer, GELU feed-forward, and a final Linear
-(BLIP-2's ``language_projection``). Only the query branch is implemented; the
-text branch of the Q-Former is not needed for projection.
+(BLIP-2's ``language_projection``). This class is the query branch, all a projector
+needs; the text branch used by the stage-1 losses (word/position embeddings and each
+layer's text feed-forward) is ``QFormerTextBranch``, which runs through the same layers
+with ``QFormerLayer.forward_joint`` (BLIP-2 shares self-attention between queries and text).
 
 Parameter layout (maps one-to-one onto HF ``Blip2QFormerModel``; Paddle Linear
 weights are ``[in, out]``, i.e. transposed w.r.t. torch):
@@ -32,7 +34,7 @@ import paddle.nn.functional as F
 
 
 class MultiHeadAttention(nn.Layer):
-    """Unmasked multi-head attention; q from ``hidden``, k/v from ``kv_hidden``.
+    """Multi-head attention; q from ``hidden``, k/v from ``kv_hidden``.
 
     ``kv_hidden`` differs from ``hidden`` for cross-attention, where k/v are
     projected straight from the vision encoder's width (as in BLIP-2).
@@ -55,14 +57,16 @@ class MultiHeadAttention(nn.Layer):
         b, l = x.shape[0], x.shape[1]
         return x.reshape([b, l, self.num_heads, self.head_dim])
 
-    def forward(self, x: paddle.Tensor, kv: paddle.Tensor | None = None) -> paddle.Tensor:
+    def forward(self, x: paddle.Tensor, kv: paddle.Tensor | None = None,
+                attn_mask: paddle.Tensor | None = None) -> paddle.Tensor:
+        """attn_mask: bool [B, 1, Lq, Lk], True where a query position may read a key position."""
         kv = x if kv is None else kv
         q = self._split(self.q_proj(x))  # [B, Q, H, Dh]
         k = self._split(self.k_proj(kv))  # [B, K, H, Dh]
         v = self._split(self.v_proj(kv))  # [B, K, H, Dh]
-        # No mask: queries and image patches are always all valid. Paddle's SDPA
-        # (checked on CPU, paddle 3.3.1) uses the 1/sqrt(Dh) scale.
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, Q, H, Dh]
+        # Without a mask (queries over queries or patches) every position is valid. Paddle's
+        # SDPA (checked on CPU, paddle 3.3.1) uses the 1/sqrt(Dh) scale and takes a bool mask.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, Q, H, Dh]
         out = out.reshape([out.shape[0], out.shape[1], -1])  # [B, Q, D]
         return self.out_proj(out)
 
@@ -95,12 +99,69 @@ class QFormerLayer(nn.Layer):
         self.mlp = QFormerMLP(hidden, intermediate)
         self.mlp_norm = nn.LayerNorm(hidden, epsilon=eps)
 
-    def forward(self, x: paddle.Tensor, image_features: paddle.Tensor) -> paddle.Tensor:
+    def forward(self, x: paddle.Tensor, image_features: paddle.Tensor | None,
+                attn_mask: paddle.Tensor | None = None) -> paddle.Tensor:
         # Post-norm (residual, then LayerNorm) as in BERT, not pre-norm.
-        x = self.attn_norm(x + self.attn(x))  # [B, Q, D]
+        x = self.attn_norm(x + self.attn(x, attn_mask=attn_mask))  # [B, Q, D]
         if self.has_cross_attention:
             x = self.cross_attn_norm(x + self.cross_attn(x, image_features))  # [B, Q, D]
         return self.mlp_norm(x + self.mlp(x))  # [B, Q, D]
+
+    def forward_joint(self, queries: paddle.Tensor | None, text: paddle.Tensor, image_features,
+                      attn_mask: paddle.Tensor, text_ffn: "TextFeedForward"):
+        """Queries [B, Q, D] (or None) and text [B, T, D] through one layer; returns both.
+
+        Self-attention runs over the concatenation under `attn_mask` ([B, 1, Q+T, Q+T]);
+        only the queries read the image, and each side has its own feed-forward (BLIP-2's
+        ``intermediate_query``/``output_query`` for queries, ``intermediate``/``output`` for text).
+        """
+        nq = 0 if queries is None else queries.shape[1]
+        x = text if queries is None else paddle.concat([queries, text], axis=1)  # [B, Q+T, D]
+        x = self.attn_norm(x + self.attn(x, attn_mask=attn_mask))
+        q, t = x[:, :nq], x[:, nq:]
+        if nq:
+            if self.has_cross_attention:
+                q = self.cross_attn_norm(q + self.cross_attn(q, image_features))
+            q = self.mlp_norm(q + self.mlp(q))
+        t = text_ffn.mlp_norm(t + text_ffn.mlp(t))
+        return (q if nq else None), t
+
+
+class TextFeedForward(nn.Layer):
+    """A Q-Former layer's feed-forward for text tokens (BERT's intermediate/output)."""
+
+    def __init__(self, hidden: int, intermediate: int, eps: float):
+        super().__init__()
+        self.mlp = QFormerMLP(hidden, intermediate)
+        self.mlp_norm = nn.LayerNorm(hidden, epsilon=eps)
+
+
+class QFormerTextBranch(nn.Layer):
+    """The Q-Former's text side: BERT word and position embeddings, one text FFN per layer.
+
+    The embeddings LayerNorm is the projector's ``query_norm`` (BLIP-2 normalizes queries and
+    text with the same one), so it is not repeated here.
+
+        word_embeddings, position_embeddings  <- bert.embeddings.{word,position}_embeddings
+        layers.{i}.mlp.fc1 / fc2              <- bert.encoder.layer.{i}.intermediate.dense / output.dense
+        layers.{i}.mlp_norm                   <- bert.encoder.layer.{i}.output.LayerNorm
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, num_layers: int, intermediate_size: int,
+                 max_positions: int, layer_norm_eps: float):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
+        self.position_embeddings = nn.Embedding(max_positions, hidden_size)
+        self.layers = nn.LayerList([TextFeedForward(hidden_size, intermediate_size, layer_norm_eps)
+                                    for _ in range(num_layers)])
+
+    def embed(self, input_ids: paddle.Tensor, norm: nn.Layer) -> paddle.Tensor:
+        """[B, T] ids -> [B, T, D]: word + position embeddings through the shared LayerNorm."""
+        if input_ids.shape[1] > self.position_embeddings.weight.shape[0]:
+            raise ValueError(f"text of {input_ids.shape[1]} tokens exceeds the "
+                             f"{self.position_embeddings.weight.shape[0]} position embeddings")
+        positions = paddle.arange(input_ids.shape[1], dtype="int64").unsqueeze(0)
+        return norm(self.word_embeddings(input_ids) + self.position_embeddings(positions))
 
 
 class QFormerProjector(nn.Layer):
@@ -144,3 +205,18 @@ class QFormerProjector(nn.Layer):
 
     def forward(self, image_features: paddle.Tensor) -> paddle.Tensor:
         return self.proj(self.query_states(image_features))  # [B, Q, output_hidden]
+
+    def joint_states(self, image_features, text_embeds, attn_mask, text_branch: QFormerTextBranch,
+                     with_queries: bool = True):
+        """Queries and embedded text [B, T, D] through every layer under one attention mask.
+
+        Returns (query states [B, Q, D] or None, text states [B, T, D]); with_queries=False
+        runs the text alone (BLIP-2's text-only pass for ITC).
+        """
+        queries = None
+        if with_queries:
+            queries = self.query_norm(self.query_tokens.expand([text_embeds.shape[0], -1, -1]))
+        t = text_embeds
+        for layer, ffn in zip(self.layers, text_branch.layers):
+            queries, t = layer.forward_joint(queries, t, image_features, attn_mask, ffn)
+        return queries, t
