@@ -40,9 +40,9 @@ def encode_texts(model, texts: Sequence[str], batch_size: int = 64) -> np.ndarra
     out = []
     with paddle.no_grad():
         for start in range(0, len(texts), batch_size):
-            items = [{"id": str(i), "input_ids": np.asarray(tok.encode(t, max_length), "int64"),
-                      "labels": np.zeros(1, "int64"), "pixel_values": None}
-                     for i, t in enumerate(texts[start: start + batch_size])]
+            ids = [np.asarray(tok.encode(t, max_length), "int64") for t in texts[start: start + batch_size]]
+            # labels are unused here; collate wants one per input id
+            items = [{"id": str(i), "input_ids": x, "labels": x, "pixel_values": None} for i, x in enumerate(ids)]
             b = collate(items, tok.pad_token_id)
             out.append(model.text_embeddings(paddle.to_tensor(b["input_ids"]),
                                              paddle.to_tensor(b["attention_mask"])).numpy())

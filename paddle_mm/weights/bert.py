@@ -19,47 +19,54 @@ import re
 import numpy as np
 
 from paddle_mm.errors import CheckpointError
-from paddle_mm.weights.blip2 import apply_table, linear, same
 from paddle_mm.weights.hf import read_config, read_tensors
+from paddle_mm.weights.mapping import Rule, Table, listed_names, to_paddle_mm
 
-# Present in BERT checkpoints, with nothing to go to in the Q-Former.
-_UNUSED = re.compile(r"^(bert\.)?(pooler\..*|embeddings\.position_ids|embeddings\.token_type_embeddings\.weight)$"
-                     r"|^cls\.seq_relationship\..*|^cls\.predictions\.decoder\.(weight|bias)$")
+_LAYER = "encoder.layer.{i}."
+_QUERY_LAYER = "multi_modal_projector.layers.{i}."
+
+# Names after _canonical(); targets relative to QFormerAligner. The feed-forward maps to the
+# query FFN here and is copied to the text FFN afterwards (one source, two parameters).
+BERT_ENCODER = Table("bert", (
+    Rule("embeddings.LayerNorm.weight", "multi_modal_projector.query_norm.weight"),
+    Rule("embeddings.LayerNorm.bias", "multi_modal_projector.query_norm.bias"),
+    Rule(_LAYER + "attention.self.query.weight", _QUERY_LAYER + "attn.q_proj.weight", transpose=True),
+    Rule(_LAYER + "attention.self.query.bias", _QUERY_LAYER + "attn.q_proj.bias"),
+    Rule(_LAYER + "attention.self.key.weight", _QUERY_LAYER + "attn.k_proj.weight", transpose=True),
+    Rule(_LAYER + "attention.self.key.bias", _QUERY_LAYER + "attn.k_proj.bias"),
+    Rule(_LAYER + "attention.self.value.weight", _QUERY_LAYER + "attn.v_proj.weight", transpose=True),
+    Rule(_LAYER + "attention.self.value.bias", _QUERY_LAYER + "attn.v_proj.bias"),
+    Rule(_LAYER + "attention.output.dense.weight", _QUERY_LAYER + "attn.out_proj.weight", transpose=True),
+    Rule(_LAYER + "attention.output.dense.bias", _QUERY_LAYER + "attn.out_proj.bias"),
+    Rule(_LAYER + "attention.output.LayerNorm.weight", _QUERY_LAYER + "attn_norm.weight"),
+    Rule(_LAYER + "attention.output.LayerNorm.bias", _QUERY_LAYER + "attn_norm.bias"),
+    Rule(_LAYER + "intermediate.dense.weight", _QUERY_LAYER + "mlp.fc1.weight", transpose=True),
+    Rule(_LAYER + "intermediate.dense.bias", _QUERY_LAYER + "mlp.fc1.bias"),
+    Rule(_LAYER + "output.dense.weight", _QUERY_LAYER + "mlp.fc2.weight", transpose=True),
+    Rule(_LAYER + "output.dense.bias", _QUERY_LAYER + "mlp.fc2.bias"),
+    Rule(_LAYER + "output.LayerNorm.weight", _QUERY_LAYER + "mlp_norm.weight"),
+    Rule(_LAYER + "output.LayerNorm.bias", _QUERY_LAYER + "mlp_norm.bias"),
+), ignore=(
+    # nothing to go to in the Q-Former, or handled by hand below (embeddings, the MLM bias)
+    "pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids",
+    "embeddings.token_type_embeddings.weight", "embeddings.word_embeddings.weight",
+    "embeddings.position_embeddings.weight", "cls.seq_relationship.weight", "cls.seq_relationship.bias",
+    "cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "cls.predictions.bias",
+))
+
+MLM_HEAD = Table("bert-mlm-head", (
+    Rule("cls.predictions.transform.dense.weight", "align_heads.lm_dense.weight", transpose=True),
+    Rule("cls.predictions.transform.dense.bias", "align_heads.lm_dense.bias"),
+    Rule("cls.predictions.transform.LayerNorm.weight", "align_heads.lm_norm.weight"),
+    Rule("cls.predictions.transform.LayerNorm.bias", "align_heads.lm_norm.bias"),
+))
+
+_QUERY_FFN = re.compile(r"^multi_modal_projector\.layers\.(\d+)\.(mlp\.|mlp_norm\.)")
 
 
 def _canonical(name: str) -> str:
     name = name[len("bert."):] if name.startswith("bert.") else name
     return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-
-
-def bert_rows(num_layers: int, has_mlm_head: bool) -> list[tuple]:
-    """(BERT name, our name, transform); names relative to QFormerAligner."""
-    rows = [
-        ("embeddings.LayerNorm.weight", "multi_modal_projector.query_norm.weight", same),
-        ("embeddings.LayerNorm.bias", "multi_modal_projector.query_norm.bias", same),
-    ]
-    for i in range(num_layers):
-        src, q, t = f"encoder.layer.{i}.", f"multi_modal_projector.layers.{i}.", f"text_tower.layers.{i}."
-        for bert, ours in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-            rows += [(f"{src}attention.self.{bert}.weight", f"{q}attn.{ours}.weight", linear),
-                     (f"{src}attention.self.{bert}.bias", f"{q}attn.{ours}.bias", same)]
-        rows += [(src + "attention.output.dense.weight", q + "attn.out_proj.weight", linear),
-                 (src + "attention.output.dense.bias", q + "attn.out_proj.bias", same),
-                 (src + "attention.output.LayerNorm.weight", q + "attn_norm.weight", same),
-                 (src + "attention.output.LayerNorm.bias", q + "attn_norm.bias", same)]
-        for dst in (q, t):  # one BERT feed-forward starts both the query and the text FFN
-            rows += [(src + "intermediate.dense.weight", dst + "mlp.fc1.weight", linear),
-                     (src + "intermediate.dense.bias", dst + "mlp.fc1.bias", same),
-                     (src + "output.dense.weight", dst + "mlp.fc2.weight", linear),
-                     (src + "output.dense.bias", dst + "mlp.fc2.bias", same),
-                     (src + "output.LayerNorm.weight", dst + "mlp_norm.weight", same),
-                     (src + "output.LayerNorm.bias", dst + "mlp_norm.bias", same)]
-    if has_mlm_head:
-        rows += [("cls.predictions.transform.dense.weight", "align_heads.lm_dense.weight", linear),
-                 ("cls.predictions.transform.dense.bias", "align_heads.lm_dense.bias", same),
-                 ("cls.predictions.transform.LayerNorm.weight", "align_heads.lm_norm.weight", same),
-                 ("cls.predictions.transform.LayerNorm.bias", "align_heads.lm_norm.bias", same)]
-    return rows
 
 
 def check_config(raw: dict, model, source: str) -> None:
@@ -83,14 +90,22 @@ def load_bert_into_qformer(model, folder: str) -> None:
     check_config(read_config(folder), model, source)
     tensors = {_canonical(k): v for k, v in read_tensors(folder).items()}
     state = model.state_dict()
-    q = model.config.projector.qformer
-    table = bert_rows(q.num_layers, "cls.predictions.transform.dense.weight" in tensors)
-    expected = {k: list(v.shape) for k, v in state.items()}
+    table = BERT_ENCODER + MLM_HEAD if "cls.predictions.transform.dense.weight" in tensors else BERT_ENCODER
     for name in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"):
         if name not in tensors:
             raise CheckpointError(f"{source}: {name} is missing")
-    skip = re.compile(_UNUSED.pattern + r"|^embeddings\.(word|position)_embeddings\.weight$|^cls\.predictions\.bias$")
-    out = apply_table(table, tensors, expected, source, skip=skip)
+    # What the table needs from the file (the source of every parameter it covers), and what
+    # the file has that the table neither maps nor lists as unused: both named in one error.
+    needed = sorted({hit[0] for name in state if (hit := table.source_of(name))})
+    missing = [n for n in needed if n not in tensors]
+    unexpected = sorted(n for n in tensors if table.target_of(n) is None and not table.is_ignored(n))
+    if missing or unexpected:
+        found = [listed_names(kind, names) for kind, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        raise CheckpointError(f"{source}: does not fit the Q-Former ({' | '.join(found)})")
+    expected = {k: list(v.shape) for k, v in state.items()}
+    out, _ = to_paddle_mm(tensors, table, source)
+    for name in [n for n in out if _QUERY_FFN.match(n)]:  # BLIP-2 starts both FFNs from BERT's one
+        out[_QUERY_FFN.sub(r"text_tower.layers.\1.\2", name)] = out[name]
 
     words = tensors["embeddings.word_embeddings.weight"]
     ours = state["text_tower.word_embeddings.weight"].numpy().copy()

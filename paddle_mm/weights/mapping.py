@@ -88,7 +88,7 @@ class Table:
         return None if rule is None else (rule.source.format(**values), rule.transpose)
 
 
-def _listed(kind: str, names: list[str], limit: int = 10) -> str:
+def listed_names(kind: str, names: list[str], limit: int = 10) -> str:
     more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
     return f"{kind} {len(names)}: {', '.join(names[:limit])}{more}"
 
@@ -113,7 +113,7 @@ def to_paddle_mm(tensors: dict[str, np.ndarray], table: Table, source: str) -> t
             array = np.ascontiguousarray(array.T)
         mapped[target] = array
     if unknown:
-        raise CheckpointError(f"{source}: tensors not in the {table.name} mapping table ({_listed('unexpected', unknown)})")
+        raise CheckpointError(f"{source}: tensors not in the {table.name} mapping table ({listed_names('unexpected', unknown)})")
     return mapped, ignored
 
 
@@ -130,7 +130,7 @@ def from_paddle_mm(tensors: dict[str, np.ndarray], table: Table, source: str) ->
         src, transpose = hit
         out[src] = np.ascontiguousarray(tensors[name].T) if transpose else tensors[name]
     if unknown:
-        raise CheckpointError(f"{source}: tensors the {table.name} layout has no name for ({_listed('unmapped', unknown)})")
+        raise CheckpointError(f"{source}: tensors the {table.name} layout has no name for ({listed_names('unmapped', unknown)})")
     return out
 
 
@@ -161,9 +161,9 @@ def load_mapped(layer, tensors: dict[str, np.ndarray], table: Table, source: str
     if wrong:
         problems.append("wrong shape: " + "; ".join(wrong[:10]))
     if unexpected:
-        problems.append(_listed("no such parameter in the model", unexpected))
+        problems.append(listed_names("no such parameter in the model", unexpected))
     if missing and strict:
-        problems.append(_listed("missing", shown_missing))
+        problems.append(listed_names("missing", shown_missing))
     if problems:
         raise CheckpointError(f"{source}: does not fit the model ({' | '.join(problems)})")
     for target, array in mapped.items():
