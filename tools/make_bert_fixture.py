@@ -12,8 +12,7 @@ import argparse
 import os
 import sys
 
-from make_blip2_fixtures import transformers_module
-from make_reference_fixtures import perturb_, save_reference
+from make_reference_fixtures import perturb_, save_reference, transformers_module
 
 WORDS = ("a an the red green blue yellow purple circle square triangle at in top bottom left right center "
          "and of is there what colour shape where how many shapes are").split()
