@@ -17,20 +17,6 @@ SMALL = ["model.vision.hidden_size=32", "model.vision.intermediate_size=64", "mo
          "train.num_threads=1", "train.log_every=10"]
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    from paddle_mm.alignment.text import TextTokenizer
-    from paddle_mm.data.synthetic import generate_demo_data
-    from paddle_mm.tokenizer import Tokenizer, training_corpus
-
-    root = tmp_path_factory.mktemp("align")
-    files = generate_demo_data(str(root / "data"), 300, 4, 50, seed=0)
-    corpus = training_corpus([files["corpus"]])
-    Tokenizer.train_bpe(corpus, vocab_size=300).save(str(root / "tok"))
-    TextTokenizer.train(corpus, str(root / "wp"), vocab_size=200)
-    return root
-
-
 def recipe_for(root, stage, *overrides):
     from paddle_mm.config import Recipe
     from paddle_mm.recipe import load_recipe
@@ -58,13 +44,13 @@ def losses_of(model, batch):
         return {k: float(v) for k, v in model.losses(*batch).items()}
 
 
-def test_align_losses_fall_recall_beats_chance_and_stage2_starts_from_it(pairs, capsys):
+def test_align_losses_fall_recall_beats_chance_and_stage2_starts_from_it(caption_pairs, capsys):
     from paddle_mm import alignment, builder
     from paddle_mm.alignment.evaluate import evaluate_alignment_run
     from paddle_mm.runtime import seed_everything
     from paddle_mm.train import train
 
-    recipe = recipe_for(pairs, "align", "train.max_steps=80", "train.batch_size=32", "train.warmup_steps=5")
+    recipe = recipe_for(caption_pairs, "align", "train.max_steps=80", "train.batch_size=32", "train.warmup_steps=5")
     seed_everything(recipe.train.seed)
     cfg = builder.model_config_for(recipe, builder.load_tokenizer(recipe))
     untrained = alignment.build_align_model("align", cfg, recipe.train.seed)
@@ -80,7 +66,7 @@ def test_align_losses_fall_recall_beats_chance_and_stage2_starts_from_it(pairs, 
     for part in ("itc", "itm", "itg"):
         assert after[part] < before[part] * 0.9, (part, before, after)
 
-    report = evaluate_alignment_run(run, captions=f"{pairs}/data/test_captions.json")["retrieval"]
+    report = evaluate_alignment_run(run, captions=f"{caption_pairs}/data/test_captions.json")["retrieval"]
     chance = report["chance"]
     assert report["num_images"] == 50
     # 80 small steps: well above chance at 5 and 10 both ways; at 1, 50 queries are too few
@@ -93,7 +79,7 @@ def test_align_losses_fall_recall_beats_chance_and_stage2_starts_from_it(pairs, 
     from paddle_mm.cli import main
 
     capsys.readouterr()
-    assert main(["eval", run, "--retrieval", f"{pairs}/data/test_captions.json"]) == 0
+    assert main(["eval", run, "--retrieval", f"{caption_pairs}/data/test_captions.json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["retrieval"]["i2t"] == report["i2t"]
 
@@ -101,7 +87,7 @@ def test_align_losses_fall_recall_beats_chance_and_stage2_starts_from_it(pairs, 
     from paddle_mm.checkpoint import load_tensors
     from paddle_mm.train import _init_weights
 
-    pre = recipe_for(pairs, "pretrain", f"train.projector_from={run}/projector.safetensors",
+    pre = recipe_for(caption_pairs, "pretrain", f"train.projector_from={run}/projector.safetensors",
                      f"train.vision_from={run}", "train.max_steps=2")
     model = builder.build_model(builder.model_config_for(pre, builder.load_tokenizer(pre)),
                                 builder.load_tokenizer(pre))
@@ -115,19 +101,19 @@ def test_align_losses_fall_recall_beats_chance_and_stage2_starts_from_it(pairs, 
     assert len(open(os.path.join(pre.train.output_dir, "metrics.jsonl")).read().splitlines()) >= 1
 
 
-def test_align_stage_names_the_bad_parts(pairs):
+def test_align_stage_names_the_bad_parts(caption_pairs):
     from paddle_mm.errors import DataError, RecipeError
     from paddle_mm.train import train
 
     with pytest.raises(RecipeError, match="language_model"):
-        train(recipe_for(pairs, "align", "train.max_steps=1", "train.trainable=[language_model]"), quiet=True)
+        train(recipe_for(caption_pairs, "align", "train.max_steps=1", "train.trainable=[language_model]"), quiet=True)
     with pytest.raises(RecipeError, match="model.text.tokenizer"):
-        train(recipe_for(pairs, "align", "train.max_steps=1", "model.text.tokenizer=''"), quiet=True)
-    llava = f"data.train=[{{path: {pairs}/data/train_llava.json, format: llava}}]"
+        train(recipe_for(caption_pairs, "align", "train.max_steps=1", "model.text.tokenizer=''"), quiet=True)
+    llava = f"data.train=[{{path: {caption_pairs}/data/train_llava.json, format: llava}}]"
     with pytest.raises(RecipeError, match="train_llava.json has format 'llava'"):
-        train(recipe_for(pairs, "align", "train.max_steps=1", llava), quiet=True)
+        train(recipe_for(caption_pairs, "align", "train.max_steps=1", llava), quiet=True)
     from paddle_mm.alignment.data import caption_of
     from paddle_mm.data.readers import read_llava
 
     with pytest.raises(DataError, match="image-caption pairs"):
-        caption_of(read_llava(f"{pairs}/data/train_llava.json").samples[0])
+        caption_of(read_llava(f"{caption_pairs}/data/train_llava.json").samples[0])

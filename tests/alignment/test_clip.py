@@ -13,20 +13,6 @@ SMALL = ["model.vision.hidden_size=32", "model.vision.intermediate_size=64", "mo
          "train.num_threads=1", "train.log_every=10"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from paddle_mm.alignment.text import TextTokenizer
-    from paddle_mm.data.synthetic import generate_demo_data
-    from paddle_mm.tokenizer import Tokenizer, training_corpus
-
-    root = tmp_path_factory.mktemp("clip")
-    files = generate_demo_data(str(root / "data"), 300, 4, 50, seed=0)
-    corpus = training_corpus([files["corpus"]])
-    Tokenizer.train_bpe(corpus, vocab_size=300).save(str(root / "tok"))
-    TextTokenizer.train(corpus, str(root / "wp"), vocab_size=200)
-    return root
-
-
 def recipe_for(root, *overrides):
     from paddle_mm.config import Recipe
     from paddle_mm.recipe import load_recipe
@@ -36,10 +22,10 @@ def recipe_for(root, *overrides):
     return load_recipe(os.path.join(REPO, "recipes", "clip_demo", "clip.yaml"), Recipe, paths + SMALL + list(overrides))
 
 
-def test_clip_model_pieces(data):
+def test_clip_model_pieces(caption_pairs):
     from paddle_mm import alignment, builder
 
-    recipe = recipe_for(data)
+    recipe = recipe_for(caption_pairs)
     paddle.seed(0)
     model = alignment.build_align_model("clip", builder.model_config_for(recipe, builder.load_tokenizer(recipe)))
     model.eval()
@@ -60,17 +46,17 @@ def test_clip_model_pieces(data):
     assert model.vision_tower.patch_embedding.weight.grad is not None
 
 
-def test_clip_stage_learns_retrieval_and_zero_shot_runs(data):
+def test_clip_stage_learns_retrieval_and_zero_shot_runs(caption_pairs):
     from paddle_mm.alignment.evaluate import evaluate_alignment_run
     from paddle_mm.data.synthetic import write_zero_shot_task
     from paddle_mm.train import train
 
-    run = train(recipe_for(data, "train.max_steps=80", "train.warmup_steps=5"), quiet=True)
+    run = train(recipe_for(caption_pairs, "train.max_steps=80", "train.warmup_steps=5"), quiet=True)
     assert not os.path.exists(os.path.join(run, "projector.safetensors"))  # two towers, no projector
     losses = [float(line.split('"loss": ')[1].split(",")[0]) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert losses[-1] < losses[0] * 0.8, losses
-    task = write_zero_shot_task(f"{data}/data", "test")
-    report = evaluate_alignment_run(run, captions=f"{data}/data/test_captions.json", zero_shot=task)
+    task = write_zero_shot_task(f"{caption_pairs}/data", "test")
+    report = evaluate_alignment_run(run, captions=f"{caption_pairs}/data/test_captions.json", zero_shot=task)
     r = report["retrieval"]
     for way in ("i2t", "t2i"):
         assert r[way]["R@5"] > 1.5 * r["chance"][way]["R@5"], r
