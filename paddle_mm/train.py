@@ -216,6 +216,8 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     precision = distributed.Precision(cfg)
 
     lengths = np.array([len(item.input_ids) for item in dataset.items])
+    # Each item's next-token targets (the loss's denominator counts these over the global batch).
+    targets = np.array([int((item.labels[1:] != IGNORE_INDEX).sum()) for item in dataset.items])
     order = _epoch_order(cfg.seed, lengths, state["epoch"], cfg.batch_size)
     if rank == 0:  # steps logged after the checkpoint we resume from are taken again
         for name in (METRICS_FILE, resume.NONFINITE_LOG):
@@ -247,7 +249,10 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
             batches.append((_batch([stand_in], tokenizer.pad_token_id, recipe.data), 0.0))
         # Every token of the global batch weighs the same, however the tokens fall on processes
         # and micro-batches; the parallel wrappers average gradients, hence the factor world.
-        (global_tokens,) = distributed.global_sum([sum(_labelled_tokens(b) * w for b, w in batches)], world)
+        if recipe.data.on_error == "skip":  # unreadable items may have been dropped from the batches
+            (global_tokens,) = distributed.global_sum([sum(_labelled_tokens(b) * w for b, w in batches)], world)
+        else:  # every process knows the whole global batch: no all-reduce needed
+            global_tokens = float(targets[step_idx].sum())
         scale = world / max(global_tokens, 1.0)
         loss_sum = 0.0
         for k, (batch, weight) in enumerate(batches):
