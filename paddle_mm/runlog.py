@@ -18,7 +18,6 @@ import time
 import numpy as np
 
 from paddle_mm.errors import CheckpointError
-from paddle_mm.tokenizer import IGNORE_INDEX
 
 METRICS_FILE = "metrics.jsonl"
 VISUALDL_DIR = "visualdl"
@@ -47,10 +46,10 @@ class RunLog:
     Every process counts (cheap); only the one built with write=True opens files.
     """
 
-    def __init__(self, run_dir: str, dataset, write: bool = True):
-        self._tokens = np.array([len(item.input_ids) for item in dataset.items], dtype=np.int64)
-        self._labelled = np.array([int((item.labels != IGNORE_INDEX).sum()) for item in dataset.items],
-                                  dtype=np.int64)
+    def __init__(self, run_dir: str, tokens: np.ndarray, labelled: np.ndarray, write: bool = True):
+        """tokens / labelled: per dataset item, its token count and the tokens the loss is taken on."""
+        self._tokens = np.asarray(tokens, dtype=np.int64)
+        self._labelled = np.asarray(labelled, dtype=np.int64)
         self._file = open(os.path.join(run_dir, METRICS_FILE), "a", encoding="utf-8") if write else None
         self._vdl = visualdl_writer(run_dir) if write else None
         self._start_window()

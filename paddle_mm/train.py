@@ -222,7 +222,7 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     if rank == 0:  # steps logged after the checkpoint we resume from are taken again
         for name in (METRICS_FILE, resume.NONFINITE_LOG):
             resume.trim_log(os.path.join(run_dir, name), state["step"])
-    runlog = RunLog(run_dir, dataset, write=rank == 0)
+    runlog = RunLog(run_dir, lengths, targets, write=rank == 0)  # counts computed once, here
     progress = Progress(cfg.max_steps, state["step"])
     model.train()
     bad_in_a_row, stand_in = 0, None
