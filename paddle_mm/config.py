@@ -5,6 +5,7 @@ unknown keys and wrong types; `validate()` methods below check the rules that sp
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -60,6 +61,17 @@ class QFormerConfig:
     intermediate_size: int = 3072
     cross_attention_every: int = 2
     layer_norm_eps: float = 1e-12
+    # "none" (BLIP-2) or "sincos_2d": add a fixed 2D sine-cosine table of the patch grid to the
+    # image features the cross-attention reads (keys and values), as Qwen-VL's resampler does for
+    # its keys. BLIP-2 relies on a pretrained ViT to keep each patch's place in its features; a
+    # ViT trained from scratch does not (measured in the demo), and then the queries cannot tell
+    # where anything is. Parameter-free, so checkpoint layouts are unchanged.
+    image_position_embedding: str = "none"
+    # "none" or "sincos_2d": lay the queries on a sqrt(Q) x sqrt(Q) grid and add that grid's table
+    # to each query as it reads the image (Qwen-VL's resampler), so query i can keep to the patches
+    # near cell i. Without it the demo's 9 queries all read the same patch in every head (measured),
+    # so one object's colour or shape shows up in every query and the others' are lost.
+    query_position_embedding: str = "none"
 
 
 _MLP_TYPE = re.compile(r"^mlp(\d+)x_gelu$")
@@ -80,6 +92,14 @@ class ProjectorConfig:
             )
         if self.pool < 1:
             raise RecipeError(f"projector.pool must be >= 1, got {self.pool}")
+        for name in ("image_position_embedding", "query_position_embedding"):
+            value = getattr(self.qformer, name)
+            if value not in ("none", "sincos_2d"):
+                raise RecipeError(f"projector.qformer.{name} {value!r} is not one of none, sincos_2d")
+        q = self.qformer
+        if q.query_position_embedding == "sincos_2d" and math.isqrt(q.num_queries) ** 2 != q.num_queries:
+            raise RecipeError(f"projector.qformer.query_position_embedding sincos_2d lays the queries on a "
+                              f"square grid: num_queries must be a square, got {q.num_queries}")
 
     @property
     def mlp_depth(self) -> int:

@@ -19,6 +19,8 @@ def build_projector(cfg: ProjectorConfig, vision_hidden: int, output_hidden: int
             intermediate_size=q.intermediate_size,
             cross_attention_every=q.cross_attention_every,
             layer_norm_eps=q.layer_norm_eps,
+            image_position_embedding=q.image_position_embedding,
+            query_position_embedding=q.query_position_embedding,
         )
     from paddle_mm.projectors.mlp import MLPProjector
 

@@ -12,6 +12,12 @@ needs; the text branch used by the stage-1 losses (word/position embeddings and 
 layer's text feed-forward) is ``QFormerTextBranch``, which runs through the same layers
 with ``QFormerLayer.forward_joint`` (BLIP-2 shares self-attention between queries and text).
 
+Two additions, both off by default and without parameters (the layout below holds):
+``image_position_embedding="sincos_2d"`` adds a fixed 2D sine-cosine table of the patch grid to
+the image features every cross-attention reads, and ``query_position_embedding="sincos_2d"``
+adds the table of a sqrt(Q) x sqrt(Q) grid to the queries as they read them. QFormerConfig says
+why the demo needs them.
+
 Parameter layout (maps one-to-one onto HF ``Blip2QFormerModel``; Paddle Linear
 weights are ``[in, out]``, i.e. transposed w.r.t. torch):
     query_tokens                         <- query_tokens
@@ -28,9 +34,43 @@ weights are ``[in, out]``, i.e. transposed w.r.t. torch):
 
 from __future__ import annotations
 
+import functools
+import math
+
+import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+
+
+@functools.lru_cache(maxsize=8)
+def sincos_2d_table(num_tokens: int, dim: int) -> np.ndarray:
+    """[num_tokens, dim] fixed 2D sine-cosine positions for a square patch grid, row-major.
+
+    The first dim/2 channels encode the row, the rest the column, each half as sines then
+    cosines over dim/4 geometric frequencies (base 10000). A leading [CLS] token (num_tokens =
+    g*g + 1) gets zeros: it has no place on the grid.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs an image feature width divisible by 4, got {dim}")
+    grid = math.isqrt(num_tokens)
+    has_cls = grid * grid != num_tokens
+    if has_cls:
+        grid = math.isqrt(num_tokens - 1)
+        if grid * grid != num_tokens - 1:
+            raise ValueError(f"sincos_2d needs a square patch grid (g*g tokens, or g*g + 1 with [CLS]); "
+                             f"got {num_tokens} image feature tokens")
+    freqs = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))  # [dim/4]
+    rows, cols = np.divmod(np.arange(grid * grid), grid)  # row-major, as the ViT flattens patches
+
+    def encode(coord):  # [g*g] -> [g*g, dim/2]
+        angles = coord[:, None] * freqs[None, :]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    table = np.concatenate([encode(rows), encode(cols)], axis=1).astype("float32")
+    if has_cls:
+        table = np.concatenate([np.zeros([1, dim], "float32"), table], axis=0)
+    return table
 
 
 class MultiHeadAttention(nn.Layer):
@@ -99,16 +139,21 @@ class QFormerLayer(nn.Layer):
         self.mlp = QFormerMLP(hidden, intermediate)
         self.mlp_norm = nn.LayerNorm(hidden, epsilon=eps)
 
+    def read_image(self, q: paddle.Tensor, image_features, query_positions=None) -> paddle.Tensor:
+        """Cross-attention sublayer; query positions (if any) shape what each query reads, not its residual."""
+        reader = q if query_positions is None else q + query_positions
+        return self.cross_attn_norm(q + self.cross_attn(reader, image_features))  # [B, Q, D]
+
     def forward(self, x: paddle.Tensor, image_features: paddle.Tensor | None,
-                attn_mask: paddle.Tensor | None = None) -> paddle.Tensor:
+                attn_mask: paddle.Tensor | None = None, query_positions=None) -> paddle.Tensor:
         # Post-norm (residual, then LayerNorm) as in BERT, not pre-norm.
         x = self.attn_norm(x + self.attn(x, attn_mask=attn_mask))  # [B, Q, D]
         if self.has_cross_attention:
-            x = self.cross_attn_norm(x + self.cross_attn(x, image_features))  # [B, Q, D]
+            x = self.read_image(x, image_features, query_positions)
         return self.mlp_norm(x + self.mlp(x))  # [B, Q, D]
 
     def forward_joint(self, queries: paddle.Tensor | None, text: paddle.Tensor, image_features,
-                      attn_mask: paddle.Tensor, text_ffn: "TextFeedForward"):
+                      attn_mask: paddle.Tensor, text_ffn: "TextFeedForward", query_positions=None):
         """Queries [B, Q, D] (or None) and text [B, T, D] through one layer; returns both.
 
         Self-attention runs over the concatenation under `attn_mask` ([B, 1, Q+T, Q+T]);
@@ -121,7 +166,7 @@ class QFormerLayer(nn.Layer):
         q, t = x[:, :nq], x[:, nq:]
         if nq:
             if self.has_cross_attention:
-                q = self.cross_attn_norm(q + self.cross_attn(q, image_features))
+                q = self.read_image(q, image_features, query_positions)
             q = self.mlp_norm(q + self.mlp(q))
         t = text_ffn.mlp_norm(t + text_ffn.mlp(t))
         return (q if nq else None), t
@@ -170,11 +215,26 @@ class QFormerProjector(nn.Layer):
     def __init__(self, vision_hidden: int, output_hidden: int, num_queries: int = 32,
                  hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
                  intermediate_size: int = 3072, cross_attention_every: int = 2,
-                 layer_norm_eps: float = 1e-12):
+                 layer_norm_eps: float = 1e-12, image_position_embedding: str = "none",
+                 query_position_embedding: str = "none"):
         super().__init__()
         if cross_attention_every < 1:
             raise ValueError("cross_attention_every must be >= 1")
+        for name, value in (("image_position_embedding", image_position_embedding),
+                            ("query_position_embedding", query_position_embedding)):
+            if value not in ("none", "sincos_2d"):
+                raise ValueError(f"{name} must be none or sincos_2d, got {value!r}")
         self.num_queries = num_queries
+        self.image_position_embedding = image_position_embedding
+        # Queries laid on a sqrt(Q) x sqrt(Q) grid: query i reads the image with the position of
+        # grid cell i added, so it can prefer the patches there (Qwen-VL's resampler does this).
+        self.query_positions = None
+        if query_position_embedding == "sincos_2d":
+            grid = math.isqrt(num_queries)
+            if grid * grid != num_queries:
+                raise ValueError(f"query_position_embedding sincos_2d lays the queries on a square grid: "
+                                 f"num_queries must be a square, got {num_queries}")
+            self.query_positions = sincos_2d_table(num_queries, hidden_size)  # [Q, D]
         self.query_tokens = self.create_parameter(
             shape=[1, num_queries, hidden_size],
             default_initializer=nn.initializer.Normal(mean=0.0, std=0.02),
@@ -192,15 +252,29 @@ class QFormerProjector(nn.Layer):
     def num_output_tokens(self) -> int:
         return self.num_queries
 
+    def with_positions(self, image_features: paddle.Tensor) -> paddle.Tensor:
+        """The image features as the cross-attention reads them: [B, P, D], positions added if set."""
+        if self.image_position_embedding == "none" or image_features is None:  # None: a text-only pass
+            return image_features
+        table = sincos_2d_table(image_features.shape[1], image_features.shape[2])
+        return image_features + paddle.to_tensor(table, dtype=image_features.dtype).unsqueeze(0)
+
+    def _query_positions(self, dtype):
+        if self.query_positions is None:
+            return None
+        return paddle.to_tensor(self.query_positions, dtype=dtype).unsqueeze(0)  # [1, Q, D]
+
     def query_states(self, image_features: paddle.Tensor) -> paddle.Tensor:
         """The Q-Former's output before the projection (HF's qformer last_hidden_state): [B, Q, D]."""
         b = image_features.shape[0]
+        image_features = self.with_positions(image_features)
         # Same learned queries for every image; expand keeps them shared so
         # gradients from all batch rows accumulate into one parameter.
         x = self.query_tokens.expand([b, -1, -1])  # [B, Q, D]
         x = self.query_norm(x)
+        positions = self._query_positions(x.dtype)
         for layer in self.layers:
-            x = layer(x, image_features)  # [B, Q, D]
+            x = layer(x, image_features, query_positions=positions)  # [B, Q, D]
         return x
 
     def forward(self, image_features: paddle.Tensor) -> paddle.Tensor:
@@ -214,9 +288,11 @@ class QFormerProjector(nn.Layer):
         runs the text alone (BLIP-2's text-only pass for ITC).
         """
         queries = None
+        image_features = self.with_positions(image_features)
+        positions = self._query_positions(text_embeds.dtype)
         if with_queries:
             queries = self.query_norm(self.query_tokens.expand([text_embeds.shape[0], -1, -1]))
         t = text_embeds
         for layer, ffn in zip(self.layers, text_branch.layers):
-            queries, t = layer.forward_joint(queries, t, image_features, attn_mask, ffn)
+            queries, t = layer.forward_joint(queries, t, image_features, attn_mask, ffn, positions)
         return queries, t

@@ -2,16 +2,18 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_mm.projectors.qformer import MultiHeadAttention, QFormerProjector
+from paddle_mm.projectors.qformer import MultiHeadAttention, QFormerProjector, sincos_2d_table
 
 VISION_HIDDEN, OUTPUT_HIDDEN, HIDDEN, HEADS, LAYERS, QUERIES = 24, 40, 32, 2, 4, 6
 
 
-def make_model(seed: int = 0) -> QFormerProjector:
+def make_model(seed: int = 0, image_position_embedding: str = "none", query_position_embedding: str = "none",
+               num_queries: int = QUERIES) -> QFormerProjector:
     paddle.seed(seed)
-    model = QFormerProjector(VISION_HIDDEN, OUTPUT_HIDDEN, num_queries=QUERIES, hidden_size=HIDDEN,
+    model = QFormerProjector(VISION_HIDDEN, OUTPUT_HIDDEN, num_queries=num_queries, hidden_size=HIDDEN,
                              num_layers=LAYERS, num_heads=HEADS, intermediate_size=64,
-                             cross_attention_every=2)
+                             cross_attention_every=2, image_position_embedding=image_position_embedding,
+                             query_position_embedding=query_position_embedding)
     model.eval()
     return model
 
@@ -70,6 +72,58 @@ def test_invariant_to_patch_permutation():
     out = model(paddle.to_tensor(x)).numpy()
     out_perm = model(paddle.to_tensor(x[:, perm])).numpy()
     np.testing.assert_allclose(out_perm, out, rtol=1e-5, atol=1e-5)
+
+
+def test_sincos_positions_make_the_output_depend_on_patch_order():
+    # The same patches in another order are another image once positions are added; the
+    # parameters are the same as without them (nothing new to load from a BLIP-2 checkpoint).
+    model = make_model(image_position_embedding="sincos_2d")
+    assert model.state_dict().keys() == make_model().state_dict().keys()
+    x = image_features(2, 9)
+    perm = np.random.default_rng(3).permutation(9)
+    out = model(paddle.to_tensor(x)).numpy()
+    assert np.abs(model(paddle.to_tensor(x[:, perm])).numpy() - out).max() > 1e-3
+    # With identical patch contents, only the positions can tell the queries anything.
+    same = np.repeat(x[:, :1], 9, axis=1)
+    assert np.abs(model(paddle.to_tensor(same)).numpy() - make_model()(paddle.to_tensor(same)).numpy()).max() > 1e-3
+
+
+def test_query_positions_let_identical_queries_read_differently():
+    # All queries equal: without positions every query computes the same thing; on a grid of
+    # their own they read the image differently. No parameters are added either way.
+    plain = make_model(num_queries=9)
+    placed = make_model(num_queries=9, query_position_embedding="sincos_2d")
+    assert placed.state_dict().keys() == plain.state_dict().keys()
+    same = paddle.ones([1, 9, HIDDEN]) * 0.3
+    for model in (plain, placed):
+        model.query_tokens.set_value(same)
+    x = paddle.to_tensor(image_features(2, 9))
+    out_plain, out_placed = plain(x).numpy(), placed(x).numpy()
+    np.testing.assert_allclose(out_plain, np.repeat(out_plain[:, :1], 9, axis=1), atol=1e-5)
+    assert np.abs(out_placed - out_placed[:, :1]).max() > 1e-3
+    with pytest.raises(ValueError, match="num_queries must be a square"):
+        make_model(num_queries=6, query_position_embedding="sincos_2d")
+
+
+def test_sincos_table_encodes_row_and_column():
+    table = sincos_2d_table(9, 8)  # 3x3 grid, row-major; channels 0-3 row, 4-7 column
+    rows, cols = np.divmod(np.arange(9), 3)
+    for a in range(9):
+        for b in range(9):
+            assert np.array_equal(table[a, :4], table[b, :4]) == (rows[a] == rows[b])
+            assert np.array_equal(table[a, 4:], table[b, 4:]) == (cols[a] == cols[b])
+    # Position 0 is sin(0)=0 then cos(0)=1 in both halves; row 1, frequency 1: sin(1), cos(1).
+    np.testing.assert_allclose(table[0], [0, 0, 1, 1, 0, 0, 1, 1])
+    np.testing.assert_allclose(table[3, [0, 2]], [np.sin(1.0), np.cos(1.0)], rtol=1e-6)
+    with_cls = sincos_2d_table(10, 8)
+    np.testing.assert_array_equal(with_cls[0], np.zeros(8))
+    np.testing.assert_array_equal(with_cls[1:], table)
+
+
+@pytest.mark.parametrize("tokens, dim, message", [(8, 8, "square patch grid"), (9, 6, "divisible by 4")])
+def test_sincos_table_refuses_what_it_cannot_place(tokens, dim, message):
+    with pytest.raises(ValueError, match=message):
+        sincos_2d_table(tokens, dim)
 
 
 def test_gradients_reach_every_parameter():
