@@ -61,17 +61,10 @@ class QFormerConfig:
     intermediate_size: int = 3072
     cross_attention_every: int = 2
     layer_norm_eps: float = 1e-12
-    # "none" (BLIP-2) or "sincos_2d": add a fixed 2D sine-cosine table of the patch grid to the
-    # image features the cross-attention reads (keys and values), as Qwen-VL's resampler does for
-    # its keys. BLIP-2 relies on a pretrained ViT to keep each patch's place in its features; a
-    # ViT trained from scratch does not (measured in the demo), and then the queries cannot tell
-    # where anything is. Parameter-free, so checkpoint layouts are unchanged.
-    image_position_embedding: str = "none"
-    # "none" or "sincos_2d": lay the queries on a sqrt(Q) x sqrt(Q) grid and add that grid's table
-    # to each query as it reads the image (Qwen-VL's resampler), so query i can keep to the patches
-    # near cell i. Without it the demo's 9 queries all read the same patch in every head (measured),
-    # so one object's colour or shape shows up in every query and the others' are lost.
-    query_position_embedding: str = "none"
+    # 0 (BLIP-2): queries read the image by content alone. > 0: each query keeps to its own cell
+    # of a sqrt(Q) x sqrt(Q) grid over the image, through a learned per-head penalty on the
+    # squared distance started at this strength (projectors/qformer.py says why).
+    cross_attention_locality: float = 0.0
 
 
 _MLP_TYPE = re.compile(r"^mlp(\d+)x_gelu$")
@@ -92,14 +85,12 @@ class ProjectorConfig:
             )
         if self.pool < 1:
             raise RecipeError(f"projector.pool must be >= 1, got {self.pool}")
-        for name in ("image_position_embedding", "query_position_embedding"):
-            value = getattr(self.qformer, name)
-            if value not in ("none", "sincos_2d"):
-                raise RecipeError(f"projector.qformer.{name} {value!r} is not one of none, sincos_2d")
         q = self.qformer
-        if q.query_position_embedding == "sincos_2d" and math.isqrt(q.num_queries) ** 2 != q.num_queries:
-            raise RecipeError(f"projector.qformer.query_position_embedding sincos_2d lays the queries on a "
-                              f"square grid: num_queries must be a square, got {q.num_queries}")
+        if q.cross_attention_locality < 0:
+            raise RecipeError(f"projector.qformer.cross_attention_locality must be >= 0, got {q.cross_attention_locality}")
+        if q.cross_attention_locality > 0 and math.isqrt(q.num_queries) ** 2 != q.num_queries:
+            raise RecipeError(f"projector.qformer.cross_attention_locality lays the queries on a square grid: "
+                              f"num_queries must be a square number, got {q.num_queries}")
 
     @property
     def mlp_depth(self) -> int:

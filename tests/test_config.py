@@ -23,11 +23,10 @@ def test_tokens_per_image_follows_patches_pooling_and_queries():
     ({"model": {"vision": {"num_layers": 2, "feature_layer": 5}}}, "feature_layer 5"),
     ({"model": {"projector": {"type": "mlp_gelu"}}}, "mlp<N>x_gelu"),
     ({"model": {"projector": {"pool": 3}, "vision": {"image_size": 32, "patch_size": 8}}}, "does not divide"),
-    ({"model": {"projector": {"type": "qformer", "qformer": {"image_position_embedding": "learned"}}}},
-     "image_position_embedding 'learned' is not one of none, sincos_2d"),
-    ({"model": {"projector": {"type": "qformer", "qformer": {"num_queries": 32,
-                                                             "query_position_embedding": "sincos_2d"}}}},
-     "num_queries must be a square, got 32"),
+    ({"model": {"projector": {"type": "qformer", "qformer": {"cross_attention_locality": -1.0}}}},
+     "cross_attention_locality must be >= 0, got -1.0"),
+    ({"model": {"projector": {"type": "qformer", "qformer": {"num_queries": 32, "cross_attention_locality": 2.0}}}},
+     "num_queries must be a square number, got 32"),
 ])
 def test_bad_model_settings_are_named(section, message):
     with pytest.raises(RecipeError, match=message):

@@ -19,8 +19,7 @@ def build_projector(cfg: ProjectorConfig, vision_hidden: int, output_hidden: int
             intermediate_size=q.intermediate_size,
             cross_attention_every=q.cross_attention_every,
             layer_norm_eps=q.layer_norm_eps,
-            image_position_embedding=q.image_position_embedding,
-            query_position_embedding=q.query_position_embedding,
+            cross_attention_locality=q.cross_attention_locality,
         )
     from paddle_mm.projectors.mlp import MLPProjector
 

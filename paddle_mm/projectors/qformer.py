@@ -12,11 +12,13 @@ needs; the text branch used by the stage-1 losses (word/position embeddings and 
 layer's text feed-forward) is ``QFormerTextBranch``, which runs through the same layers
 with ``QFormerLayer.forward_joint`` (BLIP-2 shares self-attention between queries and text).
 
-Two additions, both off by default and without parameters (the layout below holds):
-``image_position_embedding="sincos_2d"`` adds a fixed 2D sine-cosine table of the patch grid to
-the image features every cross-attention reads, and ``query_position_embedding="sincos_2d"``
-adds the table of a sqrt(Q) x sqrt(Q) grid to the queries as they read them. QFormerConfig says
-why the demo needs them.
+One addition, off by default: ``cross_attention_locality > 0`` lays the queries on a
+sqrt(Q) x sqrt(Q) grid over the image and adds ``-strength * distance**2`` (distance from the
+query's cell to the patch, in query cells) to every cross-attention logit, one learned strength
+per head and layer (``layers.{i}.cross_attn_locality``, a tensor BLIP-2 checkpoints do not have).
+Honeybee (Cha et al., 2024) reports that resamplers lose the image's spatial layout; the demo
+measured the same (every query read the same patch), and this prior keeps each query near its
+own part of the image while a head is free to learn a strength near 0 and read globally.
 
 Parameter layout (maps one-to-one onto HF ``Blip2QFormerModel``; Paddle Linear
 weights are ``[in, out]``, i.e. transposed w.r.t. torch):
@@ -44,33 +46,32 @@ import paddle.nn.functional as F
 
 
 @functools.lru_cache(maxsize=8)
-def sincos_2d_table(num_tokens: int, dim: int) -> np.ndarray:
-    """[num_tokens, dim] fixed 2D sine-cosine positions for a square patch grid, row-major.
+def query_patch_distances(num_queries: int, num_tokens: int) -> np.ndarray:
+    """[Q, P] squared distances, in query cells, from each query's cell to each patch centre.
 
-    The first dim/2 channels encode the row, the rest the column, each half as sines then
-    cosines over dim/4 geometric frequencies (base 10000). A leading [CLS] token (num_tokens =
-    g*g + 1) gets zeros: it has no place on the grid.
+    Queries and patches are both square row-major grids over the same image (the ViT's patch
+    order); with a leading [CLS] token (P = g*g + 1) its column is 0: it summarises the image,
+    so no query is kept from it.
     """
-    if dim % 4:
-        raise ValueError(f"sincos_2d needs an image feature width divisible by 4, got {dim}")
-    grid = math.isqrt(num_tokens)
-    has_cls = grid * grid != num_tokens
-    if has_cls:
-        grid = math.isqrt(num_tokens - 1)
-        if grid * grid != num_tokens - 1:
-            raise ValueError(f"sincos_2d needs a square patch grid (g*g tokens, or g*g + 1 with [CLS]); "
-                             f"got {num_tokens} image feature tokens")
-    freqs = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))  # [dim/4]
-    rows, cols = np.divmod(np.arange(grid * grid), grid)  # row-major, as the ViT flattens patches
+    gq = math.isqrt(num_queries)
+    if gq * gq != num_queries:
+        raise ValueError(f"cross_attention_locality lays the queries on a square grid: "
+                         f"num_queries must be a square number, got {num_queries}")
+    has_cls = math.isqrt(num_tokens) ** 2 != num_tokens
+    gp = math.isqrt(num_tokens - has_cls)
+    if gp * gp != num_tokens - has_cls:
+        raise ValueError(f"cross_attention_locality needs a square patch grid (g*g image features, or "
+                         f"g*g + 1 with [CLS]); got {num_tokens}")
 
-    def encode(coord):  # [g*g] -> [g*g, dim/2]
-        angles = coord[:, None] * freqs[None, :]
-        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    def centres(g):  # [g*g, 2] (row, col) in units of the image side
+        rows, cols = np.divmod(np.arange(g * g), g)
+        return np.stack([rows, cols], axis=1) / g + 0.5 / g
 
-    table = np.concatenate([encode(rows), encode(cols)], axis=1).astype("float32")
+    delta = (centres(gq)[:, None, :] - centres(gp)[None, :, :]) * gq  # [Q, P, 2] in query cells
+    dist = (delta ** 2).sum(-1).astype("float32")
     if has_cls:
-        table = np.concatenate([np.zeros([1, dim], "float32"), table], axis=0)
-    return table
+        dist = np.concatenate([np.zeros([num_queries, 1], "float32"), dist], axis=1)
+    return dist
 
 
 class MultiHeadAttention(nn.Layer):
@@ -99,13 +100,15 @@ class MultiHeadAttention(nn.Layer):
 
     def forward(self, x: paddle.Tensor, kv: paddle.Tensor | None = None,
                 attn_mask: paddle.Tensor | None = None) -> paddle.Tensor:
-        """attn_mask: bool [B, 1, Lq, Lk], True where a query position may read a key position."""
+        """attn_mask: bool [B, 1, Lq, Lk], True where a query position may read a key position,
+        or float [B or 1, H or 1, Lq, Lk], added to the attention logits."""
         kv = x if kv is None else kv
         q = self._split(self.q_proj(x))  # [B, Q, H, Dh]
         k = self._split(self.k_proj(kv))  # [B, K, H, Dh]
         v = self._split(self.v_proj(kv))  # [B, K, H, Dh]
         # Without a mask (queries over queries or patches) every position is valid. Paddle's
-        # SDPA (checked on CPU, paddle 3.3.1) uses the 1/sqrt(Dh) scale and takes a bool mask.
+        # SDPA (checked on CPU, paddle 3.3.1) uses the 1/sqrt(Dh) scale and takes a bool mask
+        # or a float one it adds to the scaled logits.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, Q, H, Dh]
         out = out.reshape([out.shape[0], out.shape[1], -1])  # [B, Q, D]
         return self.out_proj(out)
@@ -126,34 +129,41 @@ class QFormerLayer(nn.Layer):
     """One post-norm BERT layer over the queries, optionally with cross-attention."""
 
     def __init__(self, hidden: int, vision_hidden: int, num_heads: int, intermediate: int,
-                 has_cross_attention: bool, eps: float):
+                 has_cross_attention: bool, eps: float, locality: float = 0.0):
         super().__init__()
         self.has_cross_attention = has_cross_attention
+        self.cross_attn_locality = None
         self.attn = MultiHeadAttention(hidden, num_heads)
         self.attn_norm = nn.LayerNorm(hidden, epsilon=eps)
         if has_cross_attention:
             # Only created when used, so state_dict has no dead cross-attn weights
             # (matches HF, where such layers lack `crossattention`).
             self.cross_attn = MultiHeadAttention(hidden, num_heads, kv_hidden=vision_hidden)
+            if locality > 0:  # per-head strength of the distance penalty (see the module docstring)
+                self.cross_attn_locality = self.create_parameter(
+                    [num_heads], default_initializer=nn.initializer.Constant(locality))
             self.cross_attn_norm = nn.LayerNorm(hidden, epsilon=eps)
         self.mlp = QFormerMLP(hidden, intermediate)
         self.mlp_norm = nn.LayerNorm(hidden, epsilon=eps)
 
-    def read_image(self, q: paddle.Tensor, image_features, query_positions=None) -> paddle.Tensor:
-        """Cross-attention sublayer; query positions (if any) shape what each query reads, not its residual."""
-        reader = q if query_positions is None else q + query_positions
-        return self.cross_attn_norm(q + self.cross_attn(reader, image_features))  # [B, Q, D]
-
     def forward(self, x: paddle.Tensor, image_features: paddle.Tensor | None,
-                attn_mask: paddle.Tensor | None = None, query_positions=None) -> paddle.Tensor:
+                attn_mask: paddle.Tensor | None = None) -> paddle.Tensor:
         # Post-norm (residual, then LayerNorm) as in BERT, not pre-norm.
         x = self.attn_norm(x + self.attn(x, attn_mask=attn_mask))  # [B, Q, D]
         if self.has_cross_attention:
-            x = self.read_image(x, image_features, query_positions)
+            x = self.read_image(x, image_features)  # [B, Q, D]
         return self.mlp_norm(x + self.mlp(x))  # [B, Q, D]
 
+    def read_image(self, q: paddle.Tensor, image_features: paddle.Tensor) -> paddle.Tensor:
+        """The cross-attention sublayer: queries [B, Q, D] read image features [B, P, Dv]."""
+        bias = None
+        if self.cross_attn_locality is not None:
+            dist = paddle.to_tensor(query_patch_distances(q.shape[1], image_features.shape[1]), dtype=q.dtype)
+            bias = -self.cross_attn_locality.astype(q.dtype).reshape([1, -1, 1, 1]) * dist  # [1, H, Q, P]
+        return self.cross_attn_norm(q + self.cross_attn(q, image_features, attn_mask=bias))
+
     def forward_joint(self, queries: paddle.Tensor | None, text: paddle.Tensor, image_features,
-                      attn_mask: paddle.Tensor, text_ffn: "TextFeedForward", query_positions=None):
+                      attn_mask: paddle.Tensor, text_ffn: "TextFeedForward"):
         """Queries [B, Q, D] (or None) and text [B, T, D] through one layer; returns both.
 
         Self-attention runs over the concatenation under `attn_mask` ([B, 1, Q+T, Q+T]);
@@ -166,7 +176,7 @@ class QFormerLayer(nn.Layer):
         q, t = x[:, :nq], x[:, nq:]
         if nq:
             if self.has_cross_attention:
-                q = self.read_image(q, image_features, query_positions)
+                q = self.read_image(q, image_features)
             q = self.mlp_norm(q + self.mlp(q))
         t = text_ffn.mlp_norm(t + text_ffn.mlp(t))
         return (q if nq else None), t
@@ -215,26 +225,15 @@ class QFormerProjector(nn.Layer):
     def __init__(self, vision_hidden: int, output_hidden: int, num_queries: int = 32,
                  hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
                  intermediate_size: int = 3072, cross_attention_every: int = 2,
-                 layer_norm_eps: float = 1e-12, image_position_embedding: str = "none",
-                 query_position_embedding: str = "none"):
+                 layer_norm_eps: float = 1e-12, cross_attention_locality: float = 0.0):
         super().__init__()
         if cross_attention_every < 1:
             raise ValueError("cross_attention_every must be >= 1")
-        for name, value in (("image_position_embedding", image_position_embedding),
-                            ("query_position_embedding", query_position_embedding)):
-            if value not in ("none", "sincos_2d"):
-                raise ValueError(f"{name} must be none or sincos_2d, got {value!r}")
+        if cross_attention_locality < 0:
+            raise ValueError(f"cross_attention_locality must be >= 0, got {cross_attention_locality}")
+        if cross_attention_locality > 0:
+            query_patch_distances(num_queries, 1)  # refuses a non-square query count now, not at the first batch
         self.num_queries = num_queries
-        self.image_position_embedding = image_position_embedding
-        # Queries laid on a sqrt(Q) x sqrt(Q) grid: query i reads the image with the position of
-        # grid cell i added, so it can prefer the patches there (Qwen-VL's resampler does this).
-        self.query_positions = None
-        if query_position_embedding == "sincos_2d":
-            grid = math.isqrt(num_queries)
-            if grid * grid != num_queries:
-                raise ValueError(f"query_position_embedding sincos_2d lays the queries on a square grid: "
-                                 f"num_queries must be a square, got {num_queries}")
-            self.query_positions = sincos_2d_table(num_queries, hidden_size)  # [Q, D]
         self.query_tokens = self.create_parameter(
             shape=[1, num_queries, hidden_size],
             default_initializer=nn.initializer.Normal(mean=0.0, std=0.02),
@@ -243,7 +242,8 @@ class QFormerProjector(nn.Layer):
         self.query_norm = nn.LayerNorm(hidden_size, epsilon=layer_norm_eps)
         self.layers = nn.LayerList([
             QFormerLayer(hidden_size, vision_hidden, num_heads, intermediate_size,
-                         has_cross_attention=(i % cross_attention_every == 0), eps=layer_norm_eps)
+                         has_cross_attention=(i % cross_attention_every == 0), eps=layer_norm_eps,
+                         locality=cross_attention_locality)
             for i in range(num_layers)
         ])
         self.proj = nn.Linear(hidden_size, output_hidden)
@@ -252,29 +252,15 @@ class QFormerProjector(nn.Layer):
     def num_output_tokens(self) -> int:
         return self.num_queries
 
-    def with_positions(self, image_features: paddle.Tensor) -> paddle.Tensor:
-        """The image features as the cross-attention reads them: [B, P, D], positions added if set."""
-        if self.image_position_embedding == "none" or image_features is None:  # None: a text-only pass
-            return image_features
-        table = sincos_2d_table(image_features.shape[1], image_features.shape[2])
-        return image_features + paddle.to_tensor(table, dtype=image_features.dtype).unsqueeze(0)
-
-    def _query_positions(self, dtype):
-        if self.query_positions is None:
-            return None
-        return paddle.to_tensor(self.query_positions, dtype=dtype).unsqueeze(0)  # [1, Q, D]
-
     def query_states(self, image_features: paddle.Tensor) -> paddle.Tensor:
         """The Q-Former's output before the projection (HF's qformer last_hidden_state): [B, Q, D]."""
         b = image_features.shape[0]
-        image_features = self.with_positions(image_features)
         # Same learned queries for every image; expand keeps them shared so
         # gradients from all batch rows accumulate into one parameter.
         x = self.query_tokens.expand([b, -1, -1])  # [B, Q, D]
         x = self.query_norm(x)
-        positions = self._query_positions(x.dtype)
         for layer in self.layers:
-            x = layer(x, image_features, query_positions=positions)  # [B, Q, D]
+            x = layer(x, image_features)  # [B, Q, D]
         return x
 
     def forward(self, image_features: paddle.Tensor) -> paddle.Tensor:
@@ -288,11 +274,9 @@ class QFormerProjector(nn.Layer):
         runs the text alone (BLIP-2's text-only pass for ITC).
         """
         queries = None
-        image_features = self.with_positions(image_features)
-        positions = self._query_positions(text_embeds.dtype)
         if with_queries:
             queries = self.query_norm(self.query_tokens.expand([text_embeds.shape[0], -1, -1]))
         t = text_embeds
         for layer, ffn in zip(self.layers, text_branch.layers):
-            queries, t = layer.forward_joint(queries, t, image_features, attn_mask, ffn, positions)
+            queries, t = layer.forward_joint(queries, t, image_features, attn_mask, ffn)
         return queries, t

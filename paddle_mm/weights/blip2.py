@@ -395,6 +395,7 @@ def hf_blip2_config(cfg: ModelConfig, qkv_bias: bool, source: str) -> dict:
         (v.pre_norm or not v.post_norm or not v.patch_bias or v.drop_cls_token or v.feature_layer != -1,
          "a vision tower other than BLIP-2's EVA ViT"),
         (v.hidden_act != "gelu", f"vision hidden_act {v.hidden_act!r}"),
+        (q.cross_attention_locality > 0, "qformer.cross_attention_locality (BLIP-2's queries have no grid)"),
     ))
     return {
         "architectures": ["Blip2ForConditionalGeneration"], "model_type": "blip-2",

@@ -2,18 +2,16 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_mm.projectors.qformer import MultiHeadAttention, QFormerProjector, sincos_2d_table
+from paddle_mm.projectors.qformer import MultiHeadAttention, QFormerProjector, query_patch_distances
 
 VISION_HIDDEN, OUTPUT_HIDDEN, HIDDEN, HEADS, LAYERS, QUERIES = 24, 40, 32, 2, 4, 6
 
 
-def make_model(seed: int = 0, image_position_embedding: str = "none", query_position_embedding: str = "none",
-               num_queries: int = QUERIES) -> QFormerProjector:
+def make_model(seed: int = 0, num_queries: int = QUERIES, locality: float = 0.0) -> QFormerProjector:
     paddle.seed(seed)
     model = QFormerProjector(VISION_HIDDEN, OUTPUT_HIDDEN, num_queries=num_queries, hidden_size=HIDDEN,
                              num_layers=LAYERS, num_heads=HEADS, intermediate_size=64,
-                             cross_attention_every=2, image_position_embedding=image_position_embedding,
-                             query_position_embedding=query_position_embedding)
+                             cross_attention_every=2, cross_attention_locality=locality)
     model.eval()
     return model
 
@@ -74,60 +72,70 @@ def test_invariant_to_patch_permutation():
     np.testing.assert_allclose(out_perm, out, rtol=1e-5, atol=1e-5)
 
 
-def test_sincos_positions_make_the_output_depend_on_patch_order():
-    # The same patches in another order are another image once positions are added; the
-    # parameters are the same as without them (nothing new to load from a BLIP-2 checkpoint).
-    model = make_model(image_position_embedding="sincos_2d")
-    assert model.state_dict().keys() == make_model().state_dict().keys()
+def test_query_patch_distances_on_the_grids():
+    d = query_patch_distances(9, 9)  # 3x3 queries over 3x3 patches: one cell each
+    assert d.shape == (9, 9)
+    np.testing.assert_array_equal(np.diag(d), np.zeros(9))
+    assert d[0, 1] == d[0, 3] == 1 and d[0, 4] == 2 and d[0, 8] == 8 and d[4, 0] == 2
+    np.testing.assert_array_equal(d, d.T)
+    # With [CLS] first its column is 0 for every query; the patch columns are unchanged.
+    with_cls = query_patch_distances(9, 10)
+    np.testing.assert_array_equal(with_cls[:, 0], np.zeros(9))
+    np.testing.assert_array_equal(with_cls[:, 1:], d)
+    # 2x2 queries over 4x4 patches: query 0's cell holds patches 0, 1, 4, 5, each a quarter
+    # cell from its centre on both axes (2 * 0.25**2 = 0.125).
+    coarse = query_patch_distances(4, 16)
+    np.testing.assert_allclose(coarse[0, [0, 1, 4, 5]], 0.125)
+    assert set(np.argsort(coarse[3])[:4]) == {10, 11, 14, 15}
+
+
+@pytest.mark.parametrize("queries, tokens, message", [(6, 9, "num_queries must be a square"),
+                                                      (9, 8, "square patch grid")])
+def test_query_patch_distances_refuse_what_has_no_grid(queries, tokens, message):
+    with pytest.raises(ValueError, match=message):
+        query_patch_distances(queries, tokens)
+
+
+def test_locality_adds_one_strength_per_head_on_cross_attention_layers_only():
+    plain, local = make_model(num_queries=9).state_dict(), make_model(num_queries=9, locality=2.0).state_dict()
+    extra = sorted(set(local) - set(plain))
+    assert extra == ["layers.0.cross_attn_locality", "layers.2.cross_attn_locality"]
+    np.testing.assert_array_equal(local["layers.0.cross_attn_locality"].numpy(), [2.0] * HEADS)
+    with pytest.raises(ValueError, match="num_queries must be a square"):
+        make_model(num_queries=6, locality=1.0)
+
+
+def test_strong_locality_makes_each_query_read_its_own_patch():
+    # With a huge strength the penalty leaves each query only the patch of its own cell: the
+    # cross-attention sublayer then equals attention over that one patch.
+    model = make_model(num_queries=9, locality=1e4)
+    layer = model.layers[0]
+    rng = np.random.default_rng(5)
+    q = paddle.to_tensor(rng.standard_normal((2, 9, HIDDEN)).astype("float32"))
+    feats = paddle.to_tensor(image_features(2, 9))
+    got = layer.read_image(q, feats).numpy()
+    for i in range(9):
+        own = layer.cross_attn_norm(q[:, i:i + 1] + layer.cross_attn(q[:, i:i + 1], feats[:, i:i + 1])).numpy()
+        np.testing.assert_allclose(got[:, i:i + 1], own, rtol=1e-5, atol=1e-5)
+    # At strength 0 the same layer reads by content alone, as BLIP-2's does.
+    layer.cross_attn_locality.set_value(paddle.zeros([HEADS]))
+    plain = layer.cross_attn_norm(q + layer.cross_attn(q, feats)).numpy()
+    np.testing.assert_allclose(layer.read_image(q, feats).numpy(), plain, rtol=1e-6, atol=1e-6)
+
+
+def test_locality_makes_the_output_depend_on_patch_order():
+    # BLIP-2's Q-Former is blind to patch order (test above); on a grid, moving a patch moves it
+    # to another query.
+    model = make_model(num_queries=9, locality=2.0)
     x = image_features(2, 9)
     perm = np.random.default_rng(3).permutation(9)
     out = model(paddle.to_tensor(x)).numpy()
     assert np.abs(model(paddle.to_tensor(x[:, perm])).numpy() - out).max() > 1e-3
-    # With identical patch contents, only the positions can tell the queries anything.
-    same = np.repeat(x[:, :1], 9, axis=1)
-    assert np.abs(model(paddle.to_tensor(same)).numpy() - make_model()(paddle.to_tensor(same)).numpy()).max() > 1e-3
 
 
-def test_query_positions_let_identical_queries_read_differently():
-    # All queries equal: without positions every query computes the same thing; on a grid of
-    # their own they read the image differently. No parameters are added either way.
-    plain = make_model(num_queries=9)
-    placed = make_model(num_queries=9, query_position_embedding="sincos_2d")
-    assert placed.state_dict().keys() == plain.state_dict().keys()
-    same = paddle.ones([1, 9, HIDDEN]) * 0.3
-    for model in (plain, placed):
-        model.query_tokens.set_value(same)
-    x = paddle.to_tensor(image_features(2, 9))
-    out_plain, out_placed = plain(x).numpy(), placed(x).numpy()
-    np.testing.assert_allclose(out_plain, np.repeat(out_plain[:, :1], 9, axis=1), atol=1e-5)
-    assert np.abs(out_placed - out_placed[:, :1]).max() > 1e-3
-    with pytest.raises(ValueError, match="num_queries must be a square"):
-        make_model(num_queries=6, query_position_embedding="sincos_2d")
-
-
-def test_sincos_table_encodes_row_and_column():
-    table = sincos_2d_table(9, 8)  # 3x3 grid, row-major; channels 0-3 row, 4-7 column
-    rows, cols = np.divmod(np.arange(9), 3)
-    for a in range(9):
-        for b in range(9):
-            assert np.array_equal(table[a, :4], table[b, :4]) == (rows[a] == rows[b])
-            assert np.array_equal(table[a, 4:], table[b, 4:]) == (cols[a] == cols[b])
-    # Position 0 is sin(0)=0 then cos(0)=1 in both halves; row 1, frequency 1: sin(1), cos(1).
-    np.testing.assert_allclose(table[0], [0, 0, 1, 1, 0, 0, 1, 1])
-    np.testing.assert_allclose(table[3, [0, 2]], [np.sin(1.0), np.cos(1.0)], rtol=1e-6)
-    with_cls = sincos_2d_table(10, 8)
-    np.testing.assert_array_equal(with_cls[0], np.zeros(8))
-    np.testing.assert_array_equal(with_cls[1:], table)
-
-
-@pytest.mark.parametrize("tokens, dim, message", [(8, 8, "square patch grid"), (9, 6, "divisible by 4")])
-def test_sincos_table_refuses_what_it_cannot_place(tokens, dim, message):
-    with pytest.raises(ValueError, match=message):
-        sincos_2d_table(tokens, dim)
-
-
-def test_gradients_reach_every_parameter():
-    model = make_model()
+@pytest.mark.parametrize("locality", [0.0, 2.0])
+def test_gradients_reach_every_parameter(locality):
+    model = make_model(num_queries=9, locality=locality)
     model.train()
     model(paddle.to_tensor(image_features(2, 9))).sum().backward()
     params = dict(model.named_parameters())

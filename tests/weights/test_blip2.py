@@ -302,3 +302,14 @@ def test_checkpoint_without_qkv_biases_loads_zeros_and_exports_none():
     split["vision_model.encoder.layers.1.self_attn.qkv.bias[q]"] += 1.0  # trained here: cannot be dropped
     with pytest.raises(CheckpointError, match=r"qkv\.bias is not zero"):
         join_for_export(split, "hf", qkv_bias=False, source="x")
+
+
+def test_a_qformer_on_a_query_grid_is_not_exported_as_blip2():
+    from paddle_mm.config import ModelConfig, ProjectorConfig, QFormerConfig
+    from paddle_mm.weights.blip2 import hf_blip2_config
+
+    cfg = ModelConfig(projector=ProjectorConfig(type="qformer", qformer=QFormerConfig(
+        num_queries=9, cross_attention_locality=2.0)))
+    with pytest.raises(CheckpointError, match=r"run/config\.json: cannot be written as a transformers BLIP-2: .*"
+                                              r"qformer\.cross_attention_locality"):
+        hf_blip2_config(cfg, qkv_bias=True, source="run/config.json")
