@@ -46,13 +46,16 @@ def load_model(run_dir: str):
     return recipe, model.vision_tower, model.multi_modal_projector
 
 
-def tokens(run_dir: str, data_dir: str, split: str, batch: int = 100):
-    """ViT features and projector outputs, each [N, T, D] flattened to [N, T*D], and labels [N, 9]."""
+def tokens(model, data_dir: str, split: str, batch: int = 100):
+    """ViT features and projector outputs, each [N, T, D] flattened to [N, T*D], and labels [N, 9].
+
+    `model` is what load_model returns.
+    """
     import paddle
 
     from paddle_mm.builder import image_processor_for
 
-    recipe, vision, projector = load_model(run_dir)
+    recipe, vision, projector = model
     processor = image_processor_for(recipe)
     with open(os.path.join(data_dir, f"{split}_scenes.json"), encoding="utf-8") as f:
         scenes = json.load(f)
@@ -87,8 +90,9 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
     run_dir, data_dir = argv
-    vit_tr, proj_tr, y_tr = tokens(run_dir, data_dir, "train")
-    vit_te, proj_te, y_te = tokens(run_dir, data_dir, "test")
+    model = load_model(run_dir)
+    vit_tr, proj_tr, y_tr = tokens(model, data_dir, "train")
+    vit_te, proj_te, y_te = tokens(model, data_dir, "test")
     print(f"{run_dir}: {len(y_tr)} train / {len(y_te)} test scenes")
     print(f"{'tokens':<22}{'all cells':>10}{'object cells':>14}")
     for name, tr, te in (("ViT features", vit_tr, vit_te), ("projector outputs", proj_tr, proj_te)):
