@@ -79,7 +79,7 @@ def run_paddle(args) -> dict:
     from paddle_mm.data.packing import pack
     from paddle_mm.model import VisionLanguageModel
     from paddle_mm.runtime import configure_cpu
-    from paddle_mm.train import batch_inputs
+    from paddle_mm.training.loop import batch_inputs
 
     if not args.raw:
         configure_cpu(args.threads)
@@ -174,7 +174,7 @@ def paddle_pipeline(args) -> float:
     from paddle_mm.data.dataset import ConversationDataset, collate
     from paddle_mm.data.image import ImageProcessor, ImageProcessorConfig
     from paddle_mm.data.readers import read_dataset
-    from paddle_mm.tokenizer import Tokenizer
+    from paddle_mm.data.tokenizer import Tokenizer
 
     tok = Tokenizer.load(args.tokenizer)
 
@@ -357,7 +357,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         args.data = _write_images_and_conversations(d, args.pipeline_samples)
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from paddle_mm.tokenizer import Tokenizer
+        from paddle_mm.data.tokenizer import Tokenizer
 
         with open(args.data, encoding="utf-8") as f:
             texts = [t["value"] for r in json.load(f) for t in r["conversations"]]

@@ -1,21 +1,15 @@
-"""Build the pieces of a run from a recipe: tokenizer, model, datasets; load a run folder back."""
+"""Build the pieces of a run from a recipe: tokenizer, model config, model, samples, image processor.
+
+A finished run is read back by paddle_mm/run_folder.py, which builds through here."""
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import replace
 
-from paddle_mm.checkpoint import load_into, load_tensors
 from paddle_mm.config import DatasetSpec, ModelConfig, Recipe
 from paddle_mm.data.image import ImageProcessor
 from paddle_mm.data.readers import Sample, read_dataset
-from paddle_mm.errors import CheckpointError, DataError, RecipeError
-from paddle_mm.recipe import from_dict, load_recipe
-from paddle_mm.tokenizer import Tokenizer
-
-MODEL_FILE = "model.safetensors"
-PROJECTOR_FILE = "projector.safetensors"
-RECIPE_FILE = "recipe.yaml"
+from paddle_mm.data.tokenizer import Tokenizer
+from paddle_mm.errors import DataError, RecipeError
 
 
 def load_tokenizer(recipe: Recipe, recipe_source: str = "recipe") -> Tokenizer:
@@ -83,26 +77,3 @@ def image_processor_for(recipe: Recipe) -> ImageProcessor:
 def without_paths(cfg: ModelConfig) -> ModelConfig:
     """The config with no checkpoint folder named: build the shape only."""
     return replace(cfg, path="", vision=replace(cfg.vision, path=""), lm=replace(cfg.lm, path=""))
-
-
-def load_run(run_dir: str):
-    """(recipe, model config, tokenizer, model) of a finished run folder, weights loaded."""
-    recipe_file = os.path.join(run_dir, RECIPE_FILE)
-    config_file = os.path.join(run_dir, "config.json")
-    for f in (recipe_file, config_file, os.path.join(run_dir, MODEL_FILE)):
-        if not os.path.isfile(f):
-            raise CheckpointError(f"{run_dir}: not a run folder ({os.path.basename(f)} is missing)")
-    recipe = load_recipe(recipe_file, Recipe)
-    with open(config_file, encoding="utf-8") as f:
-        cfg = from_dict(ModelConfig, json.load(f), source=config_file)
-    tokenizer = Tokenizer.load(run_dir)
-    # The weights file holds the LM too: build it from the saved shape, not from lm.path.
-    model = build_model(without_paths(cfg), tokenizer)
-    if recipe.train.lora.enabled:  # the saved weights hold the LoRA matrices beside the base ones
-        from paddle_mm.lora import add_lora
-
-        add_lora(model.language_model, recipe.train.lora)
-    weights = os.path.join(run_dir, MODEL_FILE)
-    load_into(model, load_tensors(weights), weights)
-    model.eval()
-    return recipe, cfg, tokenizer, model

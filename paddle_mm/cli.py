@@ -15,17 +15,17 @@ from paddle_mm.errors import PaddleMMError
 def _train(args) -> None:
     from paddle_mm.config import Recipe
     from paddle_mm.recipe import load_recipe
-    from paddle_mm.train import train
+    from paddle_mm.training.loop import train
 
     recipe = load_recipe(args.recipe, Recipe, args.overrides)
     print(train(recipe))
 
 
 def _check_data(args) -> int:
-    from paddle_mm.check_data import check_data, default_report_path, passed, summary
     from paddle_mm.config import Recipe
     from paddle_mm.fileio import write_json_atomic
     from paddle_mm.recipe import load_recipe
+    from paddle_mm.training.check_data import check_data, default_report_path, passed, summary
 
     recipe = load_recipe(args.recipe, Recipe, args.overrides)
     report = check_data(recipe, decode_images=not args.no_decode)
@@ -48,8 +48,8 @@ def _load(run_dir: str):
 
 
 def _infer(args) -> None:
-    from paddle_mm.evaluate import generate_answers
-    from paddle_mm.infer import request_to_sample, run_requests
+    from paddle_mm.inference.generate import generate_answers
+    from paddle_mm.inference.requests import request_to_sample, run_requests
 
     recipe, tokenizer, model, proc = _load(args.run_dir)
     infer = recipe.infer
@@ -71,8 +71,8 @@ def _infer(args) -> None:
 
 def _chat_loop(image, model, tokenizer, proc, infer) -> None:
     """Multi-turn chat on stdin: each line is a user turn; the history is kept until EOF."""
-    from paddle_mm.evaluate import generate_answers
-    from paddle_mm.infer import request_to_sample
+    from paddle_mm.inference.generate import generate_answers
+    from paddle_mm.inference.requests import request_to_sample
 
     messages: list[dict] = []
     for line in sys.stdin:
@@ -88,11 +88,11 @@ def _chat_loop(image, model, tokenizer, proc, infer) -> None:
 
 def _eval(args) -> None:
     from paddle_mm.data.readers import read_captions, read_vqav2
-    from paddle_mm.evaluate import evaluate_captions, evaluate_vqa
+    from paddle_mm.inference.generate import evaluate_captions, evaluate_vqa
 
     report: dict = {}
     if args.retrieval or args.zero_shot:  # an align or clip run: no language model to answer with
-        from paddle_mm.alignment.evaluate import evaluate_alignment_run
+        from paddle_mm.eval.alignment import evaluate_alignment_run
         from paddle_mm.runtime import configure_cpu
 
         configure_cpu()
@@ -120,14 +120,14 @@ def _eval(args) -> None:
 
 
 def _demo(args) -> None:
-    from paddle_mm.demo import run_demo
+    from paddle_mm.demo.pipeline import run_demo
 
     run_demo(args.out, quick=args.quick, extra=args.overrides, scale=args.scale, processes=args.processes,
              pipeline="qformer" if args.qformer else "mlp")
 
 
 def _tokenizer(args) -> None:
-    from paddle_mm.tokenizer import Tokenizer, training_corpus
+    from paddle_mm.data.tokenizer import Tokenizer, training_corpus
 
     tok = Tokenizer.train_bpe(training_corpus(args.corpus), vocab_size=args.vocab_size)
     print(tok.save(args.out))
@@ -154,7 +154,7 @@ def _export(args) -> None:
 def _plot(args) -> None:
     import os
 
-    from paddle_mm.plot import plot_runs
+    from paddle_mm.training.plot import plot_runs
 
     print(plot_runs(args.run_dirs, args.out or os.path.join(args.run_dirs[0], "curves.png")))
 

@@ -11,10 +11,10 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from paddle_mm.config import ModelConfig
-from paddle_mm.generation import beam_search, decode
+from paddle_mm.data.tokenizer import IGNORE_INDEX
 from paddle_mm.lm.adapter import build_language_model, run_language_model
+from paddle_mm.lm.decoding import beam_search, decode
 from paddle_mm.projectors import build_projector
-from paddle_mm.tokenizer import IGNORE_INDEX
 from paddle_mm.vision.vit import VisionTransformer
 
 

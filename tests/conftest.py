@@ -1,9 +1,7 @@
 """Shared fixtures: a small synthetic dataset, its tokenizer, and a tiny demo recipe."""
 from __future__ import annotations
 
-
 import pytest
-
 from tiny import make_tiny_recipe
 
 
@@ -11,7 +9,7 @@ from tiny import make_tiny_recipe
 def demo_data(tmp_path_factory):
     """20 train / 4 val / 10 test synthetic scenes and a BPE tokenizer trained on them."""
     from paddle_mm.data.synthetic import generate_demo_data
-    from paddle_mm.tokenizer import Tokenizer, training_corpus
+    from paddle_mm.data.tokenizer import Tokenizer, training_corpus
 
     root = tmp_path_factory.mktemp("demo")
     files = generate_demo_data(str(root / "data"), 20, 4, 10, seed=0)

@@ -2,7 +2,7 @@
 
 Used by tests/test_resume.py (a few kill points) and tools/kill_resume.py (many, by hand).
 Two ways to kill, both a real SIGKILL of the `paddle-mm train` process:
-- at a named point inside a checkpoint save (PADDLE_MM_CRASH_AT, see paddle_mm/resume.py);
+- at a named point inside a checkpoint save (PADDLE_MM_CRASH_AT, see paddle_mm/training/checkpoints.py);
 - from outside, once the run has logged a randomly chosen step, after a random delay of up
   to a step's length, so the kill lands anywhere in the following step or save.
 """
@@ -95,8 +95,9 @@ def logged(run_dir: str) -> list[tuple]:
 
 def check_checkpoints_complete(run_dir: str) -> int:
     """Every checkpoint folder present loads in full; returns the newest step (0 if none)."""
-    from paddle_mm.checkpoint import load_tensors
-    from paddle_mm.resume import MODEL_FILE, OPTIMIZER_FILE, PROJECTOR_FILE, checkpoints, read_state
+    from paddle_mm.run_folder import MODEL_FILE, OPTIMIZER_FILE, PROJECTOR_FILE
+    from paddle_mm.training.checkpoints import checkpoints, read_state
+    from paddle_mm.weights.tensor_files import load_tensors
 
     newest = 0
     for ckpt in checkpoints(run_dir):

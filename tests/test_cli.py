@@ -6,12 +6,12 @@ import json
 import os
 
 import pytest
+from tiny import make_tiny_recipe
 
 from paddle_mm.cli import main
 from paddle_mm.config import Recipe
 from paddle_mm.recipe import load_recipe
-from paddle_mm.train import train
-from tiny import make_tiny_recipe
+from paddle_mm.training.loop import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

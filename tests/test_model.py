@@ -2,10 +2,18 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_mm.config import LMConfig, LoraConfig, ModelConfig, ProjectorConfig, QFormerConfig, TrainConfig, VisionConfig
+from paddle_mm.config import (
+    LMConfig,
+    LoraConfig,
+    ModelConfig,
+    ProjectorConfig,
+    QFormerConfig,
+    TrainConfig,
+    VisionConfig,
+)
+from paddle_mm.data.tokenizer import IGNORE_INDEX
 from paddle_mm.model import VisionLanguageModel, causal_lm_loss
-from paddle_mm.tokenizer import IGNORE_INDEX
-from paddle_mm.train import apply_trainable
+from paddle_mm.training.loop import apply_trainable
 
 IMG = 5  # image_token_id
 VOCAB, HIDDEN = 64, 32

@@ -3,7 +3,6 @@ import importlib.util
 import os
 
 import numpy as np
-
 from tiny import REPO
 
 spec = importlib.util.spec_from_file_location("probe_layout", os.path.join(REPO, "tools", "probe_layout.py"))

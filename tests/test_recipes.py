@@ -1,13 +1,14 @@
 """Every recipe under recipes/ loads and validates; the LLaVA-1.5-7B ones say what LLaVA-1.5 does."""
 import glob
 import os
+
 import pytest
+from reference_fixtures import folder_of
 
 from paddle_mm import builder
 from paddle_mm.config import Recipe
+from paddle_mm.data.tokenizer import Tokenizer
 from paddle_mm.recipe import load_recipe
-from paddle_mm.tokenizer import Tokenizer
-from reference_fixtures import folder_of
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "recipes")
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "**", "*.yaml"), recursive=True))

@@ -20,16 +20,16 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
+import kill_harness as kh  # noqa: E402
 import numpy as np  # noqa: E402
 
-import kill_harness as kh  # noqa: E402
-from paddle_mm.checkpoint import load_tensors  # noqa: E402
-from paddle_mm.resume import CRASH_POINTS  # noqa: E402
+from paddle_mm.training.checkpoints import CRASH_POINTS  # noqa: E402
+from paddle_mm.weights.tensor_files import load_tensors  # noqa: E402
 
 
 def demo_data(root: str) -> dict:
     from paddle_mm.data.synthetic import generate_demo_data
-    from paddle_mm.tokenizer import Tokenizer, training_corpus
+    from paddle_mm.data.tokenizer import Tokenizer, training_corpus
 
     files = generate_demo_data(os.path.join(root, "data"), 20, 4, 10, seed=0)
     tok = Tokenizer.train_bpe(training_corpus([files["corpus"]]), vocab_size=300)

@@ -173,7 +173,7 @@ def make_llava(folder: str) -> None:
     CLIPVisionConfig, LlamaConfig, LlavaConfig = tf.CLIPVisionConfig, tf.LlamaConfig, tf.LlavaConfig
     LlavaForConditionalGeneration = tf.LlavaForConditionalGeneration
 
-    from paddle_mm.tokenizer import Tokenizer
+    from paddle_mm.data.tokenizer import Tokenizer
 
     tok = Tokenizer.train_bpe(["a red circle left of a blue square", "what colour is the circle?"] * 20, 200, 1)
     image_id = tok.image_token_id

@@ -36,7 +36,7 @@ def cell_labels(scene: dict) -> np.ndarray:
 def load_model(run_dir: str):
     """(recipe, vision_tower, projector) of an align run or of a pretrain/instruct run."""
     if os.path.isfile(os.path.join(run_dir, "vocab.txt")):  # align/clip runs keep their WordPiece vocab
-        from paddle_mm.alignment import load_align_run
+        from paddle_mm.run_folder import load_align_run
 
         recipe, model = load_align_run(run_dir)
     else:

@@ -29,8 +29,8 @@ def main() -> None:
     from safetensors.numpy import load_file
 
     from paddle_mm.config import LMConfig
-    from paddle_mm.generation import decode
     from paddle_mm.lm.adapter import _classes, build_language_model, run_language_model
+    from paddle_mm.lm.decoding import decode
     from paddle_mm.model import VisionLanguageModel
     from paddle_mm.vision.vit import VisionTransformer
     from paddle_mm.weights.clip import load_clip_vision, vision_config_from_folder

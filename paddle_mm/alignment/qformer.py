@@ -20,10 +20,10 @@ import paddle.nn.functional as F
 from paddle_mm.alignment.losses import attention_mask as build_mask
 from paddle_mm.alignment.losses import contrastive_loss, hard_negatives, same_text
 from paddle_mm.config import ModelConfig
+from paddle_mm.data.tokenizer import IGNORE_INDEX
 from paddle_mm.model import causal_lm_loss
 from paddle_mm.projectors import build_projector
 from paddle_mm.projectors.qformer import QFormerTextBranch
-from paddle_mm.tokenizer import IGNORE_INDEX
 from paddle_mm.vision.vit import VisionTransformer
 
 

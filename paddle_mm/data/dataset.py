@@ -12,8 +12,8 @@ import numpy as np
 
 from paddle_mm.data.image import ImageProcessor
 from paddle_mm.data.readers import Sample
+from paddle_mm.data.tokenizer import IGNORE_INDEX, Tokenizer
 from paddle_mm.errors import DataError
-from paddle_mm.tokenizer import IGNORE_INDEX, Tokenizer
 
 
 @dataclass

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from paddle_mm.tokenizer import IGNORE_INDEX
+from paddle_mm.data.tokenizer import IGNORE_INDEX
 
 
 def plan_rows(lengths: Sequence[int], pack_length: int) -> list[list[int]]:

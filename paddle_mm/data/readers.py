@@ -18,9 +18,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from paddle_mm.data.tokenizer import IMAGE_TOKEN
 from paddle_mm.errors import DataError
 
-IMAGE_TOKEN = "<image>"
 OnError = Literal["raise", "skip"]
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 from paddle_mm.config import InferConfig
 from paddle_mm.data.image import open_image
 from paddle_mm.data.readers import Sample
+from paddle_mm.data.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS
 from paddle_mm.errors import DataError, ImageTooLargeError
-from paddle_mm.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS
 
 
 @dataclass

@@ -106,7 +106,7 @@ class Engine:
     def _generate(self, job: ChatJob, on_delta, cancelled: threading.Event) -> TextStream:
         import paddle
 
-        from paddle_mm.evaluate import generate_answers
+        from paddle_mm.inference.generate import generate_answers
 
         stream = TextStream(self.tokenizer, job.stop, on_delta)
 

@@ -176,8 +176,8 @@ def convert(src: str, dst: str, family: str) -> str:
 def _make_run_folder(folder: str, config: dict, src: str) -> None:
     """recipe.yaml and tokenizer.json beside the weights, so the folder loads like a trained run."""
     from paddle_mm.config import ModelConfig, Recipe
+    from paddle_mm.data.tokenizer import Tokenizer
     from paddle_mm.recipe import from_dict, save_recipe
-    from paddle_mm.tokenizer import Tokenizer
 
     recipe = Recipe(model=from_dict(ModelConfig, config, source="converted config"))
     recipe.train.output_dir = folder
@@ -189,7 +189,7 @@ def _make_run_folder(folder: str, config: dict, src: str) -> None:
 # export -------------------------------------------------------------------------------------
 def export(src: str, dst: str) -> str:
     """Write a paddle_mm folder (converted, or a trained LLaVA-style run) as a Hugging Face folder."""
-    from paddle_mm.checkpoint import load_tensors
+    from paddle_mm.weights.tensor_files import load_tensors
 
     record = _conversion_record(src)
     tensors = load_tensors(os.path.join(src, MODEL_FILE))

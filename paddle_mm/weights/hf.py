@@ -156,7 +156,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtypes: dict[st
 
     Written here rather than by safetensors.numpy because numpy has no bfloat16.
     """
-    from paddle_mm.checkpoint import atomic_path
+    from paddle_mm.weights.tensor_files import atomic_path
 
     header, chunks, offset = {}, [], 0
     for name in sorted(tensors):

@@ -134,7 +134,7 @@ def convert_paddlemix(src: str, dst: str, family: str = "llava", allow_pickle: b
         mapped, _ = to_paddle_mm(read_paddlemix_tensors(src, allow_pickle), PADDLEMIX_LLAVA, src)
         if os.path.isfile(os.path.join(src, "tokenizer.json")):
             # PaddleMIX marks images with -200 in the ids; here <image> is a token of the tokenizer
-            from paddle_mm.tokenizer import Tokenizer
+            from paddle_mm.data.tokenizer import Tokenizer
 
             cfg = replace(cfg, image_token_id=Tokenizer.load(src).image_token_id)
         layout, source_config = "legacy", hf_llava_config(cfg, src)

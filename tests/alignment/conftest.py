@@ -7,7 +7,7 @@ import pytest
 def caption_pairs(tmp_path_factory):
     from paddle_mm.alignment.text import TextTokenizer
     from paddle_mm.data.synthetic import generate_demo_data
-    from paddle_mm.tokenizer import Tokenizer, training_corpus
+    from paddle_mm.data.tokenizer import Tokenizer, training_corpus
 
     root = tmp_path_factory.mktemp("caption_pairs")
     files = generate_demo_data(str(root / "data"), 300, 4, 50, seed=0)

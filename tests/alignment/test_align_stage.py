@@ -6,7 +6,6 @@ import os
 import numpy as np
 import paddle
 import pytest
-
 from tiny import REPO
 
 SMALL = ["model.vision.hidden_size=32", "model.vision.intermediate_size=64", "model.vision.num_layers=1",
@@ -29,7 +28,9 @@ def recipe_for(root, stage, *overrides):
 
 
 def fixed_batch(model, recipe, n=32):
-    from paddle_mm import alignment, builder
+    from paddle_mm import builder
+    from paddle_mm.alignment import stages as alignment
+    from paddle_mm.run_folder import load_align_run
     from paddle_mm.data.dataset import collate
 
     samples, _ = builder.read_samples(recipe.data.train, recipe)
@@ -45,10 +46,12 @@ def losses_of(model, batch):
 
 
 def test_align_losses_fall_recall_beats_chance_and_stage2_starts_from_it(caption_pairs, capsys):
-    from paddle_mm import alignment, builder
-    from paddle_mm.alignment.evaluate import evaluate_alignment_run
+    from paddle_mm import builder
+    from paddle_mm.alignment import stages as alignment
+    from paddle_mm.run_folder import load_align_run
+    from paddle_mm.eval.alignment import evaluate_alignment_run
     from paddle_mm.runtime import seed_everything
-    from paddle_mm.train import train
+    from paddle_mm.training.loop import train
 
     # 120 steps: with the demo's locality prior each query starts out reading one cell, and ITC
     # (the best single query against the caption) falls later than without it (at 80 steps
@@ -64,7 +67,7 @@ def test_align_losses_fall_recall_beats_chance_and_stage2_starts_from_it(caption
     run = train(recipe, quiet=True)
     for name in ("model.safetensors", "projector.safetensors", "vocab.txt", "config.json", "metrics.jsonl"):
         assert os.path.isfile(os.path.join(run, name)), name
-    _, trained = alignment.load_align_run(run)
+    _, trained = load_align_run(run)
     after = losses_of(trained, batch)
     for part in ("itc", "itm", "itg"):
         assert after[part] < before[part] * 0.9, (part, before, after)
@@ -87,8 +90,8 @@ def test_align_losses_fall_recall_beats_chance_and_stage2_starts_from_it(caption
     assert printed["retrieval"]["i2t"] == report["i2t"]
 
     # Stage 2 starts from stage 1's Q-Former and ViT: same tensors at step 0.
-    from paddle_mm.checkpoint import load_tensors
-    from paddle_mm.train import _init_weights
+    from paddle_mm.training.loop import _init_weights
+    from paddle_mm.weights.tensor_files import load_tensors
 
     pre = recipe_for(caption_pairs, "pretrain", f"train.projector_from={run}/projector.safetensors",
                      f"train.vision_from={run}", "train.max_steps=2")
@@ -106,7 +109,7 @@ def test_align_losses_fall_recall_beats_chance_and_stage2_starts_from_it(caption
 
 def test_align_stage_names_the_bad_parts(caption_pairs):
     from paddle_mm.errors import DataError, RecipeError
-    from paddle_mm.train import train
+    from paddle_mm.training.loop import train
 
     with pytest.raises(RecipeError, match="language_model"):
         train(recipe_for(caption_pairs, "align", "train.max_steps=1", "train.trainable=[language_model]"), quiet=True)

@@ -4,7 +4,6 @@ import os
 import numpy as np
 import paddle
 import pytest
-
 from tiny import REPO
 
 SMALL = ["model.vision.hidden_size=32", "model.vision.intermediate_size=64", "model.vision.num_layers=1",
@@ -23,7 +22,8 @@ def recipe_for(root, *overrides):
 
 
 def test_clip_model_pieces(caption_pairs):
-    from paddle_mm import alignment, builder
+    from paddle_mm import builder
+    from paddle_mm.alignment import stages as alignment
 
     recipe = recipe_for(caption_pairs)
     paddle.seed(0)
@@ -47,9 +47,9 @@ def test_clip_model_pieces(caption_pairs):
 
 
 def test_clip_stage_learns_retrieval_and_zero_shot_runs(caption_pairs):
-    from paddle_mm.alignment.evaluate import evaluate_alignment_run
     from paddle_mm.data.synthetic import write_zero_shot_task
-    from paddle_mm.train import train
+    from paddle_mm.eval.alignment import evaluate_alignment_run
+    from paddle_mm.training.loop import train
 
     run = train(recipe_for(caption_pairs, "train.max_steps=80", "train.warmup_steps=5"), quiet=True)
     assert not os.path.exists(os.path.join(run, "projector.safetensors"))  # two towers, no projector
@@ -69,8 +69,8 @@ def test_clip_stage_learns_retrieval_and_zero_shot_runs(caption_pairs):
 def test_zero_shot_task_errors_name_the_file(tmp_path):
     import json
 
-    from paddle_mm.alignment.evaluate import read_zero_shot
     from paddle_mm.errors import DataError
+    from paddle_mm.eval.alignment import read_zero_shot
 
     bad = tmp_path / "task.json"
     bad.write_text(json.dumps({"template": "a {}", "classes": ["x", "y"], "images": [{"image": "no.png", "label": "x"}]}))

@@ -5,8 +5,8 @@ from PIL import Image
 from paddle_mm.data.dataset import ConversationDataset, collate, encode_sample
 from paddle_mm.data.image import ImageProcessor, ImageProcessorConfig
 from paddle_mm.data.readers import Sample
+from paddle_mm.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, Tokenizer
 from paddle_mm.errors import DataError
-from paddle_mm.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, Tokenizer
 
 TPI = 4  # tokens per image
 PAD = 0

@@ -45,7 +45,7 @@ def test_per_sample_losses_of_packed_and_padded_batches_are_equal(tiny_recipe, t
     from paddle_mm import builder
     from paddle_mm.data.dataset import ConversationDataset, collate
     from paddle_mm.runtime import seed_everything
-    from paddle_mm.train import batch_inputs
+    from paddle_mm.training.loop import batch_inputs
 
     recipe = tiny_recipe(str(tmp_path / "x"))
     tok = builder.load_tokenizer(recipe)
@@ -89,7 +89,7 @@ def test_a_packed_run_trains_and_rejects_rows_shorter_than_max_length(tiny_recip
     import json
     import os
 
-    from paddle_mm.train import train
+    from paddle_mm.training.loop import train
 
     run = train(tiny_recipe(str(tmp_path / "p"), "train.max_steps=2", "data.packing=true"), quiet=True)
     log = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]

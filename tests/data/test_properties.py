@@ -12,8 +12,8 @@ from PIL import Image
 
 from paddle_mm.data.dataset import collate
 from paddle_mm.data.readers import ReadResult, read_captions, read_chatml, read_llava, read_vqav2
+from paddle_mm.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, Tokenizer
 from paddle_mm.errors import DataError
-from paddle_mm.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, Tokenizer
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

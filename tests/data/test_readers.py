@@ -4,7 +4,14 @@ import pytest
 from PIL import Image
 
 from paddle_mm.data.readers import (
-    IMAGE_TOKEN, ReadResult, Sample, read_captions, read_chatml, read_dataset, read_llava, read_vqav2,
+    IMAGE_TOKEN,
+    ReadResult,
+    Sample,
+    read_captions,
+    read_chatml,
+    read_dataset,
+    read_llava,
+    read_vqav2,
 )
 from paddle_mm.errors import DataError
 

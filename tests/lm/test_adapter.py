@@ -8,7 +8,11 @@ import pytest
 from paddle_mm.config import LMConfig
 from paddle_mm.errors import CheckpointError
 from paddle_mm.lm.adapter import (
-    build_language_model, lm_config_from_folder, position_ids_from_mask, resolved_lm_config, run_language_model,
+    build_language_model,
+    lm_config_from_folder,
+    position_ids_from_mask,
+    resolved_lm_config,
+    run_language_model,
 )
 
 HIDDEN, VOCAB = 32, 64

@@ -185,10 +185,10 @@ def test_matches_blip2_qformer_of_transformers():
     """Fed the reference ViT features, the Q-Former alone reproduces transformers' BLIP-2 Q-Former."""
     import os
 
-    from paddle_mm.checkpoint import load_tensors
     from paddle_mm.weights.blip2 import HF_QFORMER
     from paddle_mm.weights.hf import read_tensors
     from paddle_mm.weights.mapping import load_mapped
+    from paddle_mm.weights.tensor_files import load_tensors
 
     fixture = os.path.join(os.path.dirname(__file__), "..", "fixtures", "reference", "blip2")
     ref = load_tensors(os.path.join(fixture, "reference.safetensors"))

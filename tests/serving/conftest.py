@@ -5,7 +5,6 @@ import base64
 import threading
 
 import pytest
-
 from tiny import make_tiny_recipe
 
 # Small limits, so the tests can cross them with small files.
@@ -16,7 +15,7 @@ LIMITS = dict(max_request_bytes=400_000, max_image_bytes=100_000, max_image_pixe
 def served(tmp_path_factory, demo_data):
     from paddle_mm.serving.openai_api import ServerLimits
     from paddle_mm.serving.server import make_server
-    from paddle_mm.train import train
+    from paddle_mm.training.loop import train
 
     root = tmp_path_factory.mktemp("serve")
     run = train(make_tiny_recipe(demo_data, str(root / "tiny-vlm"), "train.max_steps=3", "infer.max_new_tokens=8"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from paddle_mm.config import InferConfig
+from paddle_mm.data.tokenizer import Tokenizer
 from paddle_mm.serving.openai_api import (
     ApiError,
     ServerLimits,
@@ -12,7 +13,6 @@ from paddle_mm.serving.openai_api import (
     parse_chat_request,
     user_text,
 )
-from paddle_mm.tokenizer import Tokenizer
 
 TEXT = "naïve café — a red circle,  then 3 squares"
 

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from paddle_mm.builder import image_processor_for, load_run
-from paddle_mm.evaluate import generate_answers
-from paddle_mm.infer import request_to_sample
+from paddle_mm.inference.generate import generate_answers
+from paddle_mm.inference.requests import request_to_sample
 
 
 @pytest.fixture(scope="module")

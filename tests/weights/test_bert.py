@@ -14,7 +14,7 @@ RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "blip2"
 
 
 def aligner(bert=BERT, **qformer):
-    from paddle_mm import alignment
+    from paddle_mm.alignment import stages as alignment
     from paddle_mm.config import ModelConfig, ProjectorConfig, QFormerConfig, TextConfig, VisionConfig
 
     sizes = dict(num_queries=4, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
@@ -58,7 +58,7 @@ def test_text_pass_and_mlm_head_match_bert():
 
 
 def test_bert_loads_through_the_align_stage(tmp_path):
-    from paddle_mm.alignment import init_text_weights
+    from paddle_mm.alignment.stages import init_text_weights
 
     model = aligner()
     init_text_weights(model, model.config)

@@ -13,12 +13,12 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_mm.checkpoint import load_tensors, save_tensors
 from paddle_mm.config import LMConfig
 from paddle_mm.errors import CheckpointError
 from paddle_mm.lm.adapter import build_language_model, run_language_model
 from paddle_mm.weights.blip2 import load_blip2
 from paddle_mm.weights.hf import read_config, read_tensors
+from paddle_mm.weights.tensor_files import load_tensors, save_tensors
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "reference", "blip2")
 HF = os.path.join(FIXTURE, "hf")

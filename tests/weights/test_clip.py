@@ -4,6 +4,7 @@ from dataclasses import replace
 import numpy as np
 import paddle
 import pytest
+from reference_fixtures import checkpoint_copy, folder_of, max_diff, reference, snapshot
 from safetensors.numpy import save_file
 
 from paddle_mm.config import VisionConfig
@@ -11,7 +12,6 @@ from paddle_mm.errors import CheckpointError
 from paddle_mm.vision.vit import VisionTransformer
 from paddle_mm.weights.clip import load_clip_vision, vision_config_from_folder
 from paddle_mm.weights.hf import read_tensors
-from reference_fixtures import checkpoint_copy, folder_of, max_diff, reference, snapshot
 
 
 def clip_vit(folder: str, **selection) -> VisionTransformer:

@@ -6,9 +6,9 @@ from dataclasses import asdict, replace
 import numpy as np
 import paddle
 import pytest
+from reference_fixtures import folder_of, max_diff, reference, snapshot
 
 from paddle_mm.builder import load_run
-from paddle_mm.checkpoint import save_tensors
 from paddle_mm.cli import main
 from paddle_mm.config import LoraConfig, Recipe
 from paddle_mm.errors import CheckpointError
@@ -17,7 +17,7 @@ from paddle_mm.recipe import save_recipe
 from paddle_mm.weights.convert import CONVERSION_FILE, convert, export
 from paddle_mm.weights.hf import read_tensors
 from paddle_mm.weights.llava import llava_model_config, load_llava
-from reference_fixtures import folder_of, max_diff, reference, snapshot
+from paddle_mm.weights.tensor_files import save_tensors
 
 FIXTURES = [("clip", "clip"), ("qwen2", "qwen2"), ("qwen2", "qwen2/bf16"), ("llama", "llama"), ("llava", "llava"),
             ("blip2", "blip2/hf"), ("blip2", "blip2/hf_bf16")]
@@ -64,7 +64,7 @@ def test_export_of_a_run_trained_here_writes_a_llava_config_that_reads_back(tmp_
 
 def test_lora_run_is_exported_with_the_lora_folded_in(tmp_path):
     """The merged export must give the logits the LoRA model gave (PaddleFormers' LoRA layer)."""
-    from paddle_mm.lora import add_lora
+    from paddle_mm.lm.lora import add_lora
 
     cfg = llava_model_config(folder_of("llava"))
     model = VisionLanguageModel(cfg)

@@ -3,11 +3,11 @@ import os
 
 import numpy as np
 import pytest
+from reference_fixtures import folder_of
 from safetensors.numpy import save_file
 
 from paddle_mm.errors import CheckpointError
 from paddle_mm.weights.hf import read_config, read_safetensors, read_tensors, safetensors_files, tensor_index
-from reference_fixtures import folder_of
 
 
 def _bf16_bits(x: np.ndarray) -> np.ndarray:

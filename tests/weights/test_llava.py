@@ -4,6 +4,7 @@ import os
 import numpy as np
 import paddle
 import pytest
+from reference_fixtures import checkpoint_copy, folder_of, max_diff, reference, snapshot
 from safetensors.numpy import save_file
 
 from paddle_mm import builder
@@ -13,7 +14,6 @@ from paddle_mm.lm.adapter import _classes
 from paddle_mm.model import VisionLanguageModel
 from paddle_mm.weights.hf import read_tensors
 from paddle_mm.weights.llava import llava_model_config, load_llava
-from reference_fixtures import checkpoint_copy, folder_of, max_diff, reference, snapshot
 
 LEGACY_TO_457 = {  # transformers 4.57's LlavaForConditionalGeneration._checkpoint_conversion_mapping
     "language_model.model.": "model.language_model.",

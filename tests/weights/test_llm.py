@@ -5,15 +5,15 @@ from dataclasses import replace
 import numpy as np
 import paddle
 import pytest
+from reference_fixtures import checkpoint_copy, folder_of, max_diff, reference, snapshot
 from safetensors.numpy import save_file
 
 from paddle_mm.config import LMConfig
 from paddle_mm.errors import CheckpointError
-from paddle_mm.generation import decode
 from paddle_mm.lm.adapter import _classes, build_language_model, lm_config_from_folder, run_language_model
+from paddle_mm.lm.decoding import decode
 from paddle_mm.weights.hf import read_tensors
 from paddle_mm.weights.llm import load_causal_lm
-from reference_fixtures import checkpoint_copy, folder_of, max_diff, reference, snapshot
 
 CASES = [("qwen2", "qwen2"), ("qwen2", "qwen2/bf16"), ("llama", "llama")]  # (family, fixture)
 

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import paddle
 import pytest
+from reference_fixtures import folder_of, max_diff, reference, snapshot
 from safetensors.numpy import save_file
 
 from paddle_mm.builder import load_run
@@ -12,7 +13,6 @@ from paddle_mm.cli import main
 from paddle_mm.errors import CheckpointError
 from paddle_mm.weights.convert import export
 from paddle_mm.weights.hf import read_tensors
-from reference_fixtures import folder_of, max_diff, reference, snapshot
 
 # HF LLaVA (legacy layout) name pieces -> PaddleMIX / PaddleNLP ones, and which are transposed
 # there ([in, out] Linear weights; LlamaLMHead [hidden, vocab]).

@@ -1,0 +1,174 @@
+"""BPE tokenization (HF `tokenizers` as the engine) and the chat template.
+
+One `Tokenizer` class serves a BPE trained here, a backbone's own tokenizer.json (Qwen2 and
+Llama folders ship one) and a word-level vocabulary for tests. The chat template is ChatML,
+the one Qwen2 was trained with:
+
+    <|im_start|>user\n<image>\nwhat colour is the circle?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n
+
+Labels cover the assistant's text and its closing <|im_end|> (so the model learns to stop);
+everything else, the user turns and the image span included, is IGNORE_INDEX.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Sequence
+
+from paddle_mm.errors import CheckpointError, DataError
+from paddle_mm.fileio import write_json_atomic
+
+IGNORE_INDEX = -100
+TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKENS_FILE = "special_tokens.json"
+IMAGE_TOKEN = "<image>"
+IM_START, IM_END, EOS = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+SPECIAL_TOKENS = [EOS, IM_START, IM_END, IMAGE_TOKEN]
+ROLES = ("system", "user", "assistant")
+
+
+def _engine():
+    try:
+        import tokenizers
+    except ImportError as e:  # a hard dependency, but say which package when it is missing
+        raise ImportError("paddle_mm needs the 'tokenizers' package: pip install tokenizers") from e
+    return tokenizers
+
+
+class Tokenizer:
+    def __init__(self, engine_tokenizer):
+        self._tok = engine_tokenizer
+        # Backbone tokenizers may lack <image>; adding it is how LLaVA extends them too.
+        missing = [t for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is None]
+        if missing:
+            self._tok.add_special_tokens(missing)
+        self.image_token_id = self._tok.token_to_id(IMAGE_TOKEN)
+        self.im_start_id = self._tok.token_to_id(IM_START)
+        self.im_end_id = self._tok.token_to_id(IM_END)
+        self.eos_token_id = self._tok.token_to_id(EOS)
+        self.pad_token_id = self.eos_token_id  # padding is masked out; any id will do, as in Qwen2
+
+    # construction -------------------------------------------------------------------------
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int = 1000, min_frequency: int = 2) -> Tokenizer:
+        """Train a byte-level BPE on an iterable of texts (the demo's corpus)."""
+        tk = _engine()
+        tok = tk.Tokenizer(tk.models.BPE())
+        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable
+            show_progress=False,
+        )
+        # The role names of the chat template appear in every sample: make them whole tokens.
+        headers = [f"{role}\n" for role in ROLES] * max(min_frequency, 1) * 50
+        tok.train_from_iterator(itertools.chain(texts, headers), trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def word_level(cls, words: Sequence[str]) -> Tokenizer:
+        """A whitespace word-level vocabulary, for tests and worked examples."""
+        tk = _engine()
+        vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + ["<unk>"] + list(words))}
+        tok = tk.Tokenizer(tk.models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str) -> Tokenizer:
+        """Load a tokenizer.json file, or a folder (a run or a backbone) that holds one."""
+        file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{path}: no tokenizer.json found")
+        try:
+            return cls(_engine().Tokenizer.from_file(file))
+        except Exception as e:  # the engine raises a bare Exception on malformed JSON
+            raise CheckpointError(f"{file}: cannot load tokenizer: {e}") from e
+
+    def save(self, folder: str) -> str:
+        os.makedirs(folder, exist_ok=True)
+        file = os.path.join(folder, TOKENIZER_FILE)
+        tmp = file + ".tmp"
+        self._tok.save(tmp)
+        os.replace(tmp, file)
+        return file
+
+    # encoding -----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def special_ids(self) -> dict[str, int]:
+        return {"eos": self.eos_token_id, "pad": self.pad_token_id, "bos": self.eos_token_id}
+
+    # chat template ------------------------------------------------------------------------
+    def _expand_images(self, text: str, tokens_per_image: int) -> list[int]:
+        """Encode text; each <image> becomes tokens_per_image copies of the image token id."""
+        ids: list[int] = []
+        for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+            if i:
+                ids.extend([self.image_token_id] * tokens_per_image)
+            if piece:
+                ids.extend(self.encode(piece))
+        return ids
+
+    def encode_chat(
+        self,
+        turns: Sequence[tuple[str, str]],
+        tokens_per_image: int,
+        system: str = "",
+        add_generation_prompt: bool = False,
+    ) -> tuple[list[int], list[int]]:
+        """Token ids and labels of a conversation in the ChatML template.
+
+        With add_generation_prompt the ids end with an open assistant header, ready for
+        generation (pass the turns up to the user's last one).
+        """
+        ids: list[int] = []
+        labels: list[int] = []
+        messages = ([("system", system)] if system else []) + list(turns)
+        for role, text in messages:
+            if role not in ROLES:
+                raise DataError("<conversation>", f"unknown role {role!r}; expected one of {ROLES}")
+            if not isinstance(text, str):
+                raise DataError("<conversation>", f"{role} turn text must be a string, got {type(text).__name__}")
+            header = [self.im_start_id] + self.encode(role + "\n")
+            body = self._expand_images(text, tokens_per_image) + [self.im_end_id]
+            newline = self.encode("\n")
+            ids += header + body + newline
+            if role == "assistant":
+                labels += [IGNORE_INDEX] * len(header) + body + [IGNORE_INDEX] * len(newline)
+            else:
+                labels += [IGNORE_INDEX] * (len(header) + len(body) + len(newline))
+        if add_generation_prompt:
+            ids += [self.im_start_id] + self.encode("assistant\n")
+            labels += [IGNORE_INDEX] * (len(ids) - len(labels))
+        return ids, labels
+
+
+def training_corpus(paths: Sequence[str]) -> list[str]:
+    """Lines of plain-text corpus files, for train_bpe."""
+    lines: list[str] = []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            lines.extend(line.rstrip("\n") for line in f if line.strip())
+    return lines
+
+
+def dump_special_tokens(folder: str, tok: Tokenizer) -> None:
+    """Record the ids the model relies on beside tokenizer.json, for people reading a run folder."""
+    write_json_atomic(os.path.join(folder, SPECIAL_TOKENS_FILE),
+                      {"image_token_id": tok.image_token_id, "eos_token_id": tok.eos_token_id,
+                       "im_start_id": tok.im_start_id, "im_end_id": tok.im_end_id})

@@ -1,0 +1,103 @@
+"""What a training run records about itself: metrics.jsonl, and VisualDL scalars when visualdl imports.
+
+One JSON line per log step:
+    {"step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "label_tokens_per_s"}
+tokens_per_s counts every token of the samples stepped over (text and image positions, no
+padding); label_tokens_per_s only those the loss is taken on (assistant / caption tokens).
+Both count the whole global batch, so they do not change with the number of processes.
+grad_norm is the global L2 norm of the trainable gradients before clipping, the value
+train.max_grad_norm is compared with.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from paddle_mm.errors import CheckpointError
+from paddle_mm.run_folder import METRICS_FILE, VISUALDL_DIR
+
+
+def visualdl_writer(run_dir: str):
+    """A VisualDL LogWriter under run_dir/visualdl, or None when visualdl is not installed."""
+    try:
+        from visualdl import LogWriter
+    except ImportError:
+        return None
+    return LogWriter(logdir=os.path.join(run_dir, VISUALDL_DIR))
+
+
+def global_grad_norm(params) -> float:
+    """L2 norm over the gradients of `params` (those without a gradient count as zero)."""
+    import paddle
+
+    squares = [paddle.sum(paddle.square(p.grad.astype("float32"))) for p in params if p.grad is not None]
+    return float(paddle.sqrt(paddle.add_n(squares))) if squares else 0.0
+
+
+class RunLog:
+    """Counts the samples and tokens each step consumes and writes one record per log step.
+
+    Every process counts (cheap); only the one built with write=True opens files.
+    """
+
+    def __init__(self, run_dir: str, tokens: np.ndarray, labelled: np.ndarray, write: bool = True):
+        """tokens / labelled: per dataset item, its token count and the tokens the loss is taken on."""
+        self._tokens = np.asarray(tokens, dtype=np.int64)
+        self._labelled = np.asarray(labelled, dtype=np.int64)
+        self._file = open(os.path.join(run_dir, METRICS_FILE), "a", encoding="utf-8") if write else None
+        self._vdl = visualdl_writer(run_dir) if write else None
+        self._start_window()
+
+    def _start_window(self) -> None:
+        self._t0 = time.time()
+        self._samples = self._tokens_seen = self._labelled_seen = 0
+
+    def add_batch(self, idx) -> None:
+        """Count the dataset indices of one global (micro-)batch."""
+        idx = np.asarray(idx, dtype=np.int64)
+        self._samples += len(idx)
+        self._tokens_seen += int(self._tokens[idx].sum())
+        self._labelled_seen += int(self._labelled[idx].sum())
+
+    def write(self, step: int, loss: float, lr: float, grad_norm: float) -> dict:
+        """Record the window since the last write; returns the record."""
+        elapsed = max(time.time() - self._t0, 1e-9)
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "samples_per_s": self._samples / elapsed, "tokens_per_s": self._tokens_seen / elapsed,
+                  "label_tokens_per_s": self._labelled_seen / elapsed}
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._vdl is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self._vdl.add_scalar(tag=f"train/{key}", step=step, value=value)
+        self._start_window()
+        return record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._vdl is not None:
+            self._vdl.close()
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The records of run_dir/metrics.jsonl (a line cut short by a crash is left out, with a note)."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir}: no {METRICS_FILE} (not a training run folder?)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"{path}: line {line_no} is not JSON (cut short?); left out", file=sys.stderr)
+    return records

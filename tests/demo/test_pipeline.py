@@ -1,0 +1,28 @@
+"""The CI-sized demo: the whole pipeline runs (data-parallel training in one process per core),
+training lowers the loss, and the model answers better than the best text-only answer to
+each question (so it learned to look at the image, not just the answer priors)."""
+from __future__ import annotations
+
+import json
+import os
+
+from paddle_mm.demo.pipeline import run_demo
+
+
+def _losses(run_dir: str) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def test_quick_demo_learns_to_use_the_image(tmp_path):
+    out = str(tmp_path / "demo")
+    summary = run_demo(out, quick=True)
+    saved = json.load(open(os.path.join(out, "summary.json")))
+    assert saved == summary
+    assert set(summary["vqa_per_type"]) == {"colour", "shape", "count", "position", "presence"}
+    for stage in ("pretrain", "instruct"):
+        losses = _losses(os.path.join(out, stage))
+        first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+        assert last < 0.7 * first, (stage, first, last)
+    assert summary["vqa_accuracy"] > summary["prior_vqa_accuracy"] + 0.1, summary
+    assert summary["vqa_accuracy"] > summary["blind_vqa_accuracy"] + 0.1, summary
+    assert summary["caption"]["CIDEr-D"] > 0.5, summary

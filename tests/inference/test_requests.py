@@ -1,0 +1,113 @@
+"""Resumable batch inference: every request ends up answered once or in the errors file."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from paddle_mm.config import InferConfig
+from paddle_mm.data.image import ImageProcessor
+from paddle_mm.inference import requests as infer
+
+
+def _requests(tmp_path, n: int) -> tuple[str, set, set]:
+    """n requests, four of them bad in different ways; returns (path, good ids, bad lines)."""
+    good = str(tmp_path / "good.png")
+    Image.new("RGB", (8, 8), "red").save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(open(good, "rb").read()[:40])
+    lines = [json.dumps({"id": f"r{i}", "task": "vqa", "image": good, "prompt": f"question {i}?"}) for i in range(n)]
+    lines[3] = json.dumps({"id": "r3", "task": "vqa", "image": str(tmp_path / "missing.png"), "prompt": "q"})
+    lines[7] = json.dumps({"id": "r7", "task": "vqa", "image": str(truncated), "prompt": "q"})
+    lines[12] = '{"id": "r12", "task": '
+    lines[25] = json.dumps({"id": "r20", "task": "caption", "image": good})  # r20 again
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path), {f"r{i}" for i in range(n)} - {"r3", "r7", "r12", "r25"}, {4, 8, 13, 26}
+
+
+def _answers(path: str) -> list[str]:
+    """Ids in the output, in order; a last line a kill cut short is not an answer."""
+    ids = []
+    for line in open(path, encoding="utf-8"):
+        try:
+            ids.append(json.loads(line)["id"])
+        except json.JSONDecodeError:
+            assert not line.endswith("\n"), "only the last line may be cut"
+    return ids
+
+
+def test_crash_mid_run_and_rerun_answers_each_request_once(tmp_path, monkeypatch):
+    requests, good_ids, bad_lines = _requests(tmp_path, 30)
+    output = str(tmp_path / "answers.jsonl")
+    calls = {"n": 0, "crash_at": 3}
+
+    def fake_generate(model, tokenizer, samples, processor, cfg):
+        calls["n"] += 1
+        if calls["n"] == calls["crash_at"]:
+            raise KeyboardInterrupt  # the process dies here
+        processor([p for s in samples for p in s.images])  # decodes: a truncated image raises
+        return {s.id: f"answer to {s.id}" for s in samples}
+
+    monkeypatch.setattr(infer, "generate_answers", fake_generate)
+    cfg = InferConfig(batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        infer.run_requests(None, None, ImageProcessor(), cfg, requests, output)
+    with open(output, "a") as f:
+        f.write('{"id": "r9", "ans')  # a line the kill cut short
+    calls["crash_at"] = -1
+    counts = infer.run_requests(None, None, ImageProcessor(), cfg, requests, output)
+    answered = _answers(output)
+    assert sorted(answered) == sorted(good_ids)  # every good request once; r9 answered again
+    errors = [json.loads(line) for line in open(output + ".errors.jsonl")]
+    assert {e["line"] for e in errors} == bad_lines
+    reasons = {e["line"]: e["error"] for e in errors}
+    assert "missing.png" in reasons[4] and "truncated.png" in reasons[8]
+    assert "invalid JSON" in reasons[13] and "repeats line 21" in reasons[26]
+    assert counts["total"] == 30 == counts["answered"] + counts["skipped_done"] + counts["errors"]
+    assert counts["skipped_done"] == len(answered) - counts["answered"] > 0
+    again = infer.run_requests(None, None, ImageProcessor(), cfg, requests, output)
+    assert again == {"total": 30, "answered": 0, "skipped_done": 26, "errors": 4}
+    assert len(open(output + ".errors.jsonl").readlines()) == 4  # rewritten, not appended
+
+
+@pytest.mark.parametrize("content, kept", [(b"", b""), (b'{"a": 1}\n', b'{"a": 1}\n'),
+                                           (b'{"a": 1}\n{"b', b'{"a": 1}\n'), (b'{"b', b"")])
+def test_drop_cut_line(tmp_path, content, kept):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(content)
+    infer.drop_cut_line(str(path))
+    assert path.read_bytes() == kept
+
+
+def test_sigkilled_batch_inference_resumes_without_repeating(demo_data, tmp_path):
+    from tiny import REPO, make_tiny_recipe
+
+    from paddle_mm.cli import main
+    from paddle_mm.training.loop import train
+
+    run = train(make_tiny_recipe(demo_data, str(tmp_path / "run"), "train.max_steps=1", "infer.batch_size=2",
+                                 "infer.max_new_tokens=2"), quiet=True)
+    requests, good_ids, _ = _requests(tmp_path, 30)
+    output = str(tmp_path / "answers.jsonl")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "paddle_mm.cli", "infer", run, "--input", requests,
+                             "--output", output], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.isfile(output) and len(open(output).readlines()) >= 4:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait() == -signal.SIGKILL, "inference finished before it could be killed"
+    before = _answers(output)
+    assert 4 <= len(before) < len(good_ids)
+    assert main(["infer", run, "--input", requests, "--output", output]) == 0
+    answered = _answers(output)
+    assert answered[: len(before)] == before and sorted(answered) == sorted(good_ids)
