@@ -79,7 +79,7 @@ def run_paddle(args) -> dict:
     from paddle_mm.data.packing import pack
     from paddle_mm.model import VisionLanguageModel
     from paddle_mm.runtime import configure_cpu
-    from paddle_mm.training.loop import batch_inputs
+    from paddle_mm.training.batches import batch_inputs
 
     if not args.raw:
         configure_cpu(args.threads)

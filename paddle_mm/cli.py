@@ -39,7 +39,8 @@ def _check_data(args) -> int:
 
 
 def _load(run_dir: str):
-    from paddle_mm.builder import image_processor_for, load_run
+    from paddle_mm.builder import image_processor_for
+    from paddle_mm.run_folder import load_run
     from paddle_mm.runtime import configure_cpu
 
     configure_cpu()
@@ -88,7 +89,7 @@ def _chat_loop(image, model, tokenizer, proc, infer) -> None:
 
 def _eval(args) -> None:
     from paddle_mm.data.readers import read_captions, read_vqav2
-    from paddle_mm.inference.generate import evaluate_captions, evaluate_vqa
+    from paddle_mm.eval.tasks import evaluate_captions, evaluate_vqa
 
     report: dict = {}
     if args.retrieval or args.zero_shot:  # an align or clip run: no language model to answer with

@@ -1,6 +1,6 @@
 """The vision-language model: vision_tower -> multi_modal_projector -> language_model.
 
-Reads top to bottom like the data flow in DESIGN.md: embed the tokens, encode and project
+Reads top to bottom like the data flow in docs/ARCHITECTURE.md: embed the tokens, encode and project
 the images, write the image features at the image-token positions, run the LM, and take
 the loss where labels != IGNORE_INDEX.
 """

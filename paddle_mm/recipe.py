@@ -20,7 +20,7 @@ import yaml
 from paddle_mm.errors import RecipeError
 from paddle_mm.fileio import write_text_atomic
 
-__all__ = ["load_recipe", "from_dict", "recipe_to_dict", "save_recipe"]
+__all__ = ["load_recipe", "from_dict", "recipe_to_dict", "save_recipe", "bundled_recipes"]
 
 # YAML 1.1 (what PyYAML speaks) reads "1e-3" as a string because it wants a dot; a float
 # field accepts any string of this shape so recipes can use the usual notation.
@@ -266,3 +266,14 @@ def save_recipe(obj: Any, path: str | Path) -> None:
     """Write the resolved recipe as YAML; a reader never sees a half-written file."""
     text = yaml.safe_dump(recipe_to_dict(obj), sort_keys=False, allow_unicode=True)
     write_text_atomic(path, text)
+
+
+def bundled_recipes() -> Path:
+    """The recipes/ folder shipped with paddle_mm: the copy a (non-editable) install holds inside
+    the package, else the checkout's top-level recipes/ (source trees and editable installs)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "recipes", here.parent / "recipes"):
+        if (folder / "demo").is_dir():
+            return folder
+    raise RecipeError(f"no bundled recipes found (looked in {here / 'recipes'} and {here.parent / 'recipes'}); "
+                      "reinstall paddle_mm")

@@ -12,7 +12,7 @@ def configure_cpu(num_threads: int = 0) -> int:
     """Use all cores (or num_threads) for Paddle's CPU kernels.
 
     Importing paddle pins OpenMP to one thread unless OMP_NUM_THREADS was set; on 2 cores this
-    alone was measured to make a training step about 1.5-3x slower (DESIGN.md, issue 5).
+    alone was measured to make a training step about 1.5-3x slower (docs/ARCHITECTURE.md, "the machine").
     """
     n = num_threads or os.cpu_count() or 1
     if paddle.device.get_device() == "cpu":

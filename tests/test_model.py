@@ -13,7 +13,7 @@ from paddle_mm.config import (
 )
 from paddle_mm.data.tokenizer import IGNORE_INDEX
 from paddle_mm.model import VisionLanguageModel, causal_lm_loss
-from paddle_mm.training.loop import apply_trainable
+from paddle_mm.training.optim import apply_trainable
 
 IMG = 5  # image_token_id
 VOCAB, HIDDEN = 64, 32

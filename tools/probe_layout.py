@@ -40,7 +40,7 @@ def load_model(run_dir: str):
 
         recipe, model = load_align_run(run_dir)
     else:
-        from paddle_mm.builder import load_run
+        from paddle_mm.run_folder import load_run
 
         recipe, _, _, model = load_run(run_dir)
     return recipe, model.vision_tower, model.multi_modal_projector

@@ -1,7 +1,7 @@
 """The demo: synthetic scenes -> tokenizer -> pretrain -> instruct -> held-out evaluation.
 
-Everything runs on CPU from the recipes in recipes/demo/ (read from the checkout, so the
-package is installed editable). The tiny ViT and LM have no pretrained weights to start
+Everything runs on CPU from the recipes in recipes/demo/ (installed with the package, see
+recipe.bundled_recipes). The tiny ViT and LM have no pretrained weights to start
 from (none can be downloaded), so both demo stages train all three parts; a pretrain recipe
 for real checkpoints keeps the vision tower and LM frozen (trainable: [multi_modal_projector]).
 """
@@ -13,10 +13,8 @@ import time
 
 from paddle_mm.config import Recipe
 from paddle_mm.fileio import write_json_atomic
-from paddle_mm.recipe import load_recipe
+from paddle_mm.recipe import bundled_recipes, load_recipe
 
-RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
-RECIPE_DIR = os.path.join(RECIPES, "demo")
 # The projector routes: the MLP (LLaVA) in two stages; the Q-Former (BLIP-2) with stage 1 first.
 PIPELINES = {"mlp": ("demo", ("pretrain", "instruct")),
              "qformer": ("qformer_demo", ("align", "pretrain", "instruct"))}
@@ -55,7 +53,7 @@ def stage_recipe(stage: str, out: str, extra: list[str], pipeline: str = "mlp") 
         overrides.append(f"model.text.tokenizer={p['text_tokenizer']}")
         if stage == "pretrain":
             overrides += [f"train.projector_from={p['align']}/projector.safetensors", f"train.vision_from={p['align']}"]
-    folder = os.path.join(RECIPES, PIPELINES[pipeline][0])
+    folder = os.path.join(bundled_recipes(), PIPELINES[pipeline][0])
     return load_recipe(os.path.join(folder, f"{stage}.yaml"), Recipe, overrides + extra)
 
 
@@ -70,15 +68,12 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (),
     is too small for Paddle's intra-op threads to help (1 and 2 threads measured the same
     samples/s here), while two one-thread processes nearly double the throughput.
     """
-    from paddle_mm.builder import image_processor_for, load_run
+    from paddle_mm.builder import image_processor_for
     from paddle_mm.data.readers import read_captions, read_llava, read_vqav2
     from paddle_mm.data.synthetic import generate_demo_data, vqa_image_pattern
     from paddle_mm.data.tokenizer import Tokenizer, training_corpus
-    from paddle_mm.inference.generate import (
-        evaluate_captions,
-        evaluate_vqa,
-        question_prior_report,
-    )
+    from paddle_mm.eval.tasks import evaluate_captions, evaluate_vqa, question_prior_report
+    from paddle_mm.run_folder import load_run
     from paddle_mm.training.loop import train_in_processes
     from paddle_mm.training.plot import plot_runs
 

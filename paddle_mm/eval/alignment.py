@@ -114,9 +114,9 @@ def evaluate_zero_shot(model, path: str, image_processor) -> dict:
 
 
 def evaluate_alignment_run(run_dir: str, captions: str = "", zero_shot: str = "", image_root: str = "") -> dict:
-    from paddle_mm.run_folder import load_align_run
     from paddle_mm.builder import image_processor_for
     from paddle_mm.data.readers import read_captions
+    from paddle_mm.run_folder import load_align_run
 
     recipe, model = load_align_run(run_dir)
     proc = image_processor_for(recipe)

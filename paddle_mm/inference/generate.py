@@ -1,7 +1,10 @@
-"""Answer held-out samples with a model and score them (VQAv2 accuracy, caption metrics)."""
+"""The inference primitive: answer samples (VQA, captions, chat turns) with a model, in batches.
+
+The CLI's infer and chat, the batch JSONL runner, the server and the evaluations all go through
+`generate_answers`: the prompt rendered by the tokenizer's chat template, images through the
+image processor, then the model's generate."""
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -9,10 +12,8 @@ import numpy as np
 from paddle_mm.config import InferConfig
 from paddle_mm.data.dataset import collate
 from paddle_mm.data.image import ImageProcessor
-from paddle_mm.data.readers import IMAGE_TOKEN, Sample
+from paddle_mm.data.readers import Sample
 from paddle_mm.data.tokenizer import Tokenizer
-from paddle_mm.eval.metrics.caption import caption_report
-from paddle_mm.eval.metrics.vqa import vqa_report
 
 
 def prompt_turns(sample: Sample) -> list[tuple[str, str]]:
@@ -69,48 +70,3 @@ def generate_answers(
         for sid, out in zip(batch["ids"], outs):
             answers[sid] = tokenizer.decode(out).strip()
     return answers
-
-
-def _vqa_annotations(samples: Sequence[Sample]) -> dict:
-    return {s.id: {"answers": s.meta["answers"], "question_type": s.meta.get("question_type") or "all"}
-            for s in samples}
-
-
-def evaluate_vqa(model, tokenizer, samples, image_processor, infer, blind=False, system="") -> dict:
-    """VQAv2 accuracy overall and per question type; samples need meta["answers"]."""
-    preds = generate_answers(model, tokenizer, samples, image_processor, infer, blind=blind, system=system)
-    report = vqa_report(preds, _vqa_annotations(samples))
-    report["predictions"] = preds
-    return report
-
-
-def _question_key(text: str) -> str:
-    return text.replace(IMAGE_TOKEN, "").strip().lower()
-
-
-def question_prior_report(train_samples: Sequence[Sample], samples: Sequence[Sample]) -> dict:
-    """The text-only baseline: answer each question with the answer the training data gives it
-    most often (over every user turn of every conversation). No model, no image: what the
-    question alone is worth, the yardstick a model that ignores the image would approach.
-    """
-    counts: dict[str, Counter] = {}
-    for s in train_samples:
-        for (role, question), (_, answer) in zip(s.turns[::2], s.turns[1::2]):
-            if role == "user":
-                counts.setdefault(_question_key(question), Counter())[answer.strip()] += 1
-    overall = Counter(a for c in counts.values() for a in c.elements())
-    fallback = overall.most_common(1)[0][0] if overall else ""
-    preds = {}
-    for s in samples:
-        c = counts.get(_question_key(prompt_turns(s)[-1][1]))
-        preds[s.id] = c.most_common(1)[0][0] if c else fallback
-    return vqa_report(preds, _vqa_annotations(samples))
-
-
-def evaluate_captions(model, tokenizer, samples, image_processor, infer, system="") -> dict:
-    """BLEU-4, ROUGE-L and CIDEr-D against meta["references"] (or the sample's own caption)."""
-    preds = generate_answers(model, tokenizer, samples, image_processor, infer, system=system)
-    refs = {s.id: s.meta.get("references") or [s.turns[-1][1]] for s in samples}
-    report = caption_report(refs, preds)
-    report["predictions"] = preds
-    return report

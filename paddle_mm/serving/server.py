@@ -39,7 +39,8 @@ class Engine:
     """The model of one run folder and the one thread that runs it, answering one ChatJob at a time."""
 
     def __init__(self, run_dir: str, model_name: str = "", num_threads: int = 0):
-        from paddle_mm.builder import image_processor_for, load_run
+        from paddle_mm.builder import image_processor_for
+        from paddle_mm.run_folder import load_run
         from paddle_mm.runtime import configure_cpu
 
         configure_cpu(num_threads)

@@ -34,8 +34,7 @@ import numpy as np
 
 from paddle_mm.errors import CheckpointError
 from paddle_mm.fileio import write_json_atomic, write_text_atomic
-from paddle_mm.run_folder import (CHECKPOINT_DIR, MODEL_FILE, NONFINITE_DIR, NONFINITE_LOG, OPTIMIZER_FILE,
-                                  PROJECTOR_FILE, STATE_FILE, WEIGHT_FILES)
+from paddle_mm.run_folder import CHECKPOINT_DIR, MODEL_FILE, OPTIMIZER_FILE, PROJECTOR_FILE, STATE_FILE, WEIGHT_FILES
 from paddle_mm.weights.tensor_files import load_into, load_tensors, save_tensors
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -315,29 +314,3 @@ def trim_log(path: str, step: int) -> None:
         kept.append(line + "\n")
     if "".join(kept) != text:
         write_text_atomic(path, "".join(kept))
-
-
-# ----------------------------------------------------------------------------- non-finite loss
-
-
-def log_nonfinite(run_dir: str, step: int, loss: float, samples: list[dict]) -> None:
-    """Append one skipped batch: the step it would have been (1-based), its loss and samples."""
-    with open(os.path.join(run_dir, NONFINITE_LOG), "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step + 1, "loss": repr(loss), "samples": samples}) + "\n")
-    print(f"skipped a batch with non-finite loss {loss} at step {step + 1}: "
-          f"samples {[s['id'] for s in samples]}", file=sys.stderr)
-
-
-def save_nonfinite(run_dir: str, model, optimizer, state_before: dict, rng_before: tuple, loss: float,
-                   samples: list[dict]) -> str:
-    """Save what is needed to look into a non-finite loss; returns the folder.
-
-    nonfinite/step-N/ is a checkpoint of the state before the bad step (the weights are not
-    yet updated, the random states are those the step started with, so resuming from it takes
-    exactly the bad step again), with batch.json naming the step, the loss and the samples.
-    """
-    dest = os.path.join(run_dir, NONFINITE_DIR, f"step-{state_before['step'] + 1:08d}")
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    batch = {"step": state_before["step"] + 1, "loss": repr(loss), "samples": samples}
-    write_checkpoint(dest, model, optimizer, state_before, rng=rng_before, extra_json={"batch.json": batch})
-    return dest

@@ -1,6 +1,6 @@
 """Scaling a training run out: process groups, sharding, recompute, mixed precision.
 
-train.py calls these; each reads the `train` section of the recipe. Under
+training/loop.py calls these; each reads the `train` section of the recipe. Under
 `python -m paddle.distributed.launch` (or `train_in_processes`) every process runs the same
 loop on its share of each global batch.
 """
@@ -160,3 +160,33 @@ class Precision:
             self.scaler.update()
         else:
             optimizer.step()
+
+
+def any_rank(flag: bool, world: int) -> bool:
+    """Whether `flag` is true on any process (so all ranks stop or skip together)."""
+    if world == 1:
+        return flag
+    import paddle
+    import paddle.distributed as dist
+
+    t = paddle.to_tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(float(t) > 0)
+
+
+def gather_records(records: list[str], world: int) -> list[str]:
+    """Every process's records (e.g. the skipped ones: each reads its own share of a batch), without repeats."""
+    if world > 1:
+        import paddle.distributed as dist
+
+        gathered: list = []
+        dist.all_gather_object(gathered, records)
+        records = [r for rank_records in gathered for r in rank_records]
+    return list(dict.fromkeys(records))
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import paddle.distributed as dist
+
+        dist.barrier()

@@ -101,3 +101,19 @@ def read_metrics(run_dir: str) -> list[dict]:
             except json.JSONDecodeError:
                 print(f"{path}: line {line_no} is not JSON (cut short?); left out", file=sys.stderr)
     return records
+
+
+class Progress:
+    """One status line per log step on stderr: step, loss, learning rate, throughput, time left."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start, self.t0 = total, start, time.time()
+
+    def update(self, step: int, loss: float, lr: float, samples_per_s: float) -> None:
+        done = step - self.start
+        eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+        width = 24
+        filled = int(width * step / self.total)
+        bar = "#" * filled + "." * (width - filled)
+        print(f"[{bar}] {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {samples_per_s:.1f} samples/s eta {eta:.0f}s",
+              file=sys.stderr, flush=True)

@@ -30,7 +30,6 @@ def recipe_for(root, stage, *overrides):
 def fixed_batch(model, recipe, n=32):
     from paddle_mm import builder
     from paddle_mm.alignment import stages as alignment
-    from paddle_mm.run_folder import load_align_run
     from paddle_mm.data.dataset import collate
 
     samples, _ = builder.read_samples(recipe.data.train, recipe)
@@ -48,8 +47,8 @@ def losses_of(model, batch):
 def test_align_losses_fall_recall_beats_chance_and_stage2_starts_from_it(caption_pairs, capsys):
     from paddle_mm import builder
     from paddle_mm.alignment import stages as alignment
-    from paddle_mm.run_folder import load_align_run
     from paddle_mm.eval.alignment import evaluate_alignment_run
+    from paddle_mm.run_folder import load_align_run
     from paddle_mm.runtime import seed_everything
     from paddle_mm.training.loop import train
 

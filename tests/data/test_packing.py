@@ -45,7 +45,7 @@ def test_per_sample_losses_of_packed_and_padded_batches_are_equal(tiny_recipe, t
     from paddle_mm import builder
     from paddle_mm.data.dataset import ConversationDataset, collate
     from paddle_mm.runtime import seed_everything
-    from paddle_mm.training.loop import batch_inputs
+    from paddle_mm.training.batches import batch_inputs
 
     recipe = tiny_recipe(str(tmp_path / "x"))
     tok = builder.load_tokenizer(recipe)

@@ -50,7 +50,7 @@ def split_messages(tok: Tokenizer, ids: list[int]) -> list[tuple[str, int, int]]
     return out
 
 
-# DESIGN.md worked example ----------------------------------------------------------------
+# the worked example of docs/ARCHITECTURE.md ---------------------------------------------
 
 def test_word_level_worked_example_gives_4_by_2048_embedding():
     tok = Tokenizer.word_level(["thank", "you", "very", "much"])

@@ -13,9 +13,10 @@ import openai
 import pytest
 from PIL import Image
 
-from paddle_mm.builder import image_processor_for, load_run
+from paddle_mm.builder import image_processor_for
 from paddle_mm.inference.generate import generate_answers
 from paddle_mm.inference.requests import request_to_sample
+from paddle_mm.run_folder import load_run
 
 
 @pytest.fixture(scope="module")

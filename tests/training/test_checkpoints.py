@@ -93,7 +93,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(reference, tm
     with open(os.path.join(newest, "model.safetensors"), "wb") as f:
         f.write(b"\0" * 10)  # what a power cut after the rename could leave
     from paddle_mm import builder
-    from paddle_mm.training.loop import apply_trainable, build_optimizer
+    from paddle_mm.training.optim import apply_trainable, build_optimizer
 
     recipe = tiny_recipe(run, *kh.RESUME_RECIPE)
     tok = builder.load_tokenizer(recipe)

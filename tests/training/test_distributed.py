@@ -77,8 +77,8 @@ def test_recompute_gives_the_same_gradients(tiny_recipe, tmp_path):
     from paddle_mm import builder
     from paddle_mm.data.dataset import ConversationDataset, collate
     from paddle_mm.runtime import seed_everything
+    from paddle_mm.training.batches import batch_inputs
     from paddle_mm.training.distributed import enable_recompute
-    from paddle_mm.training.loop import batch_inputs
 
     recipe = tiny_recipe(str(tmp_path / "x"), "model.vision.num_layers=2", "model.lm.num_layers=2")
     tok = builder.load_tokenizer(recipe)

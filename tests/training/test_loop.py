@@ -10,7 +10,9 @@ import pytest
 from paddle_mm import builder
 from paddle_mm.config import TrainConfig
 from paddle_mm.errors import CheckpointError, RecipeError
-from paddle_mm.training.loop import lr_at, train
+from paddle_mm.run_folder import load_run
+from paddle_mm.training.loop import train
+from paddle_mm.training.optim import lr_at
 from paddle_mm.weights.tensor_files import load_tensors
 
 
@@ -34,7 +36,7 @@ def test_run_folder_holds_everything_needed_to_load_it(tiny_recipe, tmp_path):
     log = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in log)
-    _, cfg, tok, model = builder.load_run(run)
+    _, cfg, tok, model = load_run(run)
     assert cfg.image_token_id == tok.image_token_id
     saved = load_tensors(os.path.join(run, "model.safetensors"))
     for name, value in model.state_dict().items():
@@ -74,7 +76,7 @@ def test_frozen_parts_do_not_change_in_pretrain(tiny_recipe, tmp_path):
                             "train.trainable=[multi_modal_projector]", stage="pretrain"), quiet=True)
     from paddle_mm.runtime import seed_everything
 
-    recipe, cfg, tok, _ = builder.load_run(run)
+    recipe, cfg, tok, _ = load_run(run)
     seed_everything(recipe.train.seed)
     fresh = builder.build_model(cfg, tok)  # same seed -> the initial weights of that run
     trained = load_tensors(os.path.join(run, "model.safetensors"))
@@ -112,7 +114,7 @@ def test_lora_run_trains_only_lora_and_projector_and_loads_back(tiny_recipe, tmp
                             "train.lora.r=2", "train.lora.alpha=4"), quiet=True)
     weights = load_tensors(os.path.join(run, "model.safetensors"))
     assert any(k.endswith("lora_A") for k in weights)
-    _, _, _, model = builder.load_run(run)
+    _, _, _, model = load_run(run)
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), weights[name], err_msg=name)
 
@@ -121,13 +123,13 @@ def test_qformer_projector_trains_through_the_same_loop(tiny_recipe, tmp_path):
     run = train(tiny_recipe(str(tmp_path / "qf"), "train.max_steps=2", "model.projector.type=qformer",
                             "model.projector.qformer={num_queries: 4, hidden_size: 16, num_layers: 2, num_heads: 2, "
                             "intermediate_size: 32, cross_attention_every: 1}"), quiet=True)
-    _, cfg, _, model = builder.load_run(run)
+    _, cfg, _, model = load_run(run)
     assert cfg.tokens_per_image == 4
     assert model.multi_modal_projector.query_tokens.shape == [1, 4, 16]
 
 
 def test_epoch_order_groups_lengths_without_repeating_samples():
-    from paddle_mm.training.loop import _epoch_order
+    from paddle_mm.training.batches import epoch_order as _epoch_order
 
     rng = np.random.default_rng(0)
     lengths = rng.choice([40, 130], size=203)
@@ -147,5 +149,5 @@ def test_two_process_data_parallel_run_writes_one_loadable_run(tiny_recipe, tmp_
     run = train_in_processes(tiny_recipe(str(tmp_path / "dp"), "train.max_steps=3"), processes=2, quiet=True)
     steps = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))]
     assert steps == [1, 2, 3]  # rank 0 alone logs
-    _, _, _, model = builder.load_run(run)
+    _, _, _, model = load_run(run)
     assert model is not None

@@ -9,6 +9,7 @@ import kill_harness as kh
 import numpy as np
 import pytest
 
+from paddle_mm import run_folder
 from paddle_mm.training import checkpoints as resume
 from paddle_mm.training.loop import train
 from paddle_mm.weights.tensor_files import load_tensors
@@ -59,7 +60,7 @@ def test_nonfinite_loss_with_skip_drops_the_batch_and_finishes(tiny_recipe, tmp_
     run = train(tiny_recipe(str(tmp_path / "run"), "train.max_steps=12", "train.on_nonfinite=skip"), quiet=True)
     log = kh.logged(run)
     assert [s for s, _, _ in log] == list(range(1, 13)) and all(np.isfinite(loss) for _, loss, _ in log)
-    skipped = [json.loads(line) for line in open(os.path.join(run, resume.NONFINITE_LOG))]
+    skipped = [json.loads(line) for line in open(os.path.join(run, run_folder.NONFINITE_LOG))]
     assert skipped and all("train-00007" in [s["id"] for s in r["samples"]] for r in skipped)
     weights = load_tensors(os.path.join(run, "model.safetensors"))
     assert all(np.isfinite(v).all() for v in weights.values())

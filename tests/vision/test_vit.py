@@ -30,7 +30,7 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
     return (x - mean) / np.sqrt(var + eps) * weight + bias
 
 
-# DESIGN.md worked numbers -----------------------------------------------------------------
+# the worked numbers of docs/ARCHITECTURE.md ---------------------------------------------
 
 def test_design_worked_numbers_224_patch_14():
     cfg = VisionConfig(image_size=224, patch_size=14, hidden_size=768, intermediate_size=64, num_layers=1, num_heads=12)
