@@ -8,12 +8,12 @@ import paddle
 import pytest
 from reference_fixtures import folder_of, max_diff, reference, snapshot
 
-from paddle_mm.builder import load_run
 from paddle_mm.cli import main
 from paddle_mm.config import LoraConfig, Recipe
 from paddle_mm.errors import CheckpointError
 from paddle_mm.model import VisionLanguageModel
 from paddle_mm.recipe import save_recipe
+from paddle_mm.run_folder import load_run
 from paddle_mm.weights.convert import CONVERSION_FILE, convert, export
 from paddle_mm.weights.hf import read_tensors
 from paddle_mm.weights.llava import llava_model_config, load_llava

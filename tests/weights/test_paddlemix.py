@@ -8,9 +8,9 @@ import pytest
 from reference_fixtures import folder_of, max_diff, reference, snapshot
 from safetensors.numpy import save_file
 
-from paddle_mm.builder import load_run
 from paddle_mm.cli import main
 from paddle_mm.errors import CheckpointError
+from paddle_mm.run_folder import load_run
 from paddle_mm.weights.convert import export
 from paddle_mm.weights.hf import read_tensors
 
