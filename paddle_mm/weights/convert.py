@@ -108,7 +108,7 @@ def _paddle_mm_config(family: str, src: str) -> dict:
         from paddle_mm.weights.blip2 import model_config_from_hf
 
         return asdict(model_config_from_hf(read_config(src), f"{src}/config.json")[0])
-    from paddle_mm.lm.adapter import lm_config_from_folder
+    from paddle_mm.weights.llm import lm_config_from_folder
 
     cfg = lm_config_from_folder(src)
     cfg.path = ""

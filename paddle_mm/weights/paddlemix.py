@@ -19,9 +19,8 @@ import numpy as np
 from paddle_mm.config import ModelConfig, ProjectorConfig
 from paddle_mm.errors import CheckpointError
 from paddle_mm.fileio import write_json_atomic
-from paddle_mm.lm.adapter import lm_config_from_hf
 from paddle_mm.weights.hf import read_config, read_tensors, write_safetensors
-from paddle_mm.weights.llm import causal_lm_table
+from paddle_mm.weights.llm import causal_lm_table, lm_config_from_hf
 from paddle_mm.weights.mapping import Rule, Table, to_paddle_mm
 
 PDPARAMS = "model_state.pdparams"
