@@ -1,8 +1,8 @@
 """Qwen2, Llama (and Qwen3) causal LMs: Hugging Face folders -> PaddleFormers 1.0.0 backbones.
 
 Here: reading a folder's config.json into our LMConfig (and refusing what it cannot carry),
-the name tables, and loading a folder's weights into a backbone lm/adapter.py built.
-lm/ only builds; it imports nothing from here.
+the name tables, loading a folder's weights into a backbone lm/adapter.py built, and the
+qwen2 / llama records of `paddle-mm convert`. lm/ only builds; it imports nothing from here.
 
 PaddleFormers names its parameters as transformers does; what differs is the layout of the
 Linear weights ([in, out] here, [out, in] in torch). The embedding and lm_head keep the
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from paddle_mm.config import LMConfig
 from paddle_mm.errors import CheckpointError
 from paddle_mm.lm.adapter import build_language_model
 from paddle_mm.weights.hf import read_config, read_tensors, tensor_index
-from paddle_mm.weights.mapping import Rule, Table, load_mapped
+from paddle_mm.weights.mapping import Family, Rule, Table, load_mapped
 
 # Relative to the decoder (LlamaModel / Qwen2Model): "model." in a CausalLM checkpoint.
 LLAMA_DECODER = Table("llama", (
@@ -231,3 +231,21 @@ def load_causal_lm(lm, folder: str, strict: bool = True) -> list[str]:
     where = {k: path for k, (path, _) in tensor_index(folder).items()}
     return load_mapped(lm, read_tensors(folder), table, folder, where, strict)
 
+
+# ---- the convert records -----------------------------------------------------------------------
+def _causal_lm_family(name: str) -> Family:
+    def table(raw: dict, layout: str, source: str) -> Table:
+        if lm_family(raw, f"{source}/config.json") != name:
+            raise CheckpointError(f"{source}/config.json: model_type {raw.get('model_type')!r} is not {name!r}")
+        return causal_lm_table(name, bool(raw.get("tie_word_embeddings", False)), target_prefix="language_model.")
+
+    def config(src: str) -> dict:
+        cfg = lm_config_from_folder(src)
+        cfg.path = ""  # the converted folder holds the weights itself
+        return asdict(cfg)
+
+    return Family(name, layout=lambda names, source: "causal-lm", table=table, config=config)
+
+
+QWEN2 = _causal_lm_family("qwen2")
+LLAMA = _causal_lm_family("llama")
