@@ -1,19 +1,15 @@
 """The one adapter over PaddleFormers causal LMs (Qwen2, Llama, Qwen3).
 
-Everything family-specific about the backbone lives here: which classes build it, how its
-config fields are named, and how its forward is called. The rest of paddle_mm only calls
-`build_language_model` and `run_language_model`.
+Everything family-specific about building and running the backbone lives here: which classes
+build it, how its config fields are named, and how its forward is called. The rest of paddle_mm
+only calls `build_language_model` and `run_language_model`. This module only builds: reading a
+checkpoint folder's config.json and weights is weights/llm.py's (lm/ imports nothing from weights/).
 """
 from __future__ import annotations
-
-import json
-import os
-from dataclasses import replace
 
 import paddle
 
 from paddle_mm.config import LMConfig
-from paddle_mm.errors import CheckpointError
 
 # family -> (config class, model class) names in paddleformers.transformers
 _FAMILIES = {
@@ -57,90 +53,15 @@ def backbone_config(cfg: LMConfig, special_ids: dict[str, int] | None = None):
     return config
 
 
-def lm_config_from_folder(path: str) -> LMConfig:
-    """Read a local backbone folder's config.json into our LMConfig (path kept)."""
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise CheckpointError(f"{path}: no config.json in the language model folder")
-    with open(config_file, encoding="utf-8") as f:
-        raw = json.load(f)
-    return lm_config_from_hf(raw, path, config_file)
-
-
-# Config fields LMConfig cannot carry: a checkpoint that sets them would be rebuilt as a
-# different network, so it is refused instead (value that is fine -> accepted values).
-_UNSUPPORTED = {"rope_scaling": (None,), "attention_bias": (False,), "mlp_bias": (False,), "hidden_act": ("silu",),
-                "use_sliding_window": (False,)}
-
-
-def lm_config_from_hf(raw: dict, path: str, source: str) -> LMConfig:
-    """A Hugging Face Qwen2/Llama/Qwen3 config dict as our LMConfig."""
-    family = raw.get("model_type", "")
-    if family not in _FAMILIES:
-        raise CheckpointError(f"{source}: model_type {family!r} is not one of {sorted(_FAMILIES)}")
-    for key, accepted in _UNSUPPORTED.items():
-        if key in raw and raw[key] not in accepted:
-            raise CheckpointError(f"{source}: {key}={raw[key]!r} is not supported (only {accepted[0]!r})")
-    absent = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-              if k not in raw]
-    if absent:
-        raise CheckpointError(f"{source}: the language model config has no {', '.join(map(repr, absent))}")
-    heads = raw["num_attention_heads"]
-    # PaddleFormers' Llama and Qwen2 derive the head size from hidden_size; Qwen3 has its own field
-    if family != "qwen3" and raw.get("head_dim") not in (None, raw["hidden_size"] // heads):
-        raise CheckpointError(f"{source}: head_dim={raw['head_dim']!r} is not supported "
-                              f"(only hidden_size / num_attention_heads = {raw['hidden_size'] // heads})")
-    return LMConfig(
-        family=family,
-        path=path,
-        vocab_size=raw["vocab_size"],
-        hidden_size=raw["hidden_size"],
-        intermediate_size=raw["intermediate_size"],
-        num_layers=raw["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=raw.get("num_key_value_heads") or heads,
-        max_position_embeddings=raw.get("max_position_embeddings", 2048),
-        rope_theta=float(raw.get("rope_theta", 10000.0)),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-    )
-
-
 def build_language_model(cfg: LMConfig, special_ids: dict[str, int] | None = None):
-    """Build the backbone from the config fields, or load it from the local folder `cfg.path`."""
-    _, model_cls = _classes(cfg.family)
-    if not cfg.path:
-        return model_cls(backbone_config(cfg, special_ids))
-    if not os.path.isdir(cfg.path):
-        raise CheckpointError(f"{cfg.path}: language model folder does not exist")
-    _require_safetensors(cfg.path)
-    from paddle_mm.weights.llm import load_causal_lm
+    """Build the backbone from the config fields alone; cfg.path is not read here.
 
-    # Built from our config fields, then filled through the explicit name table, so a run
-    # rebuilt later from its saved config.json is the same network.
-    model = model_cls(backbone_config(resolved_lm_config(cfg), special_ids))
-    load_causal_lm(model, cfg.path)
-    return model
-
-
-_PICKLE_WEIGHTS = (".pdparams", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def _require_safetensors(path: str) -> None:
-    """Refuse a folder without safetensors weights rather than let PaddleFormers unpickle.
-
-    PaddleFormers falls back to model_state.pdparams (read with pickle, which can run code
-    from the file) when a folder has no safetensors; paddle_mm never takes that fallback.
+    A backbone from a local folder is built from the folder's config, already filled in by
+    weights/pretrained.resolved_model_config, and its weights are loaded after building by
+    weights/pretrained.load_pretrained_parts (loading draws no random numbers).
     """
-    names = os.listdir(path)
-    if any(n.endswith(".safetensors") for n in names):
-        return
-    pickled = sorted(n for n in names if n.endswith(_PICKLE_WEIGHTS))
-    found = f"; it holds {', '.join(pickled)}, a pickle format" if pickled else ""
-    raise CheckpointError(
-        f"{path}: no safetensors weights in the language model folder{found}. paddle_mm does not "
-        "unpickle weights: convert them to safetensors first (for files you trust)"
-    )
+    _, model_cls = _classes(cfg.family)
+    return model_cls(backbone_config(cfg, special_ids))
 
 
 def enable_recompute(lm) -> None:
@@ -149,14 +70,6 @@ def enable_recompute(lm) -> None:
     lm.config.recompute_granularity = "full"
     lm.config.recompute_method = "uniform"
     lm.config.recompute_num_layers = 1
-
-
-def resolved_lm_config(cfg: LMConfig) -> LMConfig:
-    """The config with the fields of a local folder filled in, so a saved run is self-describing."""
-    if not cfg.path:
-        return cfg
-    loaded = lm_config_from_folder(cfg.path)
-    return replace(loaded, attn_implementation=cfg.attn_implementation)
 
 
 def position_ids_from_mask(attention_mask: paddle.Tensor, past_length: int = 0) -> paddle.Tensor:

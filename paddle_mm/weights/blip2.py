@@ -15,11 +15,14 @@ and the leading size-1 axes of the class and position embeddings are dropped.
 Feeding images: transformers (4.57 checked) expands `num_query_tokens` image tokens in the prompt
 (`image_token_index`) and writes the projected queries there, as paddle_mm does. PaddleMIX prepends the queries to the
 prompt embeddings instead; with its weights, start the prompt with the image tokens to match.
+
+Also here: the transformers Blip2Config of a model built here (what export writes) and the
+blip2 record of `paddle-mm convert` (Hugging Face layout; PaddleMIX's is paddlemix.py's command).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -27,8 +30,9 @@ from paddle_mm.config import LMConfig, ModelConfig, ProjectorConfig, QFormerConf
 from paddle_mm.errors import CheckpointError
 from paddle_mm.weights.clip import HF_VIT_NORMS_AND_MLP
 from paddle_mm.weights.hf import read_config, tensor_index
-from paddle_mm.weights.llm import causal_lm_table, nested_lm_config
-from paddle_mm.weights.mapping import Rule, Table, load_mapped, matches
+from paddle_mm.weights.llm import causal_lm_table, hf_text_config, nested_lm_config
+from paddle_mm.weights.mapping import Family, Rule, Table, load_mapped, matches, refuse_inexpressible
+from paddle_mm.weights.paddlemix_files import read_paddlemix_tensors
 
 QKV = ("q", "k", "v")
 
@@ -355,8 +359,6 @@ def model_config_from_paddlemix(raw: dict, folder: str, tensors: dict, image_tok
 def read_blip2(folder: str, layout: str = "hf", weights_format: str = "safetensors",
                image_token_id: int | None = None) -> tuple[ModelConfig, dict, dict[str, np.ndarray], dict[str, str]]:
     """(config, special ids, tensors split for the table, tensor -> file) of a BLIP-2 folder."""
-    from paddle_mm.weights.paddlemix import read_paddlemix_tensors
-
     _layout(layout, folder)
     if weights_format not in ("safetensors", "pdparams"):
         raise CheckpointError(f"{folder}: weights_format {weights_format!r} is not 'safetensors' or 'pdparams'")
@@ -386,9 +388,6 @@ def load_blip2(folder: str, layout: str = "hf", weights_format: str = "safetenso
 
 def hf_blip2_config(cfg: ModelConfig, qkv_bias: bool, source: str) -> dict:
     """A transformers Blip2Config dict for a model of ours; refuses what BLIP-2 cannot express."""
-    from paddle_mm.weights.convert import refuse_inexpressible
-    from paddle_mm.weights.llm import hf_text_config
-
     v, q = cfg.vision, cfg.projector.qformer
     refuse_inexpressible(source, "BLIP-2", (
         (cfg.projector.type != "qformer", f"projector {cfg.projector.type!r} (BLIP-2 has a Q-Former)"),
@@ -413,3 +412,26 @@ def hf_blip2_config(cfg: ModelConfig, qkv_bias: bool, source: str) -> dict:
         },
         "text_config": hf_text_config(cfg.lm),
     }
+
+
+# ---- the convert record (Hugging Face layout) --------------------------------------------------
+def _convert_table(raw: dict, layout: str, source: str) -> Table:
+    return blip2_table(layout, model_config_from_hf(raw, f"{source}/config.json")[0].lm)
+
+
+def _convert_split(raw: dict, layout: str, tensors: dict, source: str) -> dict:
+    """What a rename table cannot do, before mapping: the fused qkv split in thirds."""
+    return split_for_mapping(tensors, layout, model_config_from_hf(raw, source)[2], source)
+
+
+def _convert_join(raw: dict, layout: str, tensors: dict, source: str) -> dict:
+    """The inverse of _convert_split, after mapping back for export."""
+    return join_for_export(tensors, layout, model_config_from_hf(raw, source)[2], source)
+
+
+def _convert_config(src: str) -> dict:
+    return asdict(model_config_from_hf(read_config(src), f"{src}/config.json")[0])
+
+
+BLIP2 = Family("blip2", layout=lambda names, source: "hf", table=_convert_table, config=_convert_config,
+               split=_convert_split, join=_convert_join, makes_run_folder=True)

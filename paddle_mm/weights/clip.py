@@ -3,15 +3,16 @@
 paddle_mm's ViT keeps CLIP's structure, so the table is one row per tensor kind. Linear
 weights are transposed; the patch convolution has the same layout in both frameworks;
 HF's position_embedding is an nn.Embedding whose [P + 1, D] weight is our parameter.
+Also here: the clip record of `paddle-mm convert` (the vision tower alone, as a paddle_mm folder).
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from paddle_mm.config import VisionConfig
 from paddle_mm.errors import CheckpointError
 from paddle_mm.weights.hf import read_config, read_tensors, tensor_index
-from paddle_mm.weights.mapping import Rule, Table, load_mapped
+from paddle_mm.weights.mapping import Family, Rule, Table, load_mapped
 
 # The encoder-layer norms and MLP and the final norm, named alike by transformers' CLIP and
 # BLIP-2 vision models (relative to their "vision_model.").
@@ -115,14 +116,23 @@ def vision_config_from_folder(folder: str, base: VisionConfig | None = None) -> 
     raise CheckpointError(f"{source}: model_type {kind!r} is not a CLIP vision model (clip, clip_vision_model, llava)")
 
 
+def _prefix_of(names) -> str | None:
+    """Which of LAYOUTS these tensor names hold the vision tower under (the first that fits)."""
+    return next((p for p in LAYOUTS if any(n.startswith(p + "encoder.layers.") for n in names)), None)
+
+
+def _table_under(prefix: str, target_prefix: str) -> Table:
+    table = CLIP_VISION.prefixed(prefix, target_prefix)
+    return table + CLIP_MODEL_EXTRAS if prefix == "vision_model." else table
+
+
 def clip_table(names) -> Table:
     """The CLIP table under the prefix these tensor names use."""
-    for prefix in LAYOUTS:
-        if any(n.startswith(prefix + "encoder.layers.") for n in names):
-            table = CLIP_VISION.prefixed(prefix, "")
-            return table + CLIP_MODEL_EXTRAS if prefix == "vision_model." else table
-    sample = ", ".join(sorted(names)[:3])
-    raise CheckpointError(f"no CLIP vision tower found (expected names under one of {LAYOUTS}; found {sample}...)")
+    prefix = _prefix_of(names)
+    if prefix is None:
+        sample = ", ".join(sorted(names)[:3])
+        raise CheckpointError(f"no CLIP vision tower found (expected names under one of {LAYOUTS}; found {sample}...)")
+    return _table_under(prefix, "")
 
 
 def load_clip_vision(vit, folder: str, strict: bool = True) -> list[str]:
@@ -134,3 +144,15 @@ def load_clip_vision(vit, folder: str, strict: bool = True) -> list[str]:
     except CheckpointError as e:
         raise CheckpointError(f"{folder}: {e}") from None
     return load_mapped(vit, tensors, table, folder, where, strict)
+
+
+# ---- the convert record: the source prefix is the layout --------------------------------------
+def _convert_layout(names, source: str) -> str:
+    prefix = _prefix_of(names)
+    if prefix is None:
+        raise CheckpointError(f"{source}: no CLIP vision tower found under {LAYOUTS}")
+    return prefix
+
+
+CLIP = Family("clip", layout=_convert_layout, table=lambda raw, layout, source: _table_under(layout, "vision_tower."),
+              config=lambda src: asdict(vision_config_from_folder(src)))

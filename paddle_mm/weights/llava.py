@@ -4,18 +4,19 @@ Two on-disk layouts exist: the one transformers 4.57 holds in memory
 (model.vision_tower.*, model.multi_modal_projector.*, model.language_model.*, lm_head.*)
 and the older one most published checkpoints, and transformers' own save_pretrained, use
 (vision_tower.*, multi_modal_projector.*, language_model.model.*, language_model.lm_head.*).
-Both are written out below as prefixes over the CLIP and LM tables.
+Both are written out below as prefixes over the CLIP and LM tables. Also here: the transformers
+LlavaConfig of a model built here (what export writes) and the llava record of `paddle-mm convert`.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from paddle_mm.config import ModelConfig, ProjectorConfig
 from paddle_mm.errors import CheckpointError
 from paddle_mm.weights.clip import CLIP_VISION, vision_config_from_hf
 from paddle_mm.weights.hf import read_config, read_tensors, tensor_index
-from paddle_mm.weights.llm import LM_HEAD, TIED_LM_HEAD, decoder_table, nested_lm_config
-from paddle_mm.weights.mapping import Rule, Table, load_mapped
+from paddle_mm.weights.llm import LM_HEAD, TIED_LM_HEAD, decoder_table, hf_text_config, nested_lm_config
+from paddle_mm.weights.mapping import Family, Rule, Table, load_mapped, refuse_inexpressible
 
 PROJECTOR = Table("llava-projector", (
     Rule("linear_1.weight", "linear_1.weight", transpose=True),
@@ -81,3 +82,45 @@ def load_llava(model, folder: str, strict: bool = True) -> list[str]:
     table = llava_table(layout_of(tensors, folder), lm.family, lm.tie_word_embeddings)
     where = {k: path for k, (path, _) in tensor_index(folder).items()}
     return load_mapped(model, tensors, table, folder, where, strict)
+
+
+def hf_llava_config(cfg: ModelConfig, source: str) -> dict:
+    """A transformers LlavaConfig dict for a model built here; refuses what LLaVA cannot express."""
+    v, lm = cfg.vision, cfg.lm
+    refuse_inexpressible(source, "LLaVA", (
+        (cfg.projector.type != "mlp2x_gelu", f"projector {cfg.projector.type!r} (LLaVA has mlp2x_gelu)"),
+        (cfg.projector.pool != 1, "projector.pool > 1"),
+        (v.post_norm, "vision.post_norm (LLaVA does not normalize the selected features)"),
+        (not v.pre_norm, "vision.pre_norm false"),
+        (lm.family not in ("llama", "qwen2"), f"LM family {lm.family!r}"),
+    ))
+    return {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "image_token_index": cfg.image_token_id, "image_seq_length": cfg.tokens_per_image,
+        "vision_feature_layer": v.feature_layer,
+        "vision_feature_select_strategy": "default" if v.drop_cls_token else "full",
+        "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
+        "tie_word_embeddings": lm.tie_word_embeddings,
+        "vision_config": {
+            "model_type": "clip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
+            "num_channels": v.num_channels, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "layer_norm_eps": v.layer_norm_eps,
+            "hidden_act": v.hidden_act,
+        },
+        "text_config": hf_text_config(lm),
+    }
+
+
+# ---- the convert record ------------------------------------------------------------------------
+def _convert_table(raw: dict, layout: str, source: str) -> Table:
+    text = raw.get("text_config") or {}
+    return llava_table(layout, text.get("model_type", "llama"), bool(text.get("tie_word_embeddings", False)))
+
+
+def _convert_config(src: str) -> dict:
+    cfg = llava_model_config(src)
+    cfg.path = ""  # the converted folder holds the weights itself
+    return asdict(cfg)
+
+
+LLAVA = Family("llava", layout=layout_of, table=_convert_table, config=_convert_config, makes_run_folder=True)

@@ -1,4 +1,8 @@
-"""Qwen2, Llama (and Qwen3) causal LMs: Hugging Face names -> PaddleFormers 1.0.0 parameters.
+"""Qwen2, Llama (and Qwen3) causal LMs: Hugging Face folders -> PaddleFormers 1.0.0 backbones.
+
+Here: reading a folder's config.json into our LMConfig (and refusing what it cannot carry),
+the name tables, loading a folder's weights into a backbone lm/adapter.py built, and the
+qwen2 / llama records of `paddle-mm convert`. lm/ only builds; it imports nothing from here.
 
 PaddleFormers names its parameters as transformers does; what differs is the layout of the
 Linear weights ([in, out] here, [out, in] in torch). The embedding and lm_head keep the
@@ -7,11 +11,15 @@ lm_head.weight and PaddleFormers' lm_head is the embedding parameter itself.
 """
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import asdict, replace
+
 from paddle_mm.config import LMConfig
 from paddle_mm.errors import CheckpointError
-from paddle_mm.lm.adapter import lm_config_from_hf
+from paddle_mm.lm.adapter import build_language_model
 from paddle_mm.weights.hf import read_config, read_tensors, tensor_index
-from paddle_mm.weights.mapping import Rule, Table, load_mapped
+from paddle_mm.weights.mapping import Family, Rule, Table, load_mapped
 
 # Relative to the decoder (LlamaModel / Qwen2Model): "model." in a CausalLM checkpoint.
 LLAMA_DECODER = Table("llama", (
@@ -47,6 +55,64 @@ QWEN3_DECODER = Table("qwen3", LLAMA_DECODER.rules + (
 
 DECODERS = {"llama": LLAMA_DECODER, "qwen2": QWEN2_DECODER, "qwen3": QWEN3_DECODER}
 
+
+# ---- configs -----------------------------------------------------------------------------------
+def lm_config_from_folder(path: str) -> LMConfig:
+    """Read a local backbone folder's config.json into our LMConfig (path kept)."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"{path}: no config.json in the language model folder")
+    with open(config_file, encoding="utf-8") as f:
+        raw = json.load(f)
+    return lm_config_from_hf(raw, path, config_file)
+
+
+# Config fields LMConfig cannot carry: a checkpoint that sets them would be rebuilt as a
+# different network, so it is refused instead (value that is fine -> accepted values).
+_UNSUPPORTED = {"rope_scaling": (None,), "attention_bias": (False,), "mlp_bias": (False,), "hidden_act": ("silu",),
+                "use_sliding_window": (False,)}
+
+
+def lm_config_from_hf(raw: dict, path: str, source: str) -> LMConfig:
+    """A Hugging Face Qwen2/Llama/Qwen3 config dict as our LMConfig."""
+    family = raw.get("model_type", "")
+    if family not in DECODERS:  # the families lm/adapter.py builds, each with its name table here
+        raise CheckpointError(f"{source}: model_type {family!r} is not one of {sorted(DECODERS)}")
+    for key, accepted in _UNSUPPORTED.items():
+        if key in raw and raw[key] not in accepted:
+            raise CheckpointError(f"{source}: {key}={raw[key]!r} is not supported (only {accepted[0]!r})")
+    absent = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+              if k not in raw]
+    if absent:
+        raise CheckpointError(f"{source}: the language model config has no {', '.join(map(repr, absent))}")
+    heads = raw["num_attention_heads"]
+    # PaddleFormers' Llama and Qwen2 derive the head size from hidden_size; Qwen3 has its own field
+    if family != "qwen3" and raw.get("head_dim") not in (None, raw["hidden_size"] // heads):
+        raise CheckpointError(f"{source}: head_dim={raw['head_dim']!r} is not supported "
+                              f"(only hidden_size / num_attention_heads = {raw['hidden_size'] // heads})")
+    return LMConfig(
+        family=family,
+        path=path,
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_layers=raw["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=raw.get("num_key_value_heads") or heads,
+        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+    )
+
+
+def resolved_lm_config(cfg: LMConfig) -> LMConfig:
+    """The config with the fields of a local folder filled in, so a saved run is self-describing."""
+    if not cfg.path:
+        return cfg
+    loaded = lm_config_from_folder(cfg.path)
+    return replace(loaded, attn_implementation=cfg.attn_implementation)
+
 LM_HEAD = Table("lm-head", (Rule("lm_head.weight", "lm_head.weight"),))
 TIED_LM_HEAD = Table("tied-lm-head", (), tied=("lm_head.weight",))
 # PaddleNLP's LM heads (PaddleMIX checkpoints) store [hidden, vocab]; PaddleFormers' [vocab, hidden].
@@ -67,6 +133,7 @@ TEXT_CONFIG_DEFAULTS = {
 }
 
 
+# ---- tables ------------------------------------------------------------------------------------
 def decoder_table(family: str) -> Table:
     if family not in DECODERS:
         raise CheckpointError(f"no weight mapping for language model family {family!r} (have {sorted(DECODERS)})")
@@ -113,9 +180,72 @@ def lm_family(raw: dict, source: str) -> str:
     return family
 
 
+# ---- loading -----------------------------------------------------------------------------------
+_PICKLE_WEIGHTS = (".pdparams", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _require_safetensors(path: str) -> None:
+    """Refuse a folder without safetensors weights rather than let PaddleFormers unpickle.
+
+    PaddleFormers falls back to model_state.pdparams (read with pickle, which can run code
+    from the file) when a folder has no safetensors; paddle_mm never takes that fallback.
+    """
+    names = os.listdir(path)
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickled = sorted(n for n in names if n.endswith(_PICKLE_WEIGHTS))
+    found = f"; it holds {', '.join(pickled)}, a pickle format" if pickled else ""
+    raise CheckpointError(
+        f"{path}: no safetensors weights in the language model folder{found}. paddle_mm does not "
+        "unpickle weights: convert them to safetensors first (for files you trust)"
+    )
+
+
+def _require_lm_folder(path: str) -> None:
+    """The checks before a language model folder's weights are read (model.lm.path)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: language model folder does not exist")
+    _require_safetensors(path)
+
+
+def load_lm_folder(lm, folder: str) -> list[str]:
+    """Fill a backbone built from the folder's (resolved) config with the folder's weights."""
+    _require_lm_folder(folder)
+    return load_causal_lm(lm, folder)
+
+
+def load_language_model(cfg: LMConfig, special_ids: dict[str, int] | None = None):
+    """The backbone of the local folder `cfg.path`: built from its config.json, then its weights loaded."""
+    _require_lm_folder(cfg.path)
+    # Built from our config fields, then filled through the explicit name table, so a run
+    # rebuilt later from its saved config.json is the same network.
+    lm = build_language_model(resolved_lm_config(cfg), special_ids)
+    load_causal_lm(lm, cfg.path)
+    return lm
+
+
 def load_causal_lm(lm, folder: str, strict: bool = True) -> list[str]:
     """Load a Qwen2 / Llama CausalLM folder in the Hugging Face layout into a PaddleFormers model."""
     raw = read_config(folder)
     table = causal_lm_table(lm_family(raw, f"{folder}/config.json"), bool(raw.get("tie_word_embeddings", False)))
     where = {k: path for k, (path, _) in tensor_index(folder).items()}
     return load_mapped(lm, read_tensors(folder), table, folder, where, strict)
+
+
+# ---- the convert records -----------------------------------------------------------------------
+def _causal_lm_family(name: str) -> Family:
+    def table(raw: dict, layout: str, source: str) -> Table:
+        if lm_family(raw, f"{source}/config.json") != name:
+            raise CheckpointError(f"{source}/config.json: model_type {raw.get('model_type')!r} is not {name!r}")
+        return causal_lm_table(name, bool(raw.get("tie_word_embeddings", False)), target_prefix="language_model.")
+
+    def config(src: str) -> dict:
+        cfg = lm_config_from_folder(src)
+        cfg.path = ""  # the converted folder holds the weights itself
+        return asdict(cfg)
+
+    return Family(name, layout=lambda names, source: "causal-lm", table=table, config=config)
+
+
+QWEN2 = _causal_lm_family("qwen2")
+LLAMA = _causal_lm_family("llama")

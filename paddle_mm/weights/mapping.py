@@ -7,10 +7,16 @@ holds on purpose but paddle_mm does not use (a CLIP text tower, a position_ids b
 listed in `ignore`; paddle_mm parameters that share storage with another one (tied
 embeddings) are listed in `tied` so they are neither reported missing nor written out.
 Anything else that does not match is an error that lists the names.
+
+Also here, at the bottom of weights/ so every family module can use them: `Family`, the
+record each checkpoint family's module fills in for `paddle-mm convert` / `export`
+(weights/families.py collects them by name), and `refuse_inexpressible`, the one error an
+export raises for what the target layout cannot express.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,3 +177,37 @@ def load_mapped(layer, tensors: dict[str, np.ndarray], table: Table, source: str
         dtype = str(param.dtype).replace("paddle.", "")
         param.set_value(array if array.dtype == np.float32 and dtype == "float32" else array.astype(dtype))
     return missing
+
+
+# ---- checkpoint families -------------------------------------------------------------------
+def unchanged(raw: dict, layout: str, tensors: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """Family.split / Family.join for a family whose tensors a rename table maps as they are."""
+    return tensors
+
+
+@dataclass(frozen=True)
+class Family:
+    """What `paddle-mm convert` and `export` need to know of one checkpoint family.
+
+    layout(tensor names, source folder): which of the family's source layouts the checkpoint uses.
+    table(source config.json dict, layout, source folder): the table from that layout to paddle_mm names.
+    config(source folder): our config of the converted model, as JSON (no checkpoint path in it).
+    split / join(raw, layout, tensors, source): what a rename cannot do, before mapping on
+    convert and undone after mapping back on export (BLIP-2's fused qkv).
+    makes_run_folder: the converted folder is a whole model, given recipe.yaml and tokenizer.json
+    so that it loads like a trained run.
+    """
+    name: str
+    layout: Callable[..., str]
+    table: Callable[..., Table]
+    config: Callable[[str], dict]
+    split: Callable[..., dict] = unchanged
+    join: Callable[..., dict] = unchanged
+    makes_run_folder: bool = False
+
+
+def refuse_inexpressible(source: str, target: str, checks) -> None:
+    """One CheckpointError naming every (failed, reason) check the target layout cannot express."""
+    problems = [reason for failed, reason in checks if failed]
+    if problems:
+        raise CheckpointError(f"{source}: cannot be written as a transformers {target}: {'; '.join(problems)}")

@@ -6,7 +6,9 @@ PaddleMIX's LlavaLlamaForCausalLM keeps the decoder under `llama.` with the CLIP
 `llama.mm_projector.{0,2}`. Paddle Linear weights are [in, out] already, as here; its
 LlamaLMHead stores [hidden, vocab], which is transposed to PaddleFormers' [vocab, hidden].
 The config is a flat LlamaConfig with mm_* fields; the vision config lives in the CLIP
-folder that mm_vision_tower names. model_state.pdparams is a pickle: read only on request.
+folder that mm_vision_tower names. model_state.pdparams is a pickle: read only on request
+(weights/paddlemix_files.py). Here: the LLaVA tables and config, and `convert_paddlemix`, the
+command that writes a PaddleMIX LLaVA or BLIP-2 as a paddle_mm folder.
 """
 from __future__ import annotations
 
@@ -14,17 +16,17 @@ import os
 import shutil
 from dataclasses import asdict, replace
 
-import numpy as np
-
 from paddle_mm.config import ModelConfig, ProjectorConfig
 from paddle_mm.errors import CheckpointError
 from paddle_mm.fileio import write_json_atomic
-from paddle_mm.lm.adapter import lm_config_from_hf
-from paddle_mm.weights.hf import read_config, read_tensors, write_safetensors
-from paddle_mm.weights.llm import causal_lm_table
+from paddle_mm.run_folder import CONFIG_FILE, MODEL_FILE
+from paddle_mm.weights.blip2 import blip2_table, hf_blip2_config, read_blip2
+from paddle_mm.weights.folders import CONVERSION_FILE, make_run_folder, new_folder
+from paddle_mm.weights.hf import read_config, write_safetensors
+from paddle_mm.weights.llava import hf_llava_config
+from paddle_mm.weights.llm import causal_lm_table, lm_config_from_hf
 from paddle_mm.weights.mapping import Rule, Table, to_paddle_mm
-
-PDPARAMS = "model_state.pdparams"
+from paddle_mm.weights.paddlemix_files import read_paddlemix_tensors
 
 # Relative to PaddleNLP's CLIPVisionTransformer ("vision_model.").
 PADDLENLP_CLIP_VISION = Table("paddlenlp-clip-vision", (
@@ -91,44 +93,9 @@ def paddlemix_model_config(folder: str, vision_folder: str = "") -> ModelConfig:
     return ModelConfig(vision=vision, projector=ProjectorConfig(type="mlp2x_gelu"), lm=lm)
 
 
-def read_paddlemix_tensors(folder: str, allow_pickle: bool = False, ask: str = "--pdparams") -> dict[str, np.ndarray]:
-    """The folder's safetensors, or with allow_pickle its model_state.pdparams, floating point as fp32.
-
-    `ask` is how the caller's user asks for the pickle, named in the error when only it is there.
-    """
-    pdparams = os.path.join(folder, PDPARAMS)
-    if allow_pickle:
-        if not os.path.isfile(pdparams):
-            raise CheckpointError(f"{folder}: no {PDPARAMS}")
-        import paddle
-
-        try:
-            state = paddle.load(pdparams, return_numpy=True)
-        except Exception as e:  # a corrupt pickle raises anything
-            raise CheckpointError(f"{pdparams}: cannot read ({type(e).__name__}: {e})") from e
-        return {k: _float32(np.asarray(v), k, pdparams) for k, v in state.items()}
-    try:
-        return read_tensors(folder)
-    except CheckpointError as e:
-        if os.path.isfile(pdparams):
-            raise CheckpointError(f"{e}; to read {PDPARAMS} (a pickle: only from a source you trust) "
-                                  f"ask for it by name ({ask})") from None
-        raise
-
-
-def _float32(a: np.ndarray, name: str, path: str) -> np.ndarray:
-    if a.dtype == np.uint16:  # Paddle hands bf16 to numpy as its raw 16 bits
-        return (a.astype(np.uint32) << 16).view(np.float32)
-    if a.dtype.kind != "f":
-        raise CheckpointError(f"{path}: tensor {name} has dtype {a.dtype}, not floating point")
-    return a.astype(np.float32)
-
-
 def convert_paddlemix(src: str, dst: str, family: str = "llava", allow_pickle: bool = False, vision: str = "",
                       image_token_id: int | None = None) -> str:
     """A PaddleMIX LLaVA or BLIP-2 folder -> a new paddle_mm folder (exportable to the Hugging Face layout)."""
-    from paddle_mm.weights.convert import CONVERSION_FILE, MODEL_FILE, _make_run_folder, _new_folder, hf_llava_config
-
     if family == "llava":
         cfg = paddlemix_model_config(src, vision)
         mapped, _ = to_paddle_mm(read_paddlemix_tensors(src, allow_pickle), PADDLEMIX_LLAVA, src)
@@ -139,8 +106,6 @@ def convert_paddlemix(src: str, dst: str, family: str = "llava", allow_pickle: b
             cfg = replace(cfg, image_token_id=Tokenizer.load(src).image_token_id)
         layout, source_config = "legacy", hf_llava_config(cfg, src)
     elif family == "blip2":
-        from paddle_mm.weights.blip2 import blip2_table, hf_blip2_config, read_blip2
-
         cfg, _, tensors, _ = read_blip2(src, "paddlemix", "pdparams" if allow_pickle else "safetensors",
                                         image_token_id)
         mapped, _ = to_paddle_mm(tensors, blip2_table("paddlemix", cfg.lm), src)
@@ -148,15 +113,15 @@ def convert_paddlemix(src: str, dst: str, family: str = "llava", allow_pickle: b
         layout, source_config = "hf", hf_blip2_config(cfg, True, src)
     else:
         raise CheckpointError(f"PaddleMIX conversion covers llava and blip2, not {family!r}")
-    tmp, final = _new_folder(src, dst)
+    tmp, final = new_folder(src, dst)
     try:
         write_safetensors(os.path.join(tmp, MODEL_FILE), mapped)
-        write_json_atomic(os.path.join(tmp, "config.json"), asdict(cfg))
+        write_json_atomic(os.path.join(tmp, CONFIG_FILE), asdict(cfg))
         write_json_atomic(os.path.join(tmp, CONVERSION_FILE), {
             "family": family, "from": "paddlemix", "source": os.path.abspath(src), "layout": layout,
             "source_config": source_config, "paddlemix_config": read_config(src), "dtypes": {}, "source_files": [],
         })
-        _make_run_folder(tmp, asdict(cfg), src)
+        make_run_folder(tmp, asdict(cfg), src)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

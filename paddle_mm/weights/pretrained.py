@@ -1,12 +1,12 @@
 """The checkpoint folders a recipe names: model.path (a whole LLaVA), model.vision.path (CLIP),
-model.lm.path (Qwen2 / Llama, loaded by the LM adapter). Configs first, weights after building."""
+model.lm.path (Qwen2 / Llama, weights/llm.py). Configs first, weights after building."""
 from __future__ import annotations
 
 from dataclasses import replace
 
 from paddle_mm.config import ModelConfig
 from paddle_mm.errors import RecipeError
-from paddle_mm.lm.adapter import resolved_lm_config
+from paddle_mm.weights.llm import load_lm_folder, resolved_lm_config
 
 
 def resolved_model_config(cfg: ModelConfig) -> ModelConfig:
@@ -27,7 +27,14 @@ def resolved_model_config(cfg: ModelConfig) -> ModelConfig:
 
 
 def load_pretrained_parts(model, cfg: ModelConfig) -> None:
-    """Load the LLaVA or CLIP weights the config names into a freshly built model."""
+    """Load the LLaVA, CLIP and LM weights the config names into a model built from it.
+
+    The model was built from resolved_model_config's fields; loading draws no random numbers,
+    so every part not loaded has the same initial weights as in a model built without folders.
+    """
+    if cfg.lm.path:
+        # First, as when the LM adapter loaded it while the model was built: its errors come first.
+        load_lm_folder(model.language_model, cfg.lm.path)
     if cfg.path:
         from paddle_mm.weights.llava import load_llava
 

@@ -7,13 +7,8 @@ import pytest
 
 from paddle_mm.config import LMConfig
 from paddle_mm.errors import CheckpointError
-from paddle_mm.lm.adapter import (
-    build_language_model,
-    lm_config_from_folder,
-    position_ids_from_mask,
-    resolved_lm_config,
-    run_language_model,
-)
+from paddle_mm.lm.adapter import build_language_model, position_ids_from_mask, run_language_model
+from paddle_mm.weights.llm import lm_config_from_folder, load_language_model, resolved_lm_config
 
 HIDDEN, VOCAB = 32, 64
 
@@ -129,7 +124,7 @@ def test_save_pretrained_then_load_from_path(family, tmp_path):
     lm = make_lm(family)
     folder = str(tmp_path / family)
     lm.save_pretrained(folder)
-    loaded = build_language_model(LMConfig(family=family, path=folder))
+    loaded = load_language_model(LMConfig(family=family, path=folder))
     loaded.eval()
     x = embeds(2, 5)
     with paddle.no_grad():
@@ -182,7 +177,7 @@ def test_unknown_model_type_raises_naming_the_file(tmp_path):
 def test_build_from_missing_folder_raises(tmp_path):
     missing = str(tmp_path / "absent")
     with pytest.raises(CheckpointError) as info:
-        build_language_model(LMConfig(family="qwen2", path=missing))
+        load_language_model(LMConfig(family="qwen2", path=missing))
     assert missing in str(info.value)
 
 
@@ -203,4 +198,4 @@ def test_pickle_weights_are_refused_never_unpickled(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", no_unpickling)
     monkeypatch.setattr(paddle, "load", no_unpickling)
     with pytest.raises(CheckpointError, match=r"no safetensors weights.*model_state.pdparams.*does not unpickle"):
-        build_language_model(LMConfig(family="qwen2", path=folder))
+        load_language_model(LMConfig(family="qwen2", path=folder))

@@ -15,9 +15,10 @@ import pytest
 
 from paddle_mm.config import LMConfig
 from paddle_mm.errors import CheckpointError
-from paddle_mm.lm.adapter import build_language_model, run_language_model
+from paddle_mm.lm.adapter import run_language_model
 from paddle_mm.weights.blip2 import load_blip2
 from paddle_mm.weights.hf import read_config, read_tensors
+from paddle_mm.weights.llm import load_language_model
 from paddle_mm.weights.tensor_files import load_tensors, save_tensors
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "reference", "blip2")
@@ -82,7 +83,7 @@ def test_language_model_matches_paddleformers_own_loading(tmp_path):
     lm_tensors = {k[len("language_model."):]: v for k, v in read_tensors(HF).items() if k.startswith("language_model.")}
     save_tensors(lm_tensors, str(lm_folder / "model.safetensors"))
 
-    theirs = build_language_model(LMConfig(family="qwen2", path=str(lm_folder)))
+    theirs = load_language_model(LMConfig(family="qwen2", path=str(lm_folder)))
     ours = load_blip2(HF).language_model
     theirs_sd, ours_sd = theirs.state_dict(), ours.state_dict()
     assert sorted(theirs_sd) == sorted(ours_sd)

@@ -10,10 +10,10 @@ from safetensors.numpy import save_file
 
 from paddle_mm.config import LMConfig
 from paddle_mm.errors import CheckpointError
-from paddle_mm.lm.adapter import _classes, build_language_model, lm_config_from_folder, run_language_model
+from paddle_mm.lm.adapter import _classes, build_language_model, run_language_model
 from paddle_mm.lm.decoding import decode
 from paddle_mm.weights.hf import read_tensors
-from paddle_mm.weights.llm import load_causal_lm
+from paddle_mm.weights.llm import lm_config_from_folder, load_causal_lm, load_language_model
 
 CASES = [("qwen2", "qwen2"), ("qwen2", "qwen2/bf16"), ("llama", "llama")]  # (family, fixture)
 
@@ -31,7 +31,7 @@ def logits_and_greedy(lm, input_ids: np.ndarray):
 def test_logits_and_greedy_tokens_match_transformers(family, fixture):
     ref = reference(fixture)
     before = snapshot(folder_of(fixture))
-    lm = build_language_model(LMConfig(family=family, path=folder_of(fixture)))
+    lm = load_language_model(LMConfig(family=family, path=folder_of(fixture)))
     lm.eval()
     logits, greedy = logits_and_greedy(lm, ref["input_ids"])
     assert max_diff(logits, ref["logits"]) <= 1e-4
@@ -49,7 +49,7 @@ def test_same_logits_as_paddleformers_own_hf_loading(family, fixture, tmp_path):
     copy = checkpoint_copy(fixture, tmp_path / "copy")
     _, model_cls = _classes(family)
     theirs = model_cls.from_pretrained(copy, dtype="float32")
-    ours = build_language_model(LMConfig(family=family, path=folder_of(fixture)))
+    ours = load_language_model(LMConfig(family=family, path=folder_of(fixture)))
     theirs.eval()
     ours.eval()
     assert max_diff(logits_and_greedy(ours, ref["input_ids"])[0], logits_and_greedy(theirs, ref["input_ids"])[0]) <= 1e-4
@@ -60,7 +60,7 @@ def test_same_logits_as_paddleformers_own_hf_loading(family, fixture, tmp_path):
 
 def test_tied_embeddings_have_no_lm_head_on_disk_and_share_the_parameter():
     assert "lm_head.weight" not in read_tensors(folder_of("qwen2"))
-    lm = build_language_model(LMConfig(family="qwen2", path=folder_of("qwen2")))
+    lm = load_language_model(LMConfig(family="qwen2", path=folder_of("qwen2")))
     np.testing.assert_array_equal(lm.lm_head.weight.numpy(), read_tensors(folder_of("qwen2"))["model.embed_tokens.weight"])
 
 
@@ -80,7 +80,7 @@ def _with_tensors(tmp_path, fixture: str, edit) -> str:
 def test_missing_tensor_is_listed_or_reported_when_not_strict(tmp_path):
     folder = _with_tensors(tmp_path, "llama", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(CheckpointError, match=r"missing 1: model\.layers\.1\.mlp\.up_proj\.weight") as info:
-        build_language_model(LMConfig(family="llama", path=folder))
+        load_language_model(LMConfig(family="llama", path=folder))
     assert folder in str(info.value)
     lm = build_language_model(replace(lm_config_from_folder(folder), path=""))
     assert load_causal_lm(lm, folder, strict=False) == ["model.layers.1.mlp.up_proj.weight"]
@@ -89,10 +89,10 @@ def test_missing_tensor_is_listed_or_reported_when_not_strict(tmp_path):
 def test_old_rotary_buffers_are_ignored_by_name_other_extras_are_not(tmp_path):
     folder = _with_tensors(tmp_path, "llama", lambda t: t.update(
         {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}))
-    build_language_model(LMConfig(family="llama", path=folder))
+    load_language_model(LMConfig(family="llama", path=folder))
     folder = _with_tensors(tmp_path / "b", "llama", lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.ones(32, np.float32)}))
     with pytest.raises(CheckpointError, match=r"not in the llama.* mapping table \(unexpected 1: model\.layers\.0\.self_attn\.q_proj\.bias\)"):
-        build_language_model(LMConfig(family="llama", path=folder))
+        load_language_model(LMConfig(family="llama", path=folder))
 
 
 def test_shape_mismatch_names_the_shard_and_the_tensor(tmp_path):
@@ -122,7 +122,7 @@ def test_config_the_lm_config_cannot_carry_is_refused(tmp_path):
     ({"hidden_size": None}, "the language model config has no 'hidden_size'"),
 ])
 def test_config_fields_are_checked_before_building(change, message):
-    from paddle_mm.lm.adapter import lm_config_from_hf
+    from paddle_mm.weights.llm import lm_config_from_hf
 
     raw = {"model_type": "qwen2", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
            "num_hidden_layers": 2, "num_attention_heads": 4, **change}

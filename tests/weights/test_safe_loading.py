@@ -68,7 +68,7 @@ def test_image_paths_stay_under_the_root_unless_the_recipe_allows(tmp_path, demo
 
 # The one reader of a pickle (PaddleMIX's model_state.pdparams), reached only when the user names
 # that format (tests/weights/test_paddlemix.py checks the default path refuses it).
-NAMED_PICKLE_READER = os.path.join("paddle_mm", "weights", "paddlemix.py")
+NAMED_PICKLE_READER = os.path.join("paddle_mm", "weights", "paddlemix_files.py")
 
 
 def test_the_package_has_no_unsafe_loader_call():
