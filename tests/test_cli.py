@@ -99,3 +99,12 @@ def test_chat_reads_turns_from_stdin_and_keeps_history(run_dir, demo_data, capsy
     monkeypatch.setattr("sys.stdin", io.StringIO("how many shapes are there?\n\nis there a red circle?\n"))
     assert main(["infer", run_dir, "--task", "chat", "--image", image]) == 0
     assert capsys.readouterr().out.count("\n") == 2  # one answer per non-blank user line
+
+
+def test_convert_family_choices_are_the_weight_families():
+    from paddle_mm.cli import build_parser
+    from paddle_mm.weights.families import FAMILIES
+
+    convert = next(a for a in build_parser()._subparsers._group_actions[0].choices["convert"]._actions
+                   if a.dest == "family")
+    assert convert.choices == list(FAMILIES)

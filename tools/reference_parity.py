@@ -29,12 +29,13 @@ def main() -> None:
     from safetensors.numpy import load_file
 
     from paddle_mm.config import LMConfig
-    from paddle_mm.lm.adapter import _classes, build_language_model, run_language_model
+    from paddle_mm.lm.adapter import _classes, run_language_model
     from paddle_mm.lm.decoding import decode
     from paddle_mm.model import VisionLanguageModel
     from paddle_mm.vision.vit import VisionTransformer
     from paddle_mm.weights.clip import load_clip_vision, vision_config_from_folder
     from paddle_mm.weights.llava import llava_model_config, load_llava
+    from paddle_mm.weights.llm import load_language_model
 
     rows = []
     folder = os.path.join(FIXTURES, "clip")
@@ -57,7 +58,7 @@ def main() -> None:
                 shutil.copy(os.path.join(folder, f), copy)
         ids = paddle.to_tensor(ref["input_ids"])
         out = {}
-        for who, lm in (("ours", build_language_model(LMConfig(family=family, path=folder))),
+        for who, lm in (("ours", load_language_model(LMConfig(family=family, path=folder))),
                         ("pf", _classes(family)[1].from_pretrained(copy, dtype="float32"))):
             lm.eval()
             with paddle.no_grad():

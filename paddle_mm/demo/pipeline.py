@@ -12,6 +12,7 @@ import sys
 import time
 
 from paddle_mm.config import Recipe
+from paddle_mm.data.tokenizer import TOKENIZER_FILE
 from paddle_mm.fileio import write_json_atomic
 from paddle_mm.recipe import bundled_recipes, load_recipe
 
@@ -29,7 +30,7 @@ def _paths(out: str) -> dict[str, str]:
     data = os.path.join(out, "data")
     return {
         "data": data,
-        "tokenizer": os.path.join(out, "tokenizer", "tokenizer.json"),
+        "tokenizer": os.path.join(out, "tokenizer", TOKENIZER_FILE),
         "text_tokenizer": os.path.join(out, "text_tokenizer"),
         "align": os.path.join(out, "align"),
         "pretrain": os.path.join(out, "pretrain"),

@@ -44,7 +44,7 @@ def backbone_config(cfg: LMConfig, special_ids: dict[str, int] | None = None):
         rope_theta=cfg.rope_theta,
         rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        # generate() from inputs_embeds needs a bos id in PaddleFormers 1.0.0 (see DESIGN.md).
+        # generate() from inputs_embeds needs a bos id in PaddleFormers 1.0.0 (docs/ARCHITECTURE.md).
         bos_token_id=ids.get("bos", ids.get("eos", 0)),
         eos_token_id=ids.get("eos", 0),
         pad_token_id=ids.get("pad", 0),

@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 
 from paddle_mm.errors import CheckpointError
-from paddle_mm.run_folder import RECIPE_FILE
+from paddle_mm.run_folder import RECIPE_FILE, TOKENIZER_FILE
 from paddle_mm.weights.hf import INDEX_FILE
 
 CONVERSION_FILE = "conversion.json"
@@ -52,7 +52,7 @@ def make_run_folder(folder: str, config: dict, src: str) -> None:
     recipe = Recipe(model=from_dict(ModelConfig, config, source="converted config"))
     recipe.train.output_dir = folder
     save_recipe(recipe, os.path.join(folder, RECIPE_FILE))
-    if os.path.isfile(os.path.join(src, "tokenizer.json")):  # the source's own tokenizer, if it has one
+    if os.path.isfile(os.path.join(src, TOKENIZER_FILE)):  # the source's own tokenizer, if it has one
         Tokenizer.load(src).save(folder)
 
 

@@ -17,6 +17,7 @@ import shutil
 from dataclasses import asdict, replace
 
 from paddle_mm.config import ModelConfig, ProjectorConfig
+from paddle_mm.data.tokenizer import TOKENIZER_FILE
 from paddle_mm.errors import CheckpointError
 from paddle_mm.fileio import write_json_atomic
 from paddle_mm.run_folder import CONFIG_FILE, MODEL_FILE
@@ -99,7 +100,7 @@ def convert_paddlemix(src: str, dst: str, family: str = "llava", allow_pickle: b
     if family == "llava":
         cfg = paddlemix_model_config(src, vision)
         mapped, _ = to_paddle_mm(read_paddlemix_tensors(src, allow_pickle), PADDLEMIX_LLAVA, src)
-        if os.path.isfile(os.path.join(src, "tokenizer.json")):
+        if os.path.isfile(os.path.join(src, TOKENIZER_FILE)):
             # PaddleMIX marks images with -200 in the ids; here <image> is a token of the tokenizer
             from paddle_mm.data.tokenizer import Tokenizer
 
