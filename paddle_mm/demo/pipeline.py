@@ -75,7 +75,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (),
     from paddle_mm.data.tokenizer import Tokenizer, training_corpus
     from paddle_mm.eval.tasks import evaluate_captions, evaluate_vqa, question_prior_report
     from paddle_mm.run_folder import load_run
-    from paddle_mm.training.loop import train_in_processes
+    from paddle_mm.training.launch import train_in_processes
     from paddle_mm.training.plot import plot_runs
 
     t0 = time.time()

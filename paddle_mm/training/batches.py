@@ -29,6 +29,26 @@ def epoch_order(seed: int, lengths: np.ndarray, epoch: int, batch_size: int) -> 
     return np.concatenate([batches[i] for i in rng.permutation(len(batches))]) if batches else order
 
 
+class DataCursor:
+    """Where a run is in its data: state["epoch"] and state["cursor"], updated in place (they go
+    into every checkpoint), and the epoch's order, rebuilt when an epoch runs out."""
+
+    def __init__(self, seed: int, lengths: np.ndarray, batch_size: int, state: dict):
+        self.seed, self.lengths, self.batch_size, self.state = seed, lengths, batch_size, state
+        self.order = epoch_order(seed, lengths, state["epoch"], batch_size)
+
+    def take(self) -> np.ndarray:
+        """The dataset indices of the next global (micro-)batch."""
+        state, size = self.state, self.batch_size
+        if state["cursor"] + size > len(self.order):
+            state["epoch"] += 1
+            state["cursor"] = 0
+            self.order = epoch_order(self.seed, self.lengths, state["epoch"], size)
+        idx = self.order[state["cursor"]: state["cursor"] + size]
+        state["cursor"] += size
+        return idx
+
+
 def make_batch(items: list[dict], pad_token_id: int, data_cfg) -> dict:
     """A padded (collate) or packed (pack) batch, as data.packing says."""
     if data_cfg.packing:

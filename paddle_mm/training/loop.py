@@ -17,8 +17,8 @@ from paddle_mm.config import Recipe, TrainConfig
 from paddle_mm.errors import CheckpointError, RecipeError
 from paddle_mm.training import checkpoints, distributed
 from paddle_mm.training.batches import (
+    DataCursor,
     batch_inputs,
-    epoch_order,
     first_readable,
     item_targets,
     labelled_tokens,
@@ -104,7 +104,7 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
 
     lengths = np.array([len(item.input_ids) for item in dataset.items])
     targets = item_targets(dataset)
-    order = epoch_order(cfg.seed, lengths, state["epoch"], cfg.batch_size)
+    cursor = DataCursor(cfg.seed, lengths, cfg.batch_size, state)
     if rank == 0:  # steps logged after the checkpoint we resume from are taken again
         for name in (run_folder.METRICS_FILE, run_folder.NONFINITE_LOG):
             checkpoints.trim_log(os.path.join(run_dir, name), state["step"])
@@ -121,12 +121,7 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
         # This process's share of the global batch, in grad_accum micro-batches: (batch, weight).
         batches = []
         for _ in range(cfg.grad_accum):
-            if state["cursor"] + cfg.batch_size > len(order):
-                state["epoch"] += 1
-                state["cursor"] = 0
-                order = epoch_order(cfg.seed, lengths, state["epoch"], cfg.batch_size)
-            idx = order[state["cursor"]: state["cursor"] + cfg.batch_size]
-            state["cursor"] += cfg.batch_size
+            idx = cursor.take()
             step_idx.extend(int(i) for i in idx)
             runlog.add_batch(idx)
             items = read_items(dataset, idx[rank::world], recipe.data.on_error, skipped)
@@ -140,13 +135,8 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
         # Forward and backward. Every token of the global batch weighs the same, however the
         # tokens fall on processes and micro-batches; the parallel wrappers average gradients,
         # hence the factor world.
-        token_scale = 0.0
-        if objective.token_weighted:
-            if recipe.data.on_error == "skip":  # unreadable items may have been dropped from the batches
-                (global_tokens,) = distributed.global_sum([sum(labelled_tokens(b) * w for b, w in batches)], world)
-            else:  # every process knows the whole global batch: no all-reduce needed
-                global_tokens = float(targets[step_idx].sum())
-            token_scale = world / max(global_tokens, 1.0)
+        token_scale = _token_scale(batches, targets[step_idx], recipe.data.on_error, world) \
+            if objective.token_weighted else 0.0
         loss_sum = 0.0
         for k, (batch, weight) in enumerate(batches):
             # Gradients are averaged across processes once, on the last micro-batch.
@@ -188,6 +178,15 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     return run_dir
 
 
+def _token_scale(batches: list, step_targets: np.ndarray, on_error: str, world: int) -> float:
+    """world / the labelled-token count of the whole global batch (see training/objectives.py)."""
+    if on_error == "skip":  # unreadable items may have been dropped from the batches
+        (global_tokens,) = distributed.global_sum([sum(labelled_tokens(b) * w for b, w in batches)], world)
+    else:  # every process knows the whole global batch: no all-reduce needed
+        global_tokens = float(step_targets.sum())
+    return world / max(global_tokens, 1.0)
+
+
 def _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world, keep) -> str:
     ckpt = ""
     if rank == 0:
@@ -206,29 +205,3 @@ def _finished_before(run_dir: str, ckpt: str, step: int, max_steps: int, rank: i
         checkpoints.export_weights(run_dir, ckpt)
         print(f"{run_dir}: finished from checkpoint {ckpt}", file=sys.stderr)
     return run_dir
-
-
-def train_in_processes(recipe: Recipe, processes: int, quiet: bool = False) -> str:
-    """Data-parallel training in `processes` local processes (gloo on CPU); returns the run folder."""
-    if processes <= 1:
-        return train(recipe, quiet)
-    import paddle.distributed as dist
-
-    dist.spawn(_spawned_train, args=(recipe, quiet), nprocs=processes, backend="gloo" if distributed.on_cpu() else "auto")
-    return recipe.train.output_dir
-
-
-def _spawned_train(recipe: Recipe, quiet: bool) -> None:
-    """A spawned worker: train, wait for every rank, then leave without running destructors.
-
-    Once in a while rank 0 aborted (SIGABRT) while tearing down the gloo context at exit,
-    after every file was written (seen once in a 500-step demo stage, not in 30- or 400-step
-    repeats); the run is complete by then, so the worker exits directly.
-    """
-    import paddle.distributed as dist
-
-    train(recipe, quiet)
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from paddle_mm.errors import RecipeError
-from paddle_mm.training.loop import train, train_in_processes
+from paddle_mm.training.launch import train_in_processes
+from paddle_mm.training.loop import train
 from paddle_mm.weights.tensor_files import load_tensors
 
 # Captions and conversations mixed, so the processes of a step hold different token counts.

@@ -144,7 +144,7 @@ def test_epoch_order_groups_lengths_without_repeating_samples():
 
 
 def test_two_process_data_parallel_run_writes_one_loadable_run(tiny_recipe, tmp_path):
-    from paddle_mm.training.loop import train_in_processes
+    from paddle_mm.training.launch import train_in_processes
 
     run = train_in_processes(tiny_recipe(str(tmp_path / "dp"), "train.max_steps=3"), processes=2, quiet=True)
     steps = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))]

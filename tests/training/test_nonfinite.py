@@ -71,7 +71,7 @@ def test_data_parallel_ranks_stay_in_step_when_one_ranks_items_are_all_skipped(t
     train on, yet must join the gradient all-reduce (before, it skipped it and the run hung)."""
     import shutil
 
-    from paddle_mm.training.loop import train_in_processes
+    from paddle_mm.training.launch import train_in_processes
 
     data = tmp_path / "data"
     shutil.copytree(demo_data["data"], data)
