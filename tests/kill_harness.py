@@ -1,6 +1,6 @@
 """Kill a training subprocess (SIGKILL) at chosen or random moments, resume it, compare.
 
-Used by tests/test_resume.py (a few kill points) and tools/kill_resume.py (many, by hand).
+Used by tests/training/test_checkpoints.py (a few kill points) and tools/kill_resume.py (many, by hand).
 Two ways to kill, both a real SIGKILL of the `paddle-mm train` process:
 - at a named point inside a checkpoint save (PADDLE_MM_CRASH_AT, see paddle_mm/training/checkpoints.py);
 - from outside, once the run has logged a randomly chosen step, after a random delay of up

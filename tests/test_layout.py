@@ -161,3 +161,19 @@ def test_the_recipes_ship_with_the_package():
     assert (bundled_recipes() / "demo" / "pretrain.yaml").is_file()
     setup = (PACKAGE.parent / "setup.py").read_text(encoding="utf-8")
     assert '"paddle_mm.recipes": "recipes"' in setup and os.path.isdir(PACKAGE.parent / "recipes")
+
+
+def test_an_install_holds_the_recipes_and_the_chat_page(tmp_path):
+    """What `pip install .` installs (setup.py's build_py, which a wheel packs): the package with
+    recipes/ inside it, so `paddle-mm demo` needs no checkout."""
+    import subprocess
+    import sys
+
+    repo = PACKAGE.parent
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)],
+                   check=True, cwd=repo, capture_output=True)
+    built = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    shipped = {p.relative_to(repo).as_posix() for p in (repo / "recipes").rglob("*.yaml")}
+    assert shipped and {f"paddle_mm/{p}" for p in shipped} <= built
+    assert "paddle_mm/serving/chat.html" in built
+    assert {p.split("/")[0] for p in built} == {"paddle_mm"}

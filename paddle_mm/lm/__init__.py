@@ -1,0 +1,1 @@
+"""The language model side: the one adapter over PaddleFormers causal LMs, decoding loops, LoRA."""
