@@ -9,7 +9,7 @@
     metrics.jsonl            one line per log step (training/runlog.py); visualdl/ beside it
     skipped.json             the records data.on_error=skip dropped
     nonfinite.jsonl          batches skipped under train.on_nonfinite=skip
-    nonfinite/step-N/        the state before a non-finite step, to look into it
+    nonfinite/step-N/        the state before a non-finite step (a checkpoint) and batch.json
     checkpoint/step-N/       model, projector, optimizer.safetensors and state.json:
                              what an exact resume needs (training/checkpoints.py)
 
@@ -40,12 +40,13 @@ VISUALDL_DIR = "visualdl"
 SKIPPED_FILE = "skipped.json"
 NONFINITE_LOG = "nonfinite.jsonl"
 NONFINITE_DIR = "nonfinite"
+NONFINITE_BATCH_FILE = "batch.json"  # inside nonfinite/step-N/: the step, its loss, its samples
 CHECKPOINT_DIR = "checkpoint"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 WEIGHT_FILES = (MODEL_FILE, PROJECTOR_FILE)
 __all__ = ["RECIPE_FILE", "CONFIG_FILE", "MODEL_FILE", "PROJECTOR_FILE", "METRICS_FILE", "VISUALDL_DIR",
-           "SKIPPED_FILE", "NONFINITE_LOG", "NONFINITE_DIR", "CHECKPOINT_DIR", "OPTIMIZER_FILE", "STATE_FILE",
+           "SKIPPED_FILE", "NONFINITE_LOG", "NONFINITE_DIR", "NONFINITE_BATCH_FILE", "CHECKPOINT_DIR", "OPTIMIZER_FILE", "STATE_FILE",
            "TOKENIZER_FILE", "SPECIAL_TOKENS_FILE", "VOCAB_FILE", "WEIGHT_FILES"]
 
 
@@ -73,6 +74,11 @@ def copy_text_vocab(vocab_file: str, run_dir: str) -> None:
 
 def write_skipped(run_dir: str, records: list[str]) -> None:
     write_json_atomic(os.path.join(run_dir, SKIPPED_FILE), {"count": len(records), "records": records[:100]})
+
+
+def step_folder(parent: str, step: int) -> str:
+    """checkpoint/step-N and nonfinite/step-N: zero-padded, so the names sort by step."""
+    return os.path.join(parent, f"step-{step:08d}")
 
 
 def weights_file(path: str) -> str:

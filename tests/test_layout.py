@@ -135,16 +135,21 @@ def test_at_most_ten_modules_at_the_top():
 
 
 def test_run_folder_names_are_defined_once():
-    """The run folder's own file names are written as literals in run_folder.py and nowhere else."""
+    """The run folder's own file names are written as literals (alone, or ending a path in an
+    f-string) in run_folder.py and nowhere else."""
     names = ("recipe.yaml", "projector.safetensors", "metrics.jsonl", "skipped.json", "nonfinite.jsonl",
-             "optimizer.safetensors", "state.json", "tokenizer.json", "special_tokens.json", "vocab.txt")
+             "optimizer.safetensors", "state.json", "batch.json", "tokenizer.json", "special_tokens.json",
+             "vocab.txt")
     owners = {"tokenizer.json": "data/tokenizer.py", "special_tokens.json": "data/tokenizer.py",
               "vocab.txt": "alignment/text.py"}
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE).as_posix()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Constant) and node.value in names:
-                assert rel == owners.get(node.value, "run_folder.py"), f"{rel}:{node.lineno} writes {node.value!r}"
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+                continue
+            for name in names:
+                if node.value == name or node.value.endswith("/" + name):
+                    assert rel == owners.get(name, "run_folder.py"), f"{rel}:{node.lineno} writes {node.value!r}"
 
 
 def test_nothing_points_outside_the_repository():

@@ -1,8 +1,6 @@
 """The align and clip stages' models and datasets, which the training objectives build."""
 from __future__ import annotations
 
-ALIGN_STAGES = ("align", "clip")
-
 
 def text_tokenizer_for(model_cfg):
     from paddle_mm.alignment.text import TextTokenizer

@@ -15,6 +15,7 @@ from paddle_mm.config import Recipe
 from paddle_mm.data.tokenizer import TOKENIZER_FILE
 from paddle_mm.fileio import write_json_atomic
 from paddle_mm.recipe import bundled_recipes, load_recipe
+from paddle_mm.run_folder import PROJECTOR_FILE
 
 # The projector routes: the MLP (LLaVA) in two stages; the Q-Former (BLIP-2) with stage 1 first.
 PIPELINES = {"mlp": ("demo", ("pretrain", "instruct")),
@@ -53,7 +54,7 @@ def stage_recipe(stage: str, out: str, extra: list[str], pipeline: str = "mlp") 
     if pipeline == "qformer":
         overrides.append(f"model.text.tokenizer={p['text_tokenizer']}")
         if stage == "pretrain":
-            overrides += [f"train.projector_from={p['align']}/projector.safetensors", f"train.vision_from={p['align']}"]
+            overrides += [f"train.projector_from={os.path.join(p['align'], PROJECTOR_FILE)}", f"train.vision_from={p['align']}"]
     folder = os.path.join(bundled_recipes(), PIPELINES[pipeline][0])
     return load_recipe(os.path.join(folder, f"{stage}.yaml"), Recipe, overrides + extra)
 

@@ -34,7 +34,15 @@ import numpy as np
 
 from paddle_mm.errors import CheckpointError
 from paddle_mm.fileio import write_json_atomic, write_text_atomic
-from paddle_mm.run_folder import CHECKPOINT_DIR, MODEL_FILE, OPTIMIZER_FILE, PROJECTOR_FILE, STATE_FILE, WEIGHT_FILES
+from paddle_mm.run_folder import (
+    CHECKPOINT_DIR,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    PROJECTOR_FILE,
+    STATE_FILE,
+    WEIGHT_FILES,
+    step_folder,
+)
 from paddle_mm.weights.tensor_files import load_into, load_tensors, save_tensors
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -137,7 +145,7 @@ def load_optimizer_tensors(optimizer, model, tensors: dict, source: str) -> None
 
 # ----------------------------------------------------------------------------- writing
 def step_dir(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, CHECKPOINT_DIR, f"step-{step:08d}")
+    return step_folder(os.path.join(run_dir, CHECKPOINT_DIR), step)
 
 
 def write_checkpoint(dest: str, model, optimizer, state: dict, rng: tuple | None = None,

@@ -14,7 +14,7 @@ import os
 import sys
 
 from paddle_mm.errors import NonFiniteLossError
-from paddle_mm.run_folder import NONFINITE_DIR, NONFINITE_LOG
+from paddle_mm.run_folder import NONFINITE_BATCH_FILE, NONFINITE_DIR, NONFINITE_LOG, step_folder
 from paddle_mm.training import distributed
 from paddle_mm.training.checkpoints import write_checkpoint
 
@@ -34,10 +34,10 @@ def log_nonfinite(run_dir: str, step: int, loss: float, samples: list[dict]) -> 
 def save_nonfinite(run_dir: str, model, optimizer, state_before: dict, rng_before: tuple, loss: float,
                    samples: list[dict]) -> str:
     """Save what is needed to look into a non-finite loss (see the module docstring); returns the folder."""
-    dest = os.path.join(run_dir, NONFINITE_DIR, f"step-{state_before['step'] + 1:08d}")
+    dest = step_folder(os.path.join(run_dir, NONFINITE_DIR), state_before["step"] + 1)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     batch = {"step": state_before["step"] + 1, "loss": repr(loss), "samples": samples}
-    write_checkpoint(dest, model, optimizer, state_before, rng=rng_before, extra_json={"batch.json": batch})
+    write_checkpoint(dest, model, optimizer, state_before, rng=rng_before, extra_json={NONFINITE_BATCH_FILE: batch})
     return dest
 
 
