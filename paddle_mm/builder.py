@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from paddle_mm.config import DatasetSpec, ModelConfig, Recipe
-from paddle_mm.data.image import ImageProcessor
+from paddle_mm.data.image import ImageProcessor, ImageProcessorConfig, image_config_from_folder
 from paddle_mm.data.readers import Sample, read_dataset
 from paddle_mm.data.tokenizer import Tokenizer
 from paddle_mm.errors import DataError, RecipeError
@@ -16,7 +16,7 @@ def load_tokenizer(recipe: Recipe, recipe_source: str = "recipe") -> Tokenizer:
     path = recipe.data.tokenizer or recipe.model.lm.path or recipe.model.path
     if not path:
         raise RecipeError(f"{recipe_source}: data.tokenizer is empty and neither model.lm.path nor model.path names a folder")
-    return Tokenizer.load(path)
+    return Tokenizer.load(path, recipe.data.chat_template)
 
 
 def model_config_for(recipe: Recipe, tokenizer: Tokenizer) -> ModelConfig:
@@ -48,6 +48,19 @@ def build_model(cfg: ModelConfig, tokenizer: Tokenizer):
     return model
 
 
+def load_checkpoint_folder(folder: str):
+    """(recipe, model config, tokenizer, model) of a Hugging Face LLaVA folder as downloaded, in
+    eval mode: its weights, tokenizer, chat template and image processor settings."""
+    recipe = Recipe(model=ModelConfig(path=folder))
+    recipe.train.output_dir = folder
+    recipe.data.image = image_config_for(recipe)
+    tokenizer = load_tokenizer(recipe, folder)
+    cfg = model_config_for(recipe, tokenizer)
+    model = build_model(cfg, tokenizer)
+    model.eval()
+    return recipe, cfg, tokenizer, model
+
+
 def read_samples(specs: list[DatasetSpec], recipe: Recipe) -> tuple[list[Sample], list[DataError]]:
     samples: list[Sample] = []
     skipped: list[DataError] = []
@@ -70,8 +83,25 @@ def read_samples(specs: list[DatasetSpec], recipe: Recipe) -> tuple[list[Sample]
     return samples, skipped
 
 
+def image_config_for(recipe: Recipe) -> ImageProcessorConfig:
+    """The image settings of the checkpoint folder the recipe names, or the recipe's own."""
+    if recipe.data.image_from_checkpoint:
+        for folder in (recipe.model.path, recipe.model.vision.path):
+            if folder:
+                found = image_config_from_folder(folder)
+                if found is not None:
+                    return found
+    return recipe.data.image
+
+
+def with_image_settings(recipe: Recipe) -> Recipe:
+    """The recipe with the image settings in force written out, as a run folder saves it (the
+    checkpoint folder it read them from may be gone when the run is loaded)."""
+    return replace(recipe, data=replace(recipe.data, image=image_config_for(recipe), image_from_checkpoint=False))
+
+
 def image_processor_for(recipe: Recipe) -> ImageProcessor:
-    return ImageProcessor(recipe.data.image)
+    return ImageProcessor(image_config_for(recipe))
 
 
 def without_paths(cfg: ModelConfig) -> ModelConfig:

@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-decode", action="store_true", help="check that images exist, without decoding them")
     p.set_defaults(func=_check_data)
 
-    p = sub.add_parser("infer", help="answer with a trained run: vqa, caption or chat")
+    p = sub.add_parser("infer", help="answer with a trained run or a Hugging Face LLaVA folder: vqa, caption or chat")
     p.add_argument("run_dir")
     p.add_argument("--task", choices=["vqa", "caption", "chat"], default="vqa")
     p.add_argument("--image")

@@ -179,7 +179,13 @@ class DataConfig:
     train: list[DatasetSpec] = field(default_factory=list)
     eval: list[DatasetSpec] = field(default_factory=list)
     tokenizer: str = ""  # a tokenizer.json file or a backbone folder holding one
+    # "": the tokenizer folder's own chat template when it has one, ChatML otherwise; "chatml";
+    # or a Jinja template file
+    chat_template: str = ""
     image: ImageProcessorConfig = field(default_factory=ImageProcessorConfig)
+    # Take the image settings of the checkpoint folder (model.path, else model.vision.path) when it
+    # ships them (preprocessor_config.json / processor_config.json) instead of `image` above.
+    image_from_checkpoint: bool = True
     max_length: int = 2048
     # What to do with a bad record (missing image, malformed turn, too long): stop, or skip and count.
     on_error: Literal["raise", "skip"] = "raise"

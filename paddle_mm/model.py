@@ -85,7 +85,7 @@ class VisionLanguageModel(nn.Layer):
         attention_mask=None,
         pixel_values=None,
         max_new_tokens: int = 32,
-        eos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,

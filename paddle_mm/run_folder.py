@@ -99,8 +99,15 @@ def _read_recipe_and_config(run_dir: str, required: tuple[str, ...], kind: str) 
 
 
 def load_run(run_dir: str):
-    """(recipe, model config, tokenizer, model) of a finished run folder, weights loaded, in eval mode."""
-    from paddle_mm.builder import build_model, without_paths
+    """(recipe, model config, tokenizer, model) of a finished run folder, weights loaded, in eval mode.
+
+    A Hugging Face LLaVA folder as downloaded (config.json, no recipe.yaml) loads too, with its
+    own tokenizer, chat template and image processor settings.
+    """
+    from paddle_mm.builder import build_model, load_checkpoint_folder, without_paths
+
+    if not os.path.isfile(os.path.join(run_dir, RECIPE_FILE)) and _model_type(run_dir) == "llava":
+        return load_checkpoint_folder(run_dir)
 
     recipe, cfg = _read_recipe_and_config(run_dir, (RECIPE_FILE, CONFIG_FILE, MODEL_FILE), "a run folder")
     tokenizer = Tokenizer.load(run_dir)
@@ -114,6 +121,16 @@ def load_run(run_dir: str):
     load_into(model, load_tensors(weights), weights)
     model.eval()
     return recipe, cfg, tokenizer, model
+
+
+def _model_type(folder: str) -> str | None:
+    path = os.path.join(folder, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return raw.get("model_type") if isinstance(raw, dict) else None
 
 
 def load_align_run(run_dir: str):

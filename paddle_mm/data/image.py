@@ -1,8 +1,13 @@
-"""Image loading and CLIP-style preprocessing to normalized float32 CHW arrays."""
+"""Image loading and preprocessing to normalized float32 CHW arrays, as transformers' PIL image
+processors compute it: optional pad to a square (LLaVA-1.5), resize (shortest edge, then a centre
+crop; or exact), rescale, normalize. A checkpoint folder's settings are read by
+`image_config_from_folder`: preprocessor_config.json (transformers 4.x) or the "image_processor"
+entry of processor_config.json (5.x)."""
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Sequence, Union
 
 import numpy as np
@@ -14,16 +19,27 @@ _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
 }
+_RESAMPLE_BY_CODE = {int(v): k for k, v in _RESAMPLE.items()}  # PIL's codes, as preprocessor configs store them
 
 
 @dataclass
 class ImageProcessorConfig:
     size: int = 224  # output is size x size
-    resize: Literal["shortest", "exact"] = "shortest"  # shortest: scale shorter side, centre crop
+    # shortest: scale the shorter side to shortest_edge (0: size), then a centre crop of size x size
+    resize: Literal["shortest", "exact"] = "shortest"
+    shortest_edge: int = 0
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP defaults
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-    resample: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    resample: Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"] = "bicubic"
+    # LLaVA-1.5 pads to a square before resizing, with the mean colour (mean * 255, truncated) by default
+    pad_to_square: bool = False
+    pad_color: list[int] = field(default_factory=list)
+    rescale_factor: float = 1 / 255
+    normalize: bool = True
 
     def __post_init__(self):
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size <= 0:
@@ -38,6 +54,90 @@ class ImageProcessorConfig:
             raise ValueError("mean and std must each have 3 values (R, G, B)")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std values must be positive, got {self.std}")
+        if self.shortest_edge and self.shortest_edge < self.size:
+            raise ValueError(f"shortest_edge {self.shortest_edge} is smaller than the crop size {self.size}")
+        self.pad_color = [int(c) for c in self.pad_color]
+        if self.pad_color and len(self.pad_color) != 3:
+            raise ValueError("pad_color must have 3 values (R, G, B)")
+
+    def fill(self) -> tuple[int, int, int]:
+        return tuple(self.pad_color) if self.pad_color else tuple(int(m * 255) for m in self.mean)
+
+
+def _size_of(value, key: str, source: str) -> int:
+    """A square size from a processor config's {"height", "width"}, {"shortest_edge"} or int."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        if key in value:
+            return int(value[key])
+        if "height" in value and "width" in value:
+            if value["height"] != value["width"]:
+                raise DataError(source, f"a non-square size {value} is not supported")
+            return int(value["height"])
+    raise DataError(source, f"cannot read the size {value!r}")
+
+
+# The image processors whose preprocessing the fields above express.
+_KNOWN_PROCESSORS = ("CLIPImageProcessor", "LlavaImageProcessor", "BlipImageProcessor", "SiglipImageProcessor")
+
+
+def image_config_from_folder(folder: str) -> ImageProcessorConfig | None:
+    """The image processor settings a checkpoint folder ships, or None when it has none."""
+    raw, source = None, ""
+    path = os.path.join(folder, "preprocessor_config.json")
+    if os.path.isfile(path):
+        raw, source = _read_json(path), path
+    else:
+        path = os.path.join(folder, "processor_config.json")
+        if os.path.isfile(path) and isinstance(_read_json(path).get("image_processor"), dict):
+            raw, source = _read_json(path)["image_processor"], path
+    if raw is None:
+        return None
+    kind = str(raw.get("image_processor_type", ""))
+    base = kind.removesuffix("Fast").removesuffix("Pil")
+    if base not in _KNOWN_PROCESSORS:
+        raise DataError(source, f"image processor {kind!r} is not supported (one of {_KNOWN_PROCESSORS})")
+    if not raw.get("do_resize", True):
+        raise DataError(source, "do_resize false is not supported (the model needs a fixed size)")
+    size = raw.get("size", 224)
+    cropped = raw.get("do_center_crop", False)
+    if isinstance(size, dict) and "shortest_edge" in size:
+        if not cropped:
+            raise DataError(source, "a shortest-edge resize without a centre crop gives non-square images")
+        shortest = _size_of(size, "shortest_edge", source)
+        crop = _size_of(raw.get("crop_size", shortest), "shortest_edge", source)
+        resize = "shortest"
+    else:
+        if cropped and _size_of(raw.get("crop_size", size), "shortest_edge", source) != _size_of(size, "", source):
+            raise DataError(source, "a centre crop after an exact resize is not supported")
+        shortest, crop, resize = 0, _size_of(size, "", source), "exact"
+    code = raw.get("resample", 3)
+    if code not in _RESAMPLE_BY_CODE:
+        raise DataError(source, f"resample {code!r} is not a PIL filter code")
+    normalize = bool(raw.get("do_normalize", True))
+    try:
+        return ImageProcessorConfig(
+            size=crop, resize=resize, shortest_edge=shortest if shortest != crop else 0,
+            mean=tuple(raw.get("image_mean", ImageProcessorConfig.mean)),
+            std=tuple(raw.get("image_std", ImageProcessorConfig.std)),
+            resample=_RESAMPLE_BY_CODE[code], pad_to_square=bool(raw.get("do_pad", False)) and base == "LlavaImageProcessor",
+            rescale_factor=float(raw.get("rescale_factor", 1 / 255)) if raw.get("do_rescale", True) else 1.0,
+            normalize=normalize,
+        )
+    except (TypeError, ValueError) as e:
+        raise DataError(source, f"cannot read the image processor settings: {e}") from None
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(path, f"cannot read: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(path, "expected a JSON object")
+    return data
 
 
 ImageInput = Union[str, os.PathLike, Image.Image]
@@ -82,24 +182,39 @@ class ImageProcessor:
     def _resize(self, image: Image.Image) -> Image.Image:
         size = self.config.size
         w, h = image.size
-        if (w, h) == (size, size):
+        if (w, h) == (size, size) and self.config.shortest_edge in (0, size):
             return image  # fast path: already at model size
         resample = _RESAMPLE[self.config.resample]
         if self.config.resize == "exact":
             return image.resize((size, size), resample)
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        # transformers' shortest-edge rule: the short side becomes the edge, the long one is truncated
+        edge = self.config.shortest_edge or size
+        short, long = min(w, h), max(w, h)
+        new_long = int(edge * long / short)
+        nw, nh = (edge, new_long) if w <= h else (new_long, edge)
         if (nw, nh) != (w, h):
             image = image.resize((nw, nh), resample)
         left, top = (nw - size) // 2, (nh - size) // 2
         return image.crop((left, top, left + size, top + size))
 
+    def _pad(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        if w == h:
+            return image
+        side = max(w, h)
+        square = Image.new("RGB", (side, side), self.config.fill())
+        square.paste(image, ((side - w) // 2, (side - h) // 2))
+        return square
+
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """RGB image -> float32 ``[3, size, size]``: resize, /255, (x - mean) / std, CHW."""
+        """RGB image -> float32 ``[3, size, size]``: pad, resize, rescale, (x - mean) / std, CHW."""
         if image.mode != "RGB":
             image = image.convert("RGB")
-        arr = np.asarray(self._resize(image), dtype=np.float32) / 255.0
-        arr = (arr - self._mean) / self._std
+        if self.config.pad_to_square:
+            image = self._pad(image)
+        arr = (np.asarray(self._resize(image), dtype=np.float64) * self.config.rescale_factor).astype(np.float32)
+        if self.config.normalize:
+            arr = (arr - self._mean) / self._std
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
     def __call__(self, images: Sequence[ImageInput]) -> np.ndarray:

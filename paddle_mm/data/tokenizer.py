@@ -1,13 +1,18 @@
 """BPE tokenization (HF `tokenizers` as the engine) and the chat template.
 
 One `Tokenizer` class serves a BPE trained here, a backbone's own tokenizer.json (Qwen2 and
-Llama folders ship one) and a word-level vocabulary for tests. The chat template is ChatML,
-the one Qwen2 was trained with:
+Llama folders ship one) and a word-level vocabulary for tests. Models trained here from
+scratch use ChatML, the template Qwen2 was trained with:
 
     <|im_start|>user\n<image>\nwhat colour is the circle?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n
 
 Labels cover the assistant's text and its closing <|im_end|> (so the model learns to stop);
 everything else, the user turns and the image span included, is IGNORE_INDEX.
+
+A checkpoint folder that brings its own chat template (data/chat_template.py) is prompted and
+trained in that one instead: the text is rendered as transformers renders it, tokenized in one
+piece, each <image> widened to the image's positions, and the assistant messages' characters
+labelled through the tokens' offsets.
 """
 from __future__ import annotations
 
@@ -15,12 +20,17 @@ import itertools
 import os
 from collections.abc import Iterable, Sequence
 
+from paddle_mm.data.chat_template import TEMPLATE_FILE, ChatTemplate, special_token_strings
 from paddle_mm.errors import CheckpointError, DataError
 from paddle_mm.fileio import write_json_atomic
 
 IGNORE_INDEX = -100
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
+# Beside tokenizer.json when a checkpoint template is used: its special tokens and the ids that end an answer.
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+CHATML = "chatml"
 IMAGE_TOKEN = "<image>"
 IM_START, IM_END, EOS = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SPECIAL_TOKENS = [EOS, IM_START, IM_END, IMAGE_TOKEN]
@@ -36,17 +46,37 @@ def _engine():
 
 
 class Tokenizer:
-    def __init__(self, engine_tokenizer):
+    """template None: ChatML. Otherwise the checkpoint's ChatTemplate, with its special tokens
+    (template.special_tokens: bos/eos/pad strings) and stop_ids (the ids that end an answer,
+    generation_config.json's eos_token_id; the tokenizer's eos when empty)."""
+
+    def __init__(self, engine_tokenizer, template: ChatTemplate | None = None, stop_ids: Sequence[int] = ()):
         self._tok = engine_tokenizer
-        # Backbone tokenizers may lack <image>; adding it is how LLaVA extends them too.
-        missing = [t for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is None]
+        self.template = template
+        # Backbone tokenizers may lack <image>; adding it is how LLaVA extends them too. A checkpoint
+        # with its own template gets nothing else: its vocabulary must stay the model's.
+        wanted = SPECIAL_TOKENS if template is None else [IMAGE_TOKEN]
+        missing = [t for t in wanted if self._tok.token_to_id(t) is None]
         if missing:
             self._tok.add_special_tokens(missing)
         self.image_token_id = self._tok.token_to_id(IMAGE_TOKEN)
         self.im_start_id = self._tok.token_to_id(IM_START)
         self.im_end_id = self._tok.token_to_id(IM_END)
-        self.eos_token_id = self._tok.token_to_id(EOS)
-        self.pad_token_id = self.eos_token_id  # padding is masked out; any id will do, as in Qwen2
+        special = template.special_tokens if template is not None else {}
+        self.eos_token_id = self._id_of(special.get("eos_token", EOS))
+        self.bos_token_id = self._id_of(special["bos_token"]) if "bos_token" in special else self.eos_token_id
+        # padding is masked out; any id will do, as in Qwen2
+        self.pad_token_id = self._id_of(special["pad_token"]) if "pad_token" in special else self.eos_token_id
+        if template is None:
+            self.stop_ids = [self.im_end_id]
+        else:
+            self.stop_ids = list(dict.fromkeys(list(stop_ids) or [self.eos_token_id]))
+
+    def _id_of(self, token: str) -> int:
+        found = self._tok.token_to_id(token)
+        if found is None:
+            raise CheckpointError(f"the special token {token!r} is not in the tokenizer's vocabulary")
+        return found
 
     # construction -------------------------------------------------------------------------
     @classmethod
@@ -78,15 +108,30 @@ class Tokenizer:
         return cls(tok)
 
     @classmethod
-    def load(cls, path: str) -> Tokenizer:
-        """Load a tokenizer.json file, or a folder (a run or a backbone) that holds one."""
+    def load(cls, path: str, chat_template: str = "") -> Tokenizer:
+        """Load a tokenizer.json file, or a folder (a run or a checkpoint) that holds one.
+
+        chat_template: "" uses the folder's own template when it has one (ChatML otherwise),
+        "chatml" always ChatML, anything else names a Jinja template file.
+        """
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
         file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise CheckpointError(f"{path}: no tokenizer.json found")
         try:
-            return cls(_engine().Tokenizer.from_file(file))
+            engine = _engine().Tokenizer.from_file(file)
         except Exception as e:  # the engine raises a bare Exception on malformed JSON
             raise CheckpointError(f"{file}: cannot load tokenizer: {e}") from e
+        if chat_template == CHATML:
+            return cls(engine)
+        if chat_template:
+            if not os.path.isfile(chat_template):
+                raise CheckpointError(f"data.chat_template: {chat_template}: no such template file")
+            with open(chat_template, encoding="utf-8") as f:
+                template = ChatTemplate(f.read(), chat_template, special_token_strings(folder))
+        else:
+            template = ChatTemplate.from_folder(folder)
+        return cls(engine) if template is None else cls(engine, template, _stop_ids(folder))
 
     def save(self, folder: str) -> str:
         os.makedirs(folder, exist_ok=True)
@@ -94,6 +139,12 @@ class Tokenizer:
         tmp = file + ".tmp"
         self._tok.save(tmp)
         os.replace(tmp, file)
+        if self.template is not None:  # the template and its tokens travel with the tokenizer
+            with open(os.path.join(folder, TEMPLATE_FILE) + ".tmp", "w", encoding="utf-8") as f:
+                f.write(self.template.text)
+            os.replace(os.path.join(folder, TEMPLATE_FILE) + ".tmp", os.path.join(folder, TEMPLATE_FILE))
+            write_json_atomic(os.path.join(folder, TOKENIZER_CONFIG_FILE), self.template.special_tokens)
+            write_json_atomic(os.path.join(folder, GENERATION_CONFIG_FILE), {"eos_token_id": self.stop_ids})
         return file
 
     # encoding -----------------------------------------------------------------------------
@@ -111,7 +162,7 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def special_ids(self) -> dict[str, int]:
-        return {"eos": self.eos_token_id, "pad": self.pad_token_id, "bos": self.eos_token_id}
+        return {"eos": self.eos_token_id, "pad": self.pad_token_id, "bos": self.bos_token_id}
 
     # chat template ------------------------------------------------------------------------
     def _expand_images(self, text: str, tokens_per_image: int) -> list[int]:
@@ -131,19 +182,22 @@ class Tokenizer:
         system: str = "",
         add_generation_prompt: bool = False,
     ) -> tuple[list[int], list[int]]:
-        """Token ids and labels of a conversation in the ChatML template.
+        """Token ids and labels of a conversation in the tokenizer's chat template.
 
         With add_generation_prompt the ids end with an open assistant header, ready for
         generation (pass the turns up to the user's last one).
         """
-        ids: list[int] = []
-        labels: list[int] = []
-        messages = ([("system", system)] if system else []) + list(turns)
-        for role, text in messages:
+        for role, text in turns:
             if role not in ROLES:
                 raise DataError("<conversation>", f"unknown role {role!r}; expected one of {ROLES}")
             if not isinstance(text, str):
                 raise DataError("<conversation>", f"{role} turn text must be a string, got {type(text).__name__}")
+        if self.template is not None:
+            return self._encode_templated(turns, tokens_per_image, system, add_generation_prompt)
+        ids: list[int] = []
+        labels: list[int] = []
+        messages = ([("system", system)] if system else []) + list(turns)
+        for role, text in messages:
             header = [self.im_start_id] + self.encode(role + "\n")
             body = self._expand_images(text, tokens_per_image) + [self.im_end_id]
             newline = self.encode("\n")
@@ -156,6 +210,45 @@ class Tokenizer:
             ids += [self.im_start_id] + self.encode("assistant\n")
             labels += [IGNORE_INDEX] * (len(ids) - len(labels))
         return ids, labels
+
+    def _encode_templated(self, turns, tokens_per_image: int, system: str, add_generation_prompt: bool):
+        template = self.template
+        if add_generation_prompt:
+            text, spans = template.render(turns, system, add_generation_prompt=True), []
+        else:
+            text, spans = template.assistant_spans(turns, system)
+        # transformers' processors add the tokenizer's special tokens unless the text already starts
+        # with bos; its tokenizers (text-only templates) never add them.
+        bos = template.special_tokens.get("bos_token")
+        add_special = template.parts and not (bos and text.startswith(bos))
+        encoding = self._tok.encode(text, add_special_tokens=add_special)
+        ids: list[int] = []
+        labels: list[int] = []
+        for token, (start, end) in zip(encoding.ids, encoding.offsets):
+            if token == self.image_token_id:
+                ids += [token] * tokens_per_image
+                labels += [IGNORE_INDEX] * tokens_per_image
+                continue
+            ids.append(token)
+            inside = end > start and any(start < e and end > s for s, e in spans)
+            labels.append(token if inside else IGNORE_INDEX)
+        return ids, labels
+
+
+def _stop_ids(folder: str) -> list[int]:
+    """generation_config.json's eos_token_id (an id or a list), what transformers' generate stops on."""
+    path = os.path.join(folder, GENERATION_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return []
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f).get("eos_token_id")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from None
+    values = value if isinstance(value, list) else [value]
+    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
 
 
 def training_corpus(paths: Sequence[str]) -> list[str]:

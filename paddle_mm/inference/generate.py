@@ -60,7 +60,7 @@ def generate_answers(
             paddle.to_tensor(batch["attention_mask"]),
             pixel_values,
             max_new_tokens=infer.max_new_tokens,
-            eos_token_id=tokenizer.im_end_id,
+            eos_token_id=tokenizer.stop_ids,
             do_sample=infer.do_sample,
             temperature=infer.temperature,
             top_p=infer.top_p,

@@ -13,7 +13,14 @@ import paddle.nn.functional as F
 from paddle_mm.lm.adapter import run_language_model
 
 
-def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id: int | None, do_sample: bool = False,
+def stop_set(eos_token_id) -> frozenset:
+    """The ids that end a row: one id, several (Llama-3 stops on two), or none."""
+    if eos_token_id is None:
+        return frozenset()
+    return frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+
+
+def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id, do_sample: bool = False,
            temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True,
            on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """Greedy or sampled decoding; returns the new ids of each row, cut at eos.
@@ -22,6 +29,7 @@ def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id: int | None, do_s
     it raises stops decoding and propagates.
     """
     embed_tokens = lm.get_input_embeddings()
+    stops = stop_set(eos_token_id)
     b = embeds.shape[0]
     done = [False] * b
     out: list[list[int]] = [[] for _ in range(b)]
@@ -35,7 +43,7 @@ def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id: int | None, do_s
         next_ids = pick(logits[:, -1].astype("float32"), do_sample, temperature, top_p)
         for i, t in enumerate(next_ids.tolist()):
             if not done[i]:
-                done[i] = t == eos_token_id
+                done[i] = t in stops
                 if not done[i]:
                     out[i].append(t)
                     if on_token is not None:
@@ -64,12 +72,13 @@ def pick(logits, do_sample: bool, temperature: float, top_p: float):
     return paddle.multinomial(probs, num_samples=1).squeeze(-1)
 
 
-def beam_search(lm, embeds, mask, max_new_tokens: int, eos_token_id: int | None, num_beams: int,
+def beam_search(lm, embeds, mask, max_new_tokens: int, eos_token_id, num_beams: int,
                 length_penalty: float = 1.0) -> list[list[int]]:
     """Beam search per row; returns the best finished hypothesis of each row.
 
     Scores are summed log-probabilities divided by length**length_penalty, as in HF.
     """
+    stops = stop_set(eos_token_id)
     b = embeds.shape[0]
     k = num_beams
     embed_tokens = lm.get_input_embeddings()
@@ -91,10 +100,10 @@ def beam_search(lm, embeds, mask, max_new_tokens: int, eos_token_id: int | None,
             for s, idx in zip(top_scores[row].tolist(), top_idx[row].tolist()):
                 src = row * k + idx // v
                 token = idx % v
-                if token == eos_token_id or step == max_new_tokens - 1:
-                    seq = seqs[src] + ([] if token == eos_token_id else [token])
+                if token in stops or step == max_new_tokens - 1:
+                    seq = seqs[src] + ([] if token in stops else [token])
                     finished[row].append((s / max(len(seq), 1) ** length_penalty, seq))
-                    if token == eos_token_id:
+                    if token in stops:
                         continue
                 if kept < k:
                     new_scores.append(s)

@@ -93,7 +93,7 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     # The run folder, and where an earlier attempt of this run stopped.
     run_dir = cfg.output_dir
     if rank == 0:
-        run_folder.write_run_files(run_dir, recipe, model_cfg, tokenizer, objective.text_vocab(model))
+        run_folder.write_run_files(run_dir, builder.with_image_settings(recipe), model_cfg, tokenizer, objective.text_vocab(model))
         checkpoints.clean_leftovers(run_dir)
     state, ckpt = checkpoints.load_latest(run_dir, model, optimizer)
     state = state or {"step": 0, "epoch": 0, "cursor": 0}

@@ -77,8 +77,8 @@ CLIP_MODEL_EXTRAS = Table("clip-model", (), ignore=(
 ))
 
 # The prefixes a CLIP vision tower is found under: a CLIPModel / CLIPVisionModel folder, and
-# a vision tower saved out of a LLaVA model (legacy and transformers 4.57 layouts).
-LAYOUTS = ("vision_model.", "vision_tower.vision_model.", "model.vision_tower.vision_model.")
+# a vision tower saved out of a LLaVA model (legacy, transformers 4.57 and 5.x layouts).
+LAYOUTS = ("vision_model.", "vision_tower.vision_model.", "model.vision_tower.vision_model.", "vision_tower.")
 
 _ACTIVATIONS = ("quick_gelu", "gelu")
 

@@ -73,8 +73,18 @@ _UNSUPPORTED = {"rope_scaling": (None,), "attention_bias": (False,), "mlp_bias":
                 "use_sliding_window": (False,)}
 
 
+def _rope_theta(raw: dict, source: str) -> float:
+    """rope_theta of a 4.x config, or of transformers 5.x's rope_parameters (only the default rope)."""
+    params = raw.get("rope_parameters")
+    if params is None:
+        return float(raw.get("rope_theta", 10000.0))
+    if not isinstance(params, dict) or params.get("rope_type", "default") != "default":
+        raise CheckpointError(f"{source}: rope_parameters={params!r} is not supported (only rope_type 'default')")
+    return float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+
+
 def lm_config_from_hf(raw: dict, path: str, source: str) -> LMConfig:
-    """A Hugging Face Qwen2/Llama/Qwen3 config dict as our LMConfig."""
+    """A Hugging Face Qwen2/Llama/Qwen3 config dict (transformers 4.x or 5.x) as our LMConfig."""
     family = raw.get("model_type", "")
     if family not in DECODERS:  # the families lm/adapter.py builds, each with its name table here
         raise CheckpointError(f"{source}: model_type {family!r} is not one of {sorted(DECODERS)}")
@@ -100,7 +110,7 @@ def lm_config_from_hf(raw: dict, path: str, source: str) -> LMConfig:
         num_heads=heads,
         num_kv_heads=raw.get("num_key_value_heads") or heads,
         max_position_embeddings=raw.get("max_position_embeddings", 2048),
-        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        rope_theta=_rope_theta(raw, source),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
     )
