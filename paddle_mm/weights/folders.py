@@ -1,8 +1,8 @@
 """The folders `paddle-mm convert` and `export` write, shared by convert.py and paddlemix.py.
 
 A new folder is written beside its final name and renamed into place when complete; a
-converted whole model (LLaVA, BLIP-2) also gets recipe.yaml and tokenizer.json, so it is a
-run folder (paddle_mm/run_folder.py); export folds LoRA matrices into their base weights.
+converted whole model (LLaVA, BLIP-2) also gets recipe.yaml (with the source's image processor
+settings) and tokenizer.json (with its chat template), so it is a run folder (paddle_mm/run_folder.py); export folds LoRA matrices into their base weights.
 Only the commands import this module, so it may import run_folder (which reaches builder).
 """
 from __future__ import annotations
@@ -49,10 +49,15 @@ def make_run_folder(folder: str, config: dict, src: str) -> None:
     from paddle_mm.data.tokenizer import Tokenizer
     from paddle_mm.recipe import from_dict, save_recipe
 
+    from paddle_mm.data.image import image_config_from_folder
+
     recipe = Recipe(model=from_dict(ModelConfig, config, source="converted config"))
     recipe.train.output_dir = folder
+    # The source's image settings, written out: the converted folder must not need the source.
+    recipe.data.image = image_config_from_folder(src) or recipe.data.image
+    recipe.data.image_from_checkpoint = False
     save_recipe(recipe, os.path.join(folder, RECIPE_FILE))
-    if os.path.isfile(os.path.join(src, TOKENIZER_FILE)):  # the source's own tokenizer, if it has one
+    if os.path.isfile(os.path.join(src, TOKENIZER_FILE)):  # the source's own tokenizer (and chat template)
         Tokenizer.load(src).save(folder)
 
 

@@ -98,6 +98,29 @@ def test_paddle_mm_infer_on_the_folder_answers_what_transformers_generates(name,
     assert out.getvalue().strip().splitlines()[-1] == expected
 
 
+@pytest.mark.parametrize("name", LLAVAS)
+def test_converted_folder_keeps_the_template_and_the_image_settings(name, tmp_path):
+    import paddle
+
+    from paddle_mm.builder import image_processor_for
+    from paddle_mm.run_folder import load_run
+    from paddle_mm.weights.convert import convert
+
+    folder = _folder(name, "hf5")
+    ref, meta = _reference(folder)
+    converted = convert(folder, str(tmp_path / "pm"), "llava")
+    recipe, _, tokenizer, model = load_run(converted)
+    turns = [("user", recipe.infer.vqa_prompt.format(question=meta["question"]))]
+    ids, _ = tokenizer.encode_chat(turns, model.tokens_per_image, add_generation_prompt=True)
+    assert ids == ref["wide.input_ids"].tolist()
+    pixels = image_processor_for(recipe)([_image("wide")])
+    assert np.abs(pixels[0] - ref["wide.pixel_values"]).max() <= 1e-5
+    input_ids = paddle.to_tensor([ids])
+    greedy = model.generate(input_ids, paddle.ones_like(input_ids), paddle.to_tensor(pixels), max_new_tokens=16,
+                            eos_token_id=tokenizer.stop_ids)[0]
+    assert greedy == _without_stop(ref["wide.greedy"], tokenizer.stop_ids)
+
+
 @pytest.mark.parametrize("tag", TAGS)
 @pytest.mark.parametrize("name", LLAVAS)
 def test_conversation_labels_are_transformers_assistant_mask(name, tag):
