@@ -4,7 +4,9 @@ Two on-disk layouts exist: the one transformers 4.57 holds in memory
 (model.vision_tower.*, model.multi_modal_projector.*, model.language_model.*, lm_head.*)
 and the older one most published checkpoints, and transformers' own save_pretrained, use
 (vision_tower.*, multi_modal_projector.*, language_model.model.*, language_model.lm_head.*).
-Both are written out below as prefixes over the CLIP and LM tables. Also here: the transformers
+Both are written out below as prefixes over the CLIP and LM tables. transformers 5.x saves the
+legacy names except for the vision tower, whose "vision_model." it drops (vision_tower.*).
+Also here: the transformers
 LlavaConfig of a model built here (what export writes) and the llava record of `paddle-mm convert`.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ LAYOUTS = {
     "transformers-4.57": ("model.vision_tower.vision_model.", "model.multi_modal_projector.",
                           "model.language_model.", ""),
     "legacy": ("vision_tower.vision_model.", "multi_modal_projector.", "language_model.model.", "language_model."),
+    "transformers-5": ("vision_tower.", "multi_modal_projector.", "language_model.model.", "language_model."),
 }
 
 
@@ -42,11 +45,12 @@ def llava_table(layout: str, family: str, tie_word_embeddings: bool) -> Table:
 
 
 def layout_of(names, source: str) -> str:
-    for layout, (_, _, decoder, _) in LAYOUTS.items():
-        if any(n.startswith(decoder + "layers.") for n in names):
+    for layout, (vision, _, decoder, _) in LAYOUTS.items():  # legacy and 5.x differ in the tower's prefix
+        if any(n.startswith(decoder + "layers.") for n in names) and any(
+                n.startswith(vision + "encoder.layers.") for n in names):
             return layout
-    raise CheckpointError(f"{source}: not a LLaVA checkpoint (no language model under "
-                          f"{' or '.join(p[2] for p in LAYOUTS.values())})")
+    raise CheckpointError(f"{source}: not a LLaVA checkpoint (no language model and vision tower under "
+                          f"{' or '.join(p[2] + ' and ' + p[0] for p in LAYOUTS.values())})")
 
 
 def llava_model_config(folder: str, base: ModelConfig | None = None) -> ModelConfig:
