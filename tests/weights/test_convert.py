@@ -20,7 +20,9 @@ from paddle_mm.weights.llava import llava_model_config, load_llava
 from paddle_mm.weights.tensor_files import save_tensors
 
 FIXTURES = [("clip", "clip"), ("qwen2", "qwen2"), ("qwen2", "qwen2/bf16"), ("llama", "llama"), ("llava", "llava"),
-            ("blip2", "blip2/hf"), ("blip2", "blip2/hf_bf16")]
+            ("blip2", "blip2/hf"), ("blip2", "blip2/hf_bf16"),
+            ("siglip", "siglip/hf457"), ("siglip", "siglip/hf5"), ("siglip", "siglip_model/hf457"),
+            ("siglip", "siglip_model/hf5"), ("llava", "llava_siglip/hf457"), ("llava", "llava_siglip/hf5")]
 
 
 def assert_same_tensors(a: str, b: str) -> None:
