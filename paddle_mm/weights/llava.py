@@ -112,6 +112,8 @@ def hf_llava_config(cfg: ModelConfig, source: str) -> dict:
         (v.post_norm, "vision.post_norm (LLaVA does not normalize the selected features)"),
         (v.class_token and not v.pre_norm, "vision.pre_norm false"),
         (v.class_token and v.patch_bias, "vision.patch_bias (CLIP's patch embedding has none)"),
+        (v.class_token and v.hidden_act == "gelu_tanh", "vision hidden_act gelu_tanh with a class token (CLIP's "
+                                                        "is quick_gelu or gelu)"),
         (lm.family not in ("llama", "qwen2"), f"LM family {lm.family!r}"),
     ))
     return {

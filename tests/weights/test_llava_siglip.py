@@ -136,3 +136,14 @@ def test_a_vision_tower_without_a_table_is_refused(tmp_path):
     edit_config(folder, lambda raw: raw["vision_config"].update(model_type="dinov2"))
     with pytest.raises(CheckpointError, match="config.json: vision tower 'dinov2' is not one of"):
         llava_model_config(folder)
+
+
+def test_towers_llava_cannot_express_are_not_exported(tmp_path):
+    from paddle_mm.weights.llava import hf_llava_config
+
+    cfg = llava_model_config(folder_of("llava_siglip/hf5"))
+    with pytest.raises(CheckpointError, match=r"SigLIP vision tower: vision.pre_norm \(SigLIP has none\)"):
+        hf_llava_config(replace(cfg, vision=replace(cfg.vision, pre_norm=True)), "run")
+    clip_like = replace(cfg.vision, class_token=True, pre_norm=True)
+    with pytest.raises(CheckpointError, match="LLaVA: vision.patch_bias .*; vision hidden_act gelu_tanh"):
+        hf_llava_config(replace(cfg, vision=clip_like), "run")
