@@ -16,10 +16,14 @@ from paddle_mm.errors import RecipeError
 
 @dataclass
 class VisionConfig:
-    """ViT image encoder; field names follow CLIPVisionConfig so CLIP weights map 1:1."""
+    """ViT image encoder; field names follow CLIPVisionConfig so CLIP weights map 1:1.
 
-    # A local CLIP folder (Hugging Face layout): its config.json sets the architecture fields
-    # below and its weights are loaded; the feature selection fields stay the recipe's.
+    The same network is SigLIP's tower with class_token, pre_norm off, patch_bias on and
+    hidden_act gelu_tanh (weights/siglip.py), and BLIP-2's EVA ViT with its own switches.
+    """
+
+    # A local CLIP or SigLIP folder (Hugging Face layout): its config.json sets the architecture
+    # fields below and its weights are loaded; the feature selection fields stay the recipe's.
     path: str = ""
     image_size: int = 224
     patch_size: int = 14
@@ -29,11 +33,17 @@ class VisionConfig:
     num_layers: int = 12
     num_heads: int = 12
     layer_norm_eps: float = 1e-5
-    hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    # quick_gelu: CLIP's x * sigmoid(1.702 x); gelu: exact (erf); gelu_tanh: the tanh approximation
+    # (SigLIP's "gelu_pytorch_tanh")
+    hidden_act: Literal["quick_gelu", "gelu", "gelu_tanh"] = "quick_gelu"
     pre_norm: bool = True  # CLIP normalizes the embeddings before the first block
+    class_token: bool = True  # a learned class token before the patches (CLIP, EVA); SigLIP has none
     # Index into [embeddings, block 1, ..., block N]; LLaVA-1.5 reads -2 (the penultimate block).
     feature_layer: int = -2
-    drop_cls_token: bool = True  # LLaVA's "default" strategy; False keeps the class token
+    # LLaVA's "default" strategy: drop the first position, the class token; False ("full") keeps
+    # every position. Without a class token (SigLIP) the first patch is dropped, as transformers'
+    # LLaVA does: a SigLIP tower wants False.
+    drop_cls_token: bool = True
     post_norm: bool = False  # apply the final LayerNorm to the selected features (BLIP-2 does)
     patch_bias: bool = False  # a bias on the patch embedding: CLIP has none, BLIP-2's EVA ViT has one
 
@@ -50,6 +60,11 @@ class VisionConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_features(self) -> int:
+        """Feature vectors per image: the patches, the class token if any, less a dropped first position."""
+        return self.num_patches + int(self.class_token) - int(self.drop_cls_token)
 
 
 @dataclass
@@ -151,16 +166,19 @@ class ModelConfig:
         grid = self.vision.image_size // self.vision.patch_size
         if grid % self.projector.pool:
             raise RecipeError(f"projector.pool {self.projector.pool} does not divide the {grid}x{grid} patch grid")
-        if self.projector.pool > 1 and not self.vision.drop_cls_token:
-            raise RecipeError("projector.pool > 1 needs vision.drop_cls_token: the class token is not on the grid")
+        if self.projector.pool > 1 and self.vision.num_features != self.vision.num_patches:
+            if self.vision.class_token:
+                raise RecipeError("projector.pool > 1 needs vision.drop_cls_token: the class token is not on the grid")
+            raise RecipeError("projector.pool > 1 needs vision.drop_cls_token false for a tower without a class "
+                              "token: dropping the first patch leaves no grid")
 
     @property
     def tokens_per_image(self) -> int:
         """How many LM positions one <image> placeholder expands to."""
         if self.projector.type == "qformer":
             return self.projector.qformer.num_queries
-        if not self.vision.drop_cls_token:  # LLaVA's "full" strategy keeps the class token
-            return self.vision.num_patches + 1
+        if self.vision.num_features != self.vision.num_patches:  # not the grid: no pooling (validate)
+            return self.vision.num_features
         return self.vision.num_patches // (self.projector.pool**2)
 
 

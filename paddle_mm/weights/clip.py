@@ -14,8 +14,21 @@ from paddle_mm.errors import CheckpointError
 from paddle_mm.weights.hf import read_config, read_tensors, tensor_index
 from paddle_mm.weights.mapping import Family, Rule, Table, load_mapped
 
-# The encoder-layer norms and MLP and the final norm, named alike by transformers' CLIP and
-# BLIP-2 vision models (relative to their "vision_model.").
+# The encoder-layer attention, named alike by transformers' CLIP and SigLIP vision models
+# (relative to their "vision_model."); BLIP-2's fuses q, k and v.
+HF_VIT_ATTENTION = (
+    Rule("encoder.layers.{i}.self_attn.q_proj.weight", "blocks.{i}.attn.q_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.q_proj.bias", "blocks.{i}.attn.q_proj.bias"),
+    Rule("encoder.layers.{i}.self_attn.k_proj.weight", "blocks.{i}.attn.k_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.k_proj.bias", "blocks.{i}.attn.k_proj.bias"),
+    Rule("encoder.layers.{i}.self_attn.v_proj.weight", "blocks.{i}.attn.v_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.v_proj.bias", "blocks.{i}.attn.v_proj.bias"),
+    Rule("encoder.layers.{i}.self_attn.out_proj.weight", "blocks.{i}.attn.out_proj.weight", transpose=True),
+    Rule("encoder.layers.{i}.self_attn.out_proj.bias", "blocks.{i}.attn.out_proj.bias"),
+)
+
+# The encoder-layer norms and MLP and the final norm, named alike by transformers' CLIP, SigLIP
+# and BLIP-2 vision models (relative to their "vision_model.").
 HF_VIT_NORMS_AND_MLP = (
     Rule("encoder.layers.{i}.layer_norm1.weight", "blocks.{i}.norm1.weight"),
     Rule("encoder.layers.{i}.layer_norm1.bias", "blocks.{i}.norm1.bias"),
@@ -36,15 +49,7 @@ CLIP_VISION = Table("clip-vision", (
     Rule("embeddings.position_embedding.weight", "position_embedding"),
     Rule("pre_layrnorm.weight", "pre_norm.weight"),  # sic: HF spells it "layrnorm"
     Rule("pre_layrnorm.bias", "pre_norm.bias"),
-    Rule("encoder.layers.{i}.self_attn.q_proj.weight", "blocks.{i}.attn.q_proj.weight", transpose=True),
-    Rule("encoder.layers.{i}.self_attn.q_proj.bias", "blocks.{i}.attn.q_proj.bias"),
-    Rule("encoder.layers.{i}.self_attn.k_proj.weight", "blocks.{i}.attn.k_proj.weight", transpose=True),
-    Rule("encoder.layers.{i}.self_attn.k_proj.bias", "blocks.{i}.attn.k_proj.bias"),
-    Rule("encoder.layers.{i}.self_attn.v_proj.weight", "blocks.{i}.attn.v_proj.weight", transpose=True),
-    Rule("encoder.layers.{i}.self_attn.v_proj.bias", "blocks.{i}.attn.v_proj.bias"),
-    Rule("encoder.layers.{i}.self_attn.out_proj.weight", "blocks.{i}.attn.out_proj.weight", transpose=True),
-    Rule("encoder.layers.{i}.self_attn.out_proj.bias", "blocks.{i}.attn.out_proj.bias"),
-) + HF_VIT_NORMS_AND_MLP, ignore=(
+) + HF_VIT_ATTENTION + HF_VIT_NORMS_AND_MLP, ignore=(
     "embeddings.position_ids",  # a buffer of 0..P that older checkpoints saved; recomputed here
 ))
 
@@ -95,7 +100,7 @@ def vision_config_from_hf(raw: dict, source: str, base: VisionConfig | None = No
             num_channels=int(raw.get("num_channels", 3)), hidden_size=int(raw["hidden_size"]),
             intermediate_size=int(raw["intermediate_size"]), num_layers=int(raw["num_hidden_layers"]),
             num_heads=int(raw["num_attention_heads"]), layer_norm_eps=float(raw.get("layer_norm_eps", 1e-5)),
-            hidden_act=act, pre_norm=True,
+            hidden_act=act, pre_norm=True, class_token=True, patch_bias=False,
         )
     except KeyError as e:
         raise CheckpointError(f"{source}: vision config lacks {e.args[0]!r}") from e

@@ -8,9 +8,10 @@ from paddle_mm.weights.clip import CLIP
 from paddle_mm.weights.llava import LLAVA
 from paddle_mm.weights.llm import LLAMA, QWEN2
 from paddle_mm.weights.mapping import Family
+from paddle_mm.weights.siglip import SIGLIP
 
 # In the order messages (and the CLI's choices) list them.
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAVA, CLIP, QWEN2, LLAMA, BLIP2)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAVA, CLIP, SIGLIP, QWEN2, LLAMA, BLIP2)}
 
 
 def family(name: str) -> Family:

@@ -6,8 +6,10 @@ the older one most published checkpoints, and 4.57's own save_pretrained, use
 (vision_tower.vision_model.*, multi_modal_projector.*, language_model.model.*,
 language_model.lm_head.*); and what transformers 5.x save_pretrained writes, the legacy names
 with the vision tower's own "vision_model." level gone (vision_tower.encoder.*).
-All are written out below as prefixes over the CLIP and LM tables. Also here: the transformers
-LlavaConfig of a model built here (what export writes) and the llava record of `paddle-mm convert`.
+All are written out below as prefixes over the vision and LM tables.
+The vision tower is CLIP's (LLaVA-1.5) or SigLIP's (LLaVA-OneVision-style configs), as
+vision_config.model_type says. Also here: the transformers LlavaConfig of a model built here
+(what export writes) and the llava record of `paddle-mm convert`.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import asdict, replace
 
 from paddle_mm.config import ModelConfig, ProjectorConfig
 from paddle_mm.errors import CheckpointError
+from paddle_mm.weights import siglip
 from paddle_mm.weights.clip import CLIP_VISION, vision_config_from_hf
 from paddle_mm.weights.hf import read_config, read_tensors, tensor_index
 from paddle_mm.weights.llm import LM_HEAD, TIED_LM_HEAD, decoder_table, hf_text_config, nested_lm_config
@@ -35,21 +38,36 @@ LAYOUTS = {
     "transformers-5": ("vision_tower.", "multi_modal_projector.", "language_model.model.", "language_model."),
 }
 
+# vision_config.model_type -> (the tower's table, its config reader)
+VISION_TOWERS = {
+    "clip_vision_model": (CLIP_VISION, vision_config_from_hf),
+    siglip.VISION_MODEL_TYPE: (siglip.SIGLIP_VISION, siglip.vision_config_from_hf),
+}
 
-def llava_table(layout: str, family: str, tie_word_embeddings: bool) -> Table:
+
+def vision_tower_type(raw: dict, source: str) -> str:
+    """The vision_config.model_type of a LLaVA config.json dict, refused unless a table exists for it."""
+    kind = (raw.get("vision_config") or {}).get("model_type", "clip_vision_model")
+    if kind not in VISION_TOWERS:
+        raise CheckpointError(f"{source}: vision tower {kind!r} is not one of {tuple(VISION_TOWERS)}")
+    return kind
+
+
+def llava_table(layout: str, family: str, tie_word_embeddings: bool, vision_type: str = "clip_vision_model") -> Table:
     vision, projector, decoder, head = LAYOUTS[layout]
-    return (CLIP_VISION.prefixed(vision, "vision_tower.")
+    return (VISION_TOWERS[vision_type][0].prefixed(vision, "vision_tower.")
             + PROJECTOR.prefixed(projector, "multi_modal_projector.")
             + decoder_table(family).prefixed(decoder, "language_model.model.")
             + (TIED_LM_HEAD if tie_word_embeddings else LM_HEAD).prefixed(head, "language_model."))
 
 
 def layout_of(names, source: str) -> str:
-    for layout, (vision, _, decoder, _) in LAYOUTS.items():
-        if any(n.startswith(decoder + "layers.") for n in names) and any(n.startswith(vision + "encoder.") for n in names):
+    for layout, (vision, _, decoder, _) in LAYOUTS.items():  # legacy and 5.x differ in the tower's prefix
+        if any(n.startswith(decoder + "layers.") for n in names) and any(
+                n.startswith(vision + "encoder.layers.") for n in names):
             return layout
-    raise CheckpointError(f"{source}: not a LLaVA checkpoint (no language model under "
-                          f"{' or '.join(p[2] for p in LAYOUTS.values())})")
+    raise CheckpointError(f"{source}: not a LLaVA checkpoint (no language model and vision tower under "
+                          f"{' or '.join(p[2] + ' and ' + p[0] for p in LAYOUTS.values())})")
 
 
 def llava_model_config(folder: str, base: ModelConfig | None = None) -> ModelConfig:
@@ -67,10 +85,8 @@ def llava_model_config(folder: str, base: ModelConfig | None = None) -> ModelCon
         raise CheckpointError(f"{source}: vision_feature_select_strategy {strategy!r} is not 'default' or 'full'")
     if raw.get("projector_hidden_act", "gelu") != "gelu" or not raw.get("multimodal_projector_bias", True):
         raise CheckpointError(f"{source}: only the gelu projector with biases (LLaVA-1.5's) is supported")
-    vision_raw = raw.get("vision_config") or {}
-    if vision_raw.get("model_type", "clip_vision_model") != "clip_vision_model":
-        raise CheckpointError(f"{source}: vision tower {vision_raw.get('model_type')!r} is not a CLIP vision model")
-    vision = vision_config_from_hf(vision_raw, source, base.vision)
+    read_vision = VISION_TOWERS[vision_tower_type(raw, source)][1]
+    vision = read_vision(raw.get("vision_config") or {}, source, base.vision)
     vision = replace(vision, path="", feature_layer=layer, drop_cls_token=strategy == "default", post_norm=False)
     lm = nested_lm_config(raw.get("text_config") or {}, source)
     lm = replace(lm, attn_implementation=base.lm.attn_implementation)
@@ -82,7 +98,8 @@ def load_llava(model, folder: str, strict: bool = True) -> list[str]:
     """Load a LLaVA folder (either layout) into a VisionLanguageModel built from its config."""
     tensors = read_tensors(folder)
     lm = model.config.lm
-    table = llava_table(layout_of(tensors, folder), lm.family, lm.tie_word_embeddings)
+    vision_type = "clip_vision_model" if model.config.vision.class_token else siglip.VISION_MODEL_TYPE
+    table = llava_table(layout_of(tensors, folder), lm.family, lm.tie_word_embeddings, vision_type)
     where = {k: path for k, (path, _) in tensor_index(folder).items()}
     return load_mapped(model, tensors, table, folder, where, strict)
 
@@ -94,7 +111,10 @@ def hf_llava_config(cfg: ModelConfig, source: str) -> dict:
         (cfg.projector.type != "mlp2x_gelu", f"projector {cfg.projector.type!r} (LLaVA has mlp2x_gelu)"),
         (cfg.projector.pool != 1, "projector.pool > 1"),
         (v.post_norm, "vision.post_norm (LLaVA does not normalize the selected features)"),
-        (not v.pre_norm, "vision.pre_norm false"),
+        (v.class_token and not v.pre_norm, "vision.pre_norm false"),
+        (v.class_token and v.patch_bias, "vision.patch_bias (CLIP's patch embedding has none)"),
+        (v.class_token and v.hidden_act == "gelu_tanh", "vision hidden_act gelu_tanh with a class token (CLIP's "
+                                                        "is quick_gelu or gelu)"),
         (lm.family not in ("llama", "qwen2"), f"LM family {lm.family!r}"),
     ))
     return {
@@ -104,7 +124,7 @@ def hf_llava_config(cfg: ModelConfig, source: str) -> dict:
         "vision_feature_select_strategy": "default" if v.drop_cls_token else "full",
         "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
         "tie_word_embeddings": lm.tie_word_embeddings,
-        "vision_config": {
+        "vision_config": siglip.hf_vision_config(v, source) if not v.class_token else {
             "model_type": "clip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
             "num_channels": v.num_channels, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
             "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "layer_norm_eps": v.layer_norm_eps,
@@ -117,7 +137,8 @@ def hf_llava_config(cfg: ModelConfig, source: str) -> dict:
 # ---- the convert record ------------------------------------------------------------------------
 def _convert_table(raw: dict, layout: str, source: str) -> Table:
     text = raw.get("text_config") or {}
-    return llava_table(layout, text.get("model_type", "llama"), bool(text.get("tie_word_embeddings", False)))
+    return llava_table(layout, text.get("model_type", "llama"), bool(text.get("tie_word_embeddings", False)),
+                       vision_tower_type(raw, source))
 
 
 def _convert_config(src: str) -> dict:

@@ -1,5 +1,6 @@
-"""The checkpoint folders a recipe names: model.path (a whole LLaVA), model.vision.path (CLIP),
-model.lm.path (Qwen2 / Llama, weights/llm.py). Configs first, weights after building."""
+"""The checkpoint folders a recipe names: model.path (a whole LLaVA), model.vision.path (CLIP or
+SigLIP, told apart by config.json), model.lm.path (Qwen2 / Llama, weights/llm.py). Configs first,
+weights after building."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -7,6 +8,16 @@ from dataclasses import replace
 from paddle_mm.config import ModelConfig
 from paddle_mm.errors import RecipeError
 from paddle_mm.weights.llm import load_lm_folder, resolved_lm_config
+
+
+def _vision_readers(folder: str):
+    """(config reader, weight loader) of a vision folder: SigLIP's if its config.json describes a
+    SigLIP tower, else CLIP's (whose config reader refuses what is neither)."""
+    from paddle_mm.weights import clip, siglip
+
+    if siglip.is_siglip_folder(folder):
+        return siglip.vision_config_from_folder, siglip.load_siglip_vision
+    return clip.vision_config_from_folder, clip.load_clip_vision
 
 
 def resolved_model_config(cfg: ModelConfig) -> ModelConfig:
@@ -20,14 +31,12 @@ def resolved_model_config(cfg: ModelConfig) -> ModelConfig:
         return llava_model_config(cfg.path, cfg)
     vision = cfg.vision
     if vision.path:
-        from paddle_mm.weights.clip import vision_config_from_folder
-
-        vision = replace(vision_config_from_folder(vision.path, vision), path=vision.path)
+        vision = replace(_vision_readers(vision.path)[0](vision.path, vision), path=vision.path)
     return replace(cfg, vision=vision, lm=resolved_lm_config(cfg.lm))
 
 
 def load_pretrained_parts(model, cfg: ModelConfig) -> None:
-    """Load the LLaVA, CLIP and LM weights the config names into a model built from it.
+    """Load the LLaVA, CLIP or SigLIP and LM weights the config names into a model built from it.
 
     The model was built from resolved_model_config's fields; loading draws no random numbers,
     so every part not loaded has the same initial weights as in a model built without folders.
@@ -40,6 +49,4 @@ def load_pretrained_parts(model, cfg: ModelConfig) -> None:
 
         load_llava(model, cfg.path)
     elif cfg.vision.path:
-        from paddle_mm.weights.clip import load_clip_vision
-
-        load_clip_vision(model.vision_tower, cfg.vision.path)
+        _vision_readers(cfg.vision.path)[1](model.vision_tower, cfg.vision.path)

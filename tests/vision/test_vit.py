@@ -199,3 +199,72 @@ def test_quick_gelu_matches_numpy():
     out = QuickGELU()(paddle.to_tensor(x)).numpy()
     np.testing.assert_allclose(out, x / (1 + np.exp(-1.702 * x)), atol=1e-6, rtol=1e-5)
     assert abs(float(out[50])) < 1e-7  # x = 0
+
+
+# SigLIP's switches: no class token, a patch bias, the tanh gelu, no pre-norm ---------------
+
+def siglip_vit(seed: int = 0, **overrides) -> VisionTransformer:
+    return make_vit(seed, class_token=False, patch_bias=True, pre_norm=False, hidden_act="gelu_tanh", **overrides)
+
+
+def test_without_class_token_there_is_one_position_per_patch():
+    model = siglip_vit(drop_cls_token=False)
+    names = set(model.state_dict())
+    assert "class_embedding" not in names and "pre_norm.weight" not in names and "patch_embedding.bias" in names
+    assert model.position_embedding.shape == [16, 32]  # a 4 x 4 grid, no class row
+    x = pixels(2, 16)
+    with paddle.no_grad():
+        emb = model.embed(x).numpy()
+        patches = model.patch_embedding(x).numpy()  # [B, D, 4, 4], bias included
+        features = model(x).numpy()
+    pos = model.position_embedding.numpy()
+    assert emb.shape == (2, 16, 32) and features.shape == (2, 16, 32)
+    # patch (row 1, col 2) is patch index 6 and position row 6: nothing comes before the patches
+    np.testing.assert_allclose(emb[:, 6], patches[:, :, 1, 2] + pos[6], atol=1e-5)
+
+
+def test_without_class_token_drop_cls_token_drops_the_first_patch():
+    """transformers' LLaVA "default" strategy removes the first position whatever the tower is."""
+    x = pixels()
+    with paddle.no_grad():
+        kept = siglip_vit(drop_cls_token=False)(x).numpy()
+        dropped = siglip_vit(drop_cls_token=True)(x).numpy()
+    assert dropped.shape == (2, 15, 32)
+    np.testing.assert_array_equal(dropped, kept[:, 1:])
+
+
+def test_without_class_token_the_whole_table_is_interpolated():
+    model = siglip_vit(image_size=32, patch_size=4)  # trained for an 8x8 grid
+    const = np.tile(np.arange(32, dtype="float32"), (64, 1))
+    model.position_embedding.set_value(const)
+    with paddle.no_grad():
+        assert model.embed(pixels(1, 48)).shape == [1, 144, 32]
+        table = model.position_embeddings_for(12, 10).numpy()
+        np.testing.assert_array_equal(model.position_embeddings_for(8, 8).numpy(), const)
+    assert table.shape == (120, 32)
+    np.testing.assert_allclose(table, np.tile(const[0], (120, 1)), atol=1e-4)
+
+
+def test_gelu_tanh_is_the_tanh_approximation():
+    model = siglip_vit()
+    x = np.linspace(-6, 6, 101).astype("float32")
+    out = model.blocks[0].mlp.act(paddle.to_tensor(x)).numpy()
+    expected = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    np.testing.assert_allclose(out, expected, atol=1e-6, rtol=1e-5)
+    exact = make_vit(hidden_act="gelu").blocks[0].mlp.act(paddle.to_tensor(x)).numpy()
+    assert 1e-4 < np.abs(out - exact).max() < 1e-2  # close to the exact gelu, not equal
+
+
+def test_tokens_per_image_counts_the_first_patch_dropped():
+    from paddle_mm.config import ModelConfig, ProjectorConfig
+    from paddle_mm.errors import RecipeError
+
+    siglip = dict(class_token=False, image_size=16, patch_size=4)
+    assert ModelConfig(vision=VisionConfig(**siglip, drop_cls_token=False)).tokens_per_image == 16
+    assert ModelConfig(vision=VisionConfig(**siglip, drop_cls_token=True)).tokens_per_image == 15
+    assert ModelConfig(vision=VisionConfig(image_size=16, patch_size=4, drop_cls_token=False)).tokens_per_image == 17
+    pooled = ModelConfig(vision=VisionConfig(**siglip, drop_cls_token=False), projector=ProjectorConfig(pool=2))
+    pooled.validate()
+    assert pooled.tokens_per_image == 4
+    with pytest.raises(RecipeError, match="drop_cls_token false for a tower without a class token"):
+        ModelConfig(vision=VisionConfig(**siglip, drop_cls_token=True), projector=ProjectorConfig(pool=2)).validate()

@@ -23,7 +23,9 @@ FIXTURES = [("clip", "clip"), ("qwen2", "qwen2"), ("qwen2", "qwen2/bf16"), ("lla
             ("blip2", "blip2/hf"), ("blip2", "blip2/hf_bf16"),
             # folders as transformers 4.57 and 5.x save_pretrained wrote them (tools/make_pipeline_fixtures.py)
             ("llava", "pipeline/llava_llama/hf457"), ("llava", "pipeline/llava_llama/hf5"),
-            ("llava", "pipeline/llava_qwen2/hf5"), ("qwen2", "pipeline/qwen2/hf5"), ("llama", "pipeline/llama/hf5")]
+            ("llava", "pipeline/llava_qwen2/hf5"), ("qwen2", "pipeline/qwen2/hf5"), ("llama", "pipeline/llama/hf5"),
+            ("siglip", "siglip/hf457"), ("siglip", "siglip/hf5"), ("siglip", "siglip_model/hf457"),
+            ("siglip", "siglip_model/hf5"), ("llava", "llava_siglip/hf457"), ("llava", "llava_siglip/hf5")]
 
 
 def assert_same_tensors(a: str, b: str) -> None:
