@@ -20,7 +20,7 @@ from paddle_mm.weights.llava import llava_model_config, load_llava
 from paddle_mm.weights.tensor_files import save_tensors
 
 FIXTURES = [("clip", "clip"), ("qwen2", "qwen2"), ("qwen2", "qwen2/bf16"), ("llama", "llama"), ("llava", "llava"),
-            ("blip2", "blip2/hf"), ("blip2", "blip2/hf_bf16")]
+            ("blip2", "blip2/hf"), ("blip2", "blip2/hf_bf16"), ("blip2", "blip2_opt/hf457"), ("blip2", "blip2_opt/hf5")]
 
 
 def assert_same_tensors(a: str, b: str) -> None:
