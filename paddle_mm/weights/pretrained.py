@@ -1,5 +1,5 @@
 """The checkpoint folders a recipe names: model.path (a whole LLaVA), model.vision.path (CLIP),
-model.lm.path (Qwen2 / Llama, weights/llm.py). Configs first, weights after building."""
+model.lm.path (Qwen2 / Llama / Qwen3 / OPT, weights/llm.py). Configs first, weights after building."""
 from __future__ import annotations
 
 from dataclasses import replace
