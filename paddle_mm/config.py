@@ -115,9 +115,13 @@ class ProjectorConfig:
 
 @dataclass
 class LMConfig:
-    """The causal LM backbone: built from these fields, or loaded from `path` when it is set."""
+    """The causal LM backbone: built from these fields, or loaded from `path` when it is set.
 
-    family: Literal["qwen2", "llama", "qwen3"] = "qwen2"
+    family "opt" (lm/opt.py, BLIP-2's OPT): intermediate_size is OPT's ffn_dim, num_kv_heads
+    equals num_heads, and rope_theta / rms_norm_eps are unused (learned positions, LayerNorm
+    with eps 1e-5, a ReLU MLP: fixed by the family)."""
+
+    family: Literal["qwen2", "llama", "qwen3", "opt"] = "qwen2"
     path: str = ""  # a local folder with config.json and weights; empty: build from the fields below
     vocab_size: int = 32000
     hidden_size: int = 256

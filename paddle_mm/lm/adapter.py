@@ -1,7 +1,9 @@
-"""The one adapter over PaddleFormers causal LMs (Qwen2, Llama, Qwen3).
+"""The one adapter over the causal LMs: PaddleFormers' Qwen2, Llama, Qwen3, and our own OPT (lm/opt.py).
 
 Everything family-specific about building and running the backbone lives here: which classes
-build it, how its config fields are named, and how its forward is called. The rest of paddle_mm
+build it, how its config fields are named, and how its forward is called. OPT, which
+PaddleFormers 1.0 lacks, is built by lm/opt.py with the same forward and the same pieces, so
+the running code below is shared. The rest of paddle_mm
 only calls `build_language_model` and `run_language_model`. This module only builds: reading a
 checkpoint folder's config.json and weights is weights/llm.py's (lm/ imports nothing from weights/).
 """
@@ -60,13 +62,17 @@ def build_language_model(cfg: LMConfig, special_ids: dict[str, int] | None = Non
     weights/pretrained.resolved_model_config, and its weights are loaded after building by
     weights/pretrained.load_pretrained_parts (loading draws no random numbers).
     """
+    if cfg.family == "opt":
+        from paddle_mm.lm.opt import build_opt
+
+        return build_opt(cfg, special_ids)
     _, model_cls = _classes(cfg.family)
     return model_cls(backbone_config(cfg, special_ids))
 
 
 def enable_recompute(lm) -> None:
     """Recompute every decoder layer in backward (PaddleFormers 1.0.0 does it per layer only
-    for this combination of settings, in Qwen2, Llama and Qwen3 alike)."""
+    for this combination of settings, in Qwen2, Llama and Qwen3 alike; lm/opt.py reads the same)."""
     lm.config.recompute_granularity = "full"
     lm.config.recompute_method = "uniform"
     lm.config.recompute_num_layers = 1

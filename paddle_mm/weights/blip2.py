@@ -2,8 +2,10 @@
 
 A BLIP-2 model is our three slots with config switches: the EVA ViT is `VisionTransformer`
 (no pre-norm, patch bias, gelu, post-norm on the last layer, class token kept), the Q-Former
-plus `language_projection` is `QFormerProjector`, and the text model is a PaddleFormers
-Qwen2/Llama/Qwen3 (weights/llm.py's tables). Each layout is one explicit name table
+plus `language_projection` is `QFormerProjector`, and the text model is OPT (lm/opt.py: the
+Salesforce blip2-opt-* checkpoints) or a PaddleFormers Qwen2/Llama/Qwen3 (weights/llm.py's
+tables). The Flan-T5 BLIP-2s have an encoder-decoder text model, which paddle_mm does not
+have: they are refused by name. Each layout is one explicit name table
 (weights/mapping.py) plus two reshapes a rename cannot do, undone again for export:
 the ViT's fused `qkv` is split into its q, k and v thirds (named `...qkv.weight[q]` etc.),
 and the leading size-1 axes of the class and position embeddings are dropped.
@@ -11,6 +13,11 @@ and the leading size-1 axes of the class and position embeddings are dropped.
     load_blip2(folder)                                   Hugging Face Blip2ForConditionalGeneration
     load_blip2(folder, layout="paddlemix", image_token_id=...)   PaddleMIX blip2 (safetensors)
     load_blip2(..., weights_format="pdparams")           model_state.pdparams, a pickle: only when asked
+
+The transformers 4.57 and 5.x saves of a BLIP-2 with OPT hold the same tensor names (with
+tied embeddings, no language_model.lm_head.weight); 5.x also writes the OPT defaults
+tie_word_embeddings, bos/eos/pad ids into text_config and drops the Q-Former's
+position_embedding_type, which reading here does not depend on.
 
 Feeding images: transformers (4.57 checked) expands `num_query_tokens` image tokens in the prompt
 (`image_token_index`) and writes the projected queries there, as paddle_mm does. PaddleMIX prepends the queries to the
@@ -190,6 +197,8 @@ def _layout(layout: str, source: str) -> Layout:
 def blip2_table(layout: str, lm: LMConfig) -> Table:
     """Source names of a BLIP-2 checkpoint in `layout` -> VisionLanguageModel names."""
     spec = _layout(layout, "BLIP-2")
+    if spec.paddle_layout and lm.family == "opt":
+        raise CheckpointError("BLIP-2 with an OPT text model: only the Hugging Face layout is read (not PaddleMIX's)")
     return (spec.vision.prefixed("", "vision_tower.") + spec.qformer.prefixed("", "multi_modal_projector.")
             + causal_lm_table(lm.family, lm.tie_word_embeddings, spec.lm_decoder.format(family=lm.family),
                               "language_model.", "language_model.", paddle_layout=spec.paddle_layout))
@@ -281,7 +290,9 @@ def _text_model(text: dict, source: str) -> tuple[LMConfig, dict[str, int]]:
     """Our LMConfig and the bos/eos/pad ids of a BLIP-2 text_config."""
     if "model_type" not in text:
         raise CheckpointError(f"{source}: text_config has no model_type")
-    # the public Salesforce BLIP-2s use OPT and Flan-T5, which paddle_mm's LM adapter does not build
+    if text["model_type"] == "t5":  # Salesforce/blip2-flan-t5-*
+        raise CheckpointError(f"{source}: text model type 't5' (a Flan-T5 BLIP-2) is an encoder-decoder, which is not "
+                              "supported: paddle_mm's language models are decoder-only (OPT, Qwen2, Llama, Qwen3)")
     lm = nested_lm_config(text, source)
     ids = {name: text[f"{name}_token_id"] for name in ("bos", "eos", "pad")
            if isinstance(text.get(f"{name}_token_id"), int)}

@@ -1,4 +1,5 @@
-"""Qwen2, Llama (and Qwen3) causal LMs: Hugging Face folders -> PaddleFormers 1.0.0 backbones.
+"""Qwen2, Llama (and Qwen3) causal LMs: Hugging Face folders -> PaddleFormers 1.0.0 backbones;
+OPT (BLIP-2's text model) -> lm/opt.py's decoder, whose names are transformers' own.
 
 Here: reading a folder's config.json into our LMConfig (and refusing what it cannot carry),
 the name tables, loading a folder's weights into a backbone lm/adapter.py built, and the
@@ -53,7 +54,22 @@ QWEN3_DECODER = Table("qwen3", LLAMA_DECODER.rules + (
     Rule("layers.{i}.self_attn.k_norm.weight", "layers.{i}.self_attn.k_norm.weight"),
 ), ignore=LLAMA_DECODER.ignore)
 
-DECODERS = {"llama": LLAMA_DECODER, "qwen2": QWEN2_DECODER, "qwen3": QWEN3_DECODER}
+# OPT (lm/opt.py names its parameters as transformers' OPTModel): relative to "model." as well.
+OPT_DECODER = Table("opt", (
+    Rule("decoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
+    Rule("decoder.embed_positions.weight", "decoder.embed_positions.weight"),
+    *(Rule(f"decoder.layers.{{i}}.self_attn.{proj}.{kind}", f"decoder.layers.{{i}}.self_attn.{proj}.{kind}",
+           transpose=kind == "weight")
+      for proj in ("q_proj", "k_proj", "v_proj", "out_proj") for kind in ("weight", "bias")),
+    *(Rule(f"decoder.layers.{{i}}.{fc}.{kind}", f"decoder.layers.{{i}}.{fc}.{kind}", transpose=kind == "weight")
+      for fc in ("fc1", "fc2") for kind in ("weight", "bias")),
+    *(Rule(f"decoder.layers.{{i}}.{norm}.{kind}", f"decoder.layers.{{i}}.{norm}.{kind}")
+      for norm in ("self_attn_layer_norm", "final_layer_norm") for kind in ("weight", "bias")),
+    Rule("decoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"),
+    Rule("decoder.final_layer_norm.bias", "decoder.final_layer_norm.bias"),
+))
+
+DECODERS = {"llama": LLAMA_DECODER, "qwen2": QWEN2_DECODER, "qwen3": QWEN3_DECODER, "opt": OPT_DECODER}
 
 
 # ---- configs -----------------------------------------------------------------------------------
@@ -84,10 +100,12 @@ def _rope_theta(raw: dict, source: str) -> float:
 
 
 def lm_config_from_hf(raw: dict, path: str, source: str) -> LMConfig:
-    """A Hugging Face Qwen2/Llama/Qwen3 config dict (transformers 4.x or 5.x) as our LMConfig."""
+    """A Hugging Face Qwen2/Llama/Qwen3/OPT config dict (transformers 4.x or 5.x) as our LMConfig."""
     family = raw.get("model_type", "")
     if family not in DECODERS:  # the families lm/adapter.py builds, each with its name table here
         raise CheckpointError(f"{source}: model_type {family!r} is not one of {sorted(DECODERS)}")
+    if family == "opt":
+        return _opt_lm_config(raw, path, source)
     for key, accepted in _UNSUPPORTED.items():
         if key in raw and raw[key] not in accepted:
             raise CheckpointError(f"{source}: {key}={raw[key]!r} is not supported (only {accepted[0]!r})")
@@ -116,6 +134,41 @@ def lm_config_from_hf(raw: dict, path: str, source: str) -> LMConfig:
     )
 
 
+# OPT config fields lm/opt.py does not build otherwise (field -> the one value it builds), each
+# with what a checkpoint that sets another value is.
+_OPT_FIXED = {
+    "do_layer_norm_before": (True, "post-LayerNorm layers, as OPT-350m has"),
+    "activation_function": ("relu", "another MLP activation"),
+    "enable_bias": (True, "projections without biases"),
+    "layer_norm_elementwise_affine": (True, "LayerNorms without weights"),
+    "_remove_final_layer_norm": (False, "no final LayerNorm (checkpoints from before transformers 4.20)"),
+}
+
+
+def _opt_lm_config(raw: dict, path: str, source: str) -> LMConfig:
+    """An OPTConfig dict as our LMConfig; what lm/opt.py cannot build is refused by its field name."""
+    for key, (value, meaning) in _OPT_FIXED.items():
+        if key in raw and raw[key] != value:
+            raise CheckpointError(f"{source}: OPT with {key}={raw[key]!r} ({meaning}) is not supported "
+                                  f"(only {key}={value!r})")
+    absent = [k for k in ("vocab_size", "hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads")
+              if k not in raw]
+    if absent:
+        raise CheckpointError(f"{source}: the language model config has no {', '.join(map(repr, absent))}")
+    proj = raw.get("word_embed_proj_dim")
+    if proj is not None and proj != raw["hidden_size"]:
+        raise CheckpointError(f"{source}: OPT with word_embed_proj_dim={proj} != hidden_size={raw['hidden_size']} "
+                              "(embeddings projected in and out, as OPT-350m has) is not supported")
+    if raw["hidden_size"] % raw["num_attention_heads"]:
+        raise CheckpointError(f"{source}: hidden_size {raw['hidden_size']} is not divisible by num_attention_heads "
+                              f"{raw['num_attention_heads']}")
+    heads = raw["num_attention_heads"]
+    return LMConfig(family="opt", path=path, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+                    intermediate_size=raw["ffn_dim"], num_layers=raw["num_hidden_layers"], num_heads=heads,
+                    num_kv_heads=heads, max_position_embeddings=raw.get("max_position_embeddings", 2048),
+                    tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)))
+
+
 def resolved_lm_config(cfg: LMConfig) -> LMConfig:
     """The config with the fields of a local folder filled in, so a saved run is self-describing."""
     if not cfg.path:
@@ -125,6 +178,9 @@ def resolved_lm_config(cfg: LMConfig) -> LMConfig:
 
 LM_HEAD = Table("lm-head", (Rule("lm_head.weight", "lm_head.weight"),))
 TIED_LM_HEAD = Table("tied-lm-head", (), tied=("lm_head.weight",))
+# transformers ties OPT's head over any lm_head.weight a checkpoint still holds (older saves wrote
+# it): skipped, and kept aside by convert so export writes it back.
+TIED_OPT_LM_HEAD = Table("tied-lm-head", (), ignore=("lm_head.weight",), tied=("lm_head.weight",))
 # PaddleNLP's LM heads (PaddleMIX checkpoints) store [hidden, vocab]; PaddleFormers' [vocab, hidden].
 PADDLENLP_LM_HEAD = Table("paddlenlp-lm-head", (Rule("lm_head.weight", "lm_head.weight", transpose=True),))
 
@@ -140,6 +196,9 @@ TEXT_CONFIG_DEFAULTS = {
     "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
                   rope_theta=10000.0, tie_word_embeddings=False),
+    # transformers 4.57 writes no tie_word_embeddings for OPT (5.x does): OPT ties by default
+    "opt": dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12,
+                max_position_embeddings=2048, tie_word_embeddings=True),
 }
 
 
@@ -157,7 +216,7 @@ def causal_lm_table(family: str, tie_word_embeddings: bool, decoder_prefix: str 
     paddle_layout: a PaddleNLP checkpoint (PaddleMIX), Linear weights [in, out] and head [hidden, vocab].
     """
     decoder = decoder_table(family)
-    head = TIED_LM_HEAD if tie_word_embeddings else LM_HEAD
+    head = (TIED_OPT_LM_HEAD if family == "opt" else TIED_LM_HEAD) if tie_word_embeddings else LM_HEAD
     if paddle_layout:
         decoder = decoder.in_paddle_layout()
         head = TIED_LM_HEAD if tie_word_embeddings else PADDLENLP_LM_HEAD
@@ -174,6 +233,14 @@ def nested_lm_config(text: dict, source: str, default_family: str = "llama") -> 
 
 def hf_text_config(lm: LMConfig) -> dict:
     """A transformers text_config for our LMConfig (inside a LLaVA or BLIP-2 config written by export)."""
+    if lm.family == "opt":
+        return {
+            "model_type": "opt", "vocab_size": lm.vocab_size, "hidden_size": lm.hidden_size,
+            "word_embed_proj_dim": lm.hidden_size, "ffn_dim": lm.intermediate_size,
+            "num_hidden_layers": lm.num_layers, "num_attention_heads": lm.num_heads,
+            "max_position_embeddings": lm.max_position_embeddings, "do_layer_norm_before": True,
+            "activation_function": "relu", "tie_word_embeddings": lm.tie_word_embeddings,
+        }
     return {
         "model_type": lm.family, "vocab_size": lm.vocab_size, "hidden_size": lm.hidden_size,
         "intermediate_size": lm.intermediate_size, "num_hidden_layers": lm.num_layers,
@@ -235,9 +302,12 @@ def load_language_model(cfg: LMConfig, special_ids: dict[str, int] | None = None
 
 
 def load_causal_lm(lm, folder: str, strict: bool = True) -> list[str]:
-    """Load a Qwen2 / Llama CausalLM folder in the Hugging Face layout into a PaddleFormers model."""
+    """Load a Qwen2 / Llama / Qwen3 / OPT CausalLM folder in the Hugging Face layout into a model lm/ built."""
     raw = read_config(folder)
-    table = causal_lm_table(lm_family(raw, f"{folder}/config.json"), bool(raw.get("tie_word_embeddings", False)))
+    source = f"{folder}/config.json"
+    lm_family(raw, source)
+    # the family's default when the file names none (OPT ties, and 4.57 writes no tie_word_embeddings for it)
+    table = causal_lm_table(raw["model_type"], lm_config_from_hf(raw, folder, source).tie_word_embeddings)
     where = {k: path for k, (path, _) in tensor_index(folder).items()}
     return load_mapped(lm, read_tensors(folder), table, folder, where, strict)
 

@@ -1,6 +1,6 @@
 """The checkpoint folders a recipe names: model.path (a whole LLaVA), model.vision.path (CLIP or
-SigLIP, told apart by config.json), model.lm.path (Qwen2 / Llama, weights/llm.py). Configs first,
-weights after building."""
+SigLIP, told apart by config.json), model.lm.path (Qwen2 / Llama / Qwen3 / OPT, weights/llm.py).
+Configs first, weights after building."""
 from __future__ import annotations
 
 from dataclasses import replace

@@ -55,7 +55,10 @@ def load_into(layer, tensors: dict[str, np.ndarray], source: str, prefix: str = 
     """
     own = layer.state_dict()
     given = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    missing = sorted(set(own) - set(given))
+    # A parameter shared with a given one (an LM head tied to the embedding) is loaded with it:
+    # a converted checkpoint holds it once, as the Hugging Face file did.
+    loaded = {own[k].name for k in given if k in own}
+    missing = sorted(k for k in set(own) - set(given) if own[k].name not in loaded)
     unexpected = sorted(set(given) - set(own))
     wrong = [f"{k}: file {list(given[k].shape)} vs model {list(own[k].shape)}"
              for k in sorted(set(own) & set(given)) if list(given[k].shape) != list(own[k].shape)]

@@ -15,7 +15,7 @@ HIDDEN, VOCAB = 32, 64
 
 def tiny_config(family: str = "qwen2", **overrides) -> LMConfig:
     fields = dict(family=family, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_layers=2,
-                  num_heads=4, num_kv_heads=2)
+                  num_heads=4, num_kv_heads=4 if family == "opt" else 2)  # OPT: a key/value head per query head
     fields.update(overrides)
     return LMConfig(**fields)
 
@@ -46,11 +46,11 @@ def cached_logits(lm, x, mask, prefix: int) -> np.ndarray:
     return paddle.concat(steps, axis=1).numpy()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "opt"])
 def test_build_and_forward_inputs_embeds(family):
     lm = make_lm(family)
     assert type(lm).__name__ == {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
-                                 "qwen3": "Qwen3ForCausalLM"}[family]
+                                 "qwen3": "Qwen3ForCausalLM", "opt": "OPTForCausalLM"}[family]
     assert lm.get_input_embeddings().weight.shape == [VOCAB, HIDDEN]
     with paddle.no_grad():
         logits, cache = run_language_model(lm, embeds(2, 5))
@@ -71,7 +71,7 @@ def test_causal_prefix_logits_do_not_depend_on_later_positions():
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "opt"])
 def test_cached_decoding_equals_full_sequence(family, attn):
     lm = make_lm(family, attn_implementation=attn)
     x = embeds(2, 7)
@@ -83,7 +83,7 @@ def test_cached_decoding_equals_full_sequence(family, attn):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "opt"])
 def test_left_padding_matches_unpadded_row(family, attn):
     lm = make_lm(family, attn_implementation=attn)
     pad, n = 3, 6
@@ -102,8 +102,9 @@ def test_left_padding_matches_unpadded_row(family, attn):
     assert max_diff(cached[1], other_alone.numpy()[0]) < 1e-4
 
 
-def test_cache_length_grows_by_one_per_step():
-    lm = make_lm()
+@pytest.mark.parametrize("family", ["qwen2", "opt"])
+def test_cache_length_grows_by_one_per_step(family):
+    lm = make_lm(family)
     x = embeds(1, 4)
     with paddle.no_grad():
         _, cache = run_language_model(lm, x[:, :3], use_cache=True)

@@ -17,7 +17,7 @@ from paddle_mm.config import LMConfig
 from paddle_mm.errors import CheckpointError
 from paddle_mm.lm.adapter import run_language_model
 from paddle_mm.weights.blip2 import load_blip2
-from paddle_mm.weights.hf import read_config, read_tensors
+from paddle_mm.weights.hf import read_config, read_tensors, tensor_index, write_safetensors
 from paddle_mm.weights.llm import load_language_model
 from paddle_mm.weights.tensor_files import load_tensors, save_tensors
 
@@ -141,8 +141,15 @@ def edit_config(tmp_path, change) -> str:
 
 
 def test_unsupported_text_model_names_the_config(tmp_path):
-    folder = edit_config(tmp_path, lambda raw: raw["text_config"].update(model_type="opt"))
-    with pytest.raises(CheckpointError, match=r"config\.json: text model type 'opt'"):
+    folder = edit_config(tmp_path, lambda raw: raw["text_config"].update(model_type="gpt2"))
+    with pytest.raises(CheckpointError, match=r"config\.json: text model type 'gpt2'"):
+        load_blip2(folder)
+
+
+def test_flan_t5_blip2_is_refused_as_an_encoder_decoder(tmp_path):
+    folder = edit_config(tmp_path, lambda raw: raw.update(text_config={"model_type": "t5", "d_model": 32}))
+    with pytest.raises(CheckpointError, match=r"config\.json: text model type 't5' \(a Flan-T5 BLIP-2\) is an "
+                                              r"encoder-decoder"):
         load_blip2(folder)
 
 
@@ -314,3 +321,116 @@ def test_a_qformer_on_a_query_grid_is_not_exported_as_blip2():
     with pytest.raises(CheckpointError, match=r"run/config\.json: cannot be written as a transformers BLIP-2: .*"
                                               r"qformer\.cross_attention_locality"):
         hf_blip2_config(cfg, qkv_bias=True, source="run/config.json")
+
+
+# ---- BLIP-2 with an OPT text model (the Salesforce blip2-opt-* checkpoints) ----------------------
+# tools/make_blip2_fixtures.py --opt, once with transformers 4.57 (hf457: fp32, one file) and once
+# with 5.24 (hf5: bf16, two shards): the checkpoint, its processor files, the two images and the
+# processor's input_ids / attention_mask / pixel_values with the logits and 16 greedy tokens.
+OPT_TAGS = ("hf457", "hf5")
+OPT_FIXTURE = {tag: os.path.join(FIXTURE, "..", "blip2_opt", tag) for tag in OPT_TAGS}
+
+
+def opt_reference(tag: str) -> dict:
+    return load_tensors(os.path.join(OPT_FIXTURE[tag], "reference.safetensors"))
+
+
+def opt_outputs(model, ref):
+    ids, mask = paddle.to_tensor(ref["input_ids"]), paddle.to_tensor(ref["attention_mask"])
+    px = paddle.to_tensor(ref["pixel_values"])
+    with paddle.no_grad():
+        _, logits = model(ids, attention_mask=mask, pixel_values=px)
+        tokens = model.generate(ids, attention_mask=mask, pixel_values=px, max_new_tokens=16, eos_token_id=None)
+    return logits.numpy(), tokens
+
+
+@pytest.fixture(scope="module")
+def opt_hf457_out():
+    return opt_outputs(load_blip2(OPT_FIXTURE["hf457"]), opt_reference("hf457"))
+
+
+def assert_opt_matches(logits, tokens, ref):
+    real = ref["attention_mask"].astype(bool)  # padded positions' outputs mean nothing
+    assert not real.all()  # the processor left-padded the shorter prompt (between the image tokens and the text)
+    assert np.abs(logits[real] - ref["logits"][real]).max() <= TOL
+    assert tokens == ref["greedy_tokens"].tolist()
+
+
+@pytest.mark.parametrize("tag", OPT_TAGS)
+def test_blip2_opt_matches_transformers(tag, opt_hf457_out):
+    ref = opt_reference(tag)
+    if tag == "hf457":
+        logits, tokens = opt_hf457_out
+    else:
+        model = load_blip2(OPT_FIXTURE[tag])
+        assert type(model.language_model).__name__ == "OPTForCausalLM" and model.config.lm.tie_word_embeddings
+        logits, tokens = opt_outputs(model, ref)
+    assert_opt_matches(logits, tokens, ref)
+
+
+def test_blip2_opt_saves_of_4_57_and_5_differ_in_config_keys_only():
+    old, new = tensor_index(OPT_FIXTURE["hf457"]), tensor_index(OPT_FIXTURE["hf5"])
+    assert sorted(old) == sorted(new)
+    assert "language_model.lm_head.weight" not in old  # tied: neither version writes it
+    assert {d for _, d in old.values()} == {"F32"} and {d for _, d in new.values()} == {"BF16"}
+    assert os.path.isfile(os.path.join(OPT_FIXTURE["hf5"], "model.safetensors.index.json"))
+    text_old, text_new = (read_config(OPT_FIXTURE[t])["text_config"] for t in OPT_TAGS)
+    assert "tie_word_embeddings" not in text_old and text_new["tie_word_embeddings"] is True
+    assert load_blip2(OPT_FIXTURE["hf457"]).config == load_blip2(OPT_FIXTURE["hf5"]).config
+
+
+def test_blip2_opt_fixture_holds_the_processed_images():
+    from PIL import Image
+
+    sizes = [Image.open(os.path.join(OPT_FIXTURE["hf457"], f"image_{k}.png")).size for k in range(2)]
+    assert sizes == [(40, 24), (17, 31)]
+    assert opt_reference("hf457")["pixel_values"].shape == (2, 3, 16, 16)
+
+
+def test_blip2_opt_bf16_copy_gives_the_same_numbers(tmp_path, opt_hf457_out):
+    """The fixture's weights are bf16-exact, so a bf16 copy must give the fp32 logits bit for bit."""
+    folder = tmp_path / "bf16"
+    folder.mkdir()
+    shutil.copy(os.path.join(OPT_FIXTURE["hf457"], "config.json"), folder / "config.json")
+    tensors = read_tensors(OPT_FIXTURE["hf457"])
+    write_safetensors(str(folder / "model.safetensors"), tensors, {k: "BF16" for k in tensors})
+    logits, tokens = opt_outputs(load_blip2(str(folder)), opt_reference("hf457"))
+    np.testing.assert_array_equal(logits, opt_hf457_out[0])
+    assert tokens == opt_hf457_out[1]
+
+
+def test_blip2_opt_checkpoint_that_still_holds_the_tied_head(tmp_path, opt_hf457_out):
+    """Older saves wrote language_model.lm_head.weight; it is the embedding (transformers ties over it),
+    so loading skips it and convert / export give it back."""
+    from paddle_mm.cli import main
+
+    folder = shutil.copytree(OPT_FIXTURE["hf457"], tmp_path / "with_head")
+    tensors = read_tensors(str(folder))
+    tensors["language_model.lm_head.weight"] = tensors["language_model.model.decoder.embed_tokens.weight"].copy()
+    save_tensors(tensors, str(folder / "model.safetensors"))
+    logits, _ = opt_outputs(load_blip2(str(folder)), opt_reference("hf457"))
+    np.testing.assert_array_equal(logits, opt_hf457_out[0])
+    assert main(["convert", "--family", "blip2", str(folder), str(tmp_path / "pm")]) == 0
+    assert main(["export", str(tmp_path / "pm"), str(tmp_path / "hf")]) == 0
+    exported = read_tensors(str(tmp_path / "hf"))
+    assert sorted(exported) == sorted(tensors)
+    for name in tensors:
+        np.testing.assert_array_equal(exported[name], tensors[name], err_msg=name)
+
+
+def test_converted_blip2_opt_folder_is_a_run_folder_with_the_reference_numbers(tmp_path):
+    from paddle_mm.run_folder import load_run
+    from paddle_mm.weights.convert import convert
+
+    folder = convert(OPT_FIXTURE["hf457"], str(tmp_path / "pm"), "blip2")
+    _, cfg, tokenizer, model = load_run(folder)  # the tied head is the embedding, stored once
+    assert cfg.lm.family == "opt" and cfg.image_token_id == tokenizer.image_token_id
+    ref = opt_reference("hf457")
+    assert_opt_matches(*opt_outputs(model, ref), ref)
+
+
+def test_blip2_opt_in_the_paddlemix_layout_is_refused():
+    from paddle_mm.weights.blip2 import blip2_table
+
+    with pytest.raises(CheckpointError, match="OPT text model: only the Hugging Face layout"):
+        blip2_table("paddlemix", LMConfig(family="opt"))

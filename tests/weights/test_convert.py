@@ -20,7 +20,7 @@ from paddle_mm.weights.llava import llava_model_config, load_llava
 from paddle_mm.weights.tensor_files import save_tensors
 
 FIXTURES = [("clip", "clip"), ("qwen2", "qwen2"), ("qwen2", "qwen2/bf16"), ("llama", "llama"), ("llava", "llava"),
-            ("blip2", "blip2/hf"), ("blip2", "blip2/hf_bf16"),
+            ("blip2", "blip2/hf"), ("blip2", "blip2/hf_bf16"), ("blip2", "blip2_opt/hf457"), ("blip2", "blip2_opt/hf5"),
             # folders as transformers 4.57 and 5.x save_pretrained wrote them (tools/make_pipeline_fixtures.py)
             ("llava", "pipeline/llava_llama/hf457"), ("llava", "pipeline/llava_llama/hf5"),
             ("llava", "pipeline/llava_qwen2/hf5"), ("qwen2", "pipeline/qwen2/hf5"), ("llama", "pipeline/llama/hf5"),
