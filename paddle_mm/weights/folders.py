@@ -46,10 +46,9 @@ def copy_small_files(src: str, dst: str) -> list[str]:
 def make_run_folder(folder: str, config: dict, src: str) -> None:
     """recipe.yaml and tokenizer.json beside the weights, so the folder loads like a trained run."""
     from paddle_mm.config import ModelConfig, Recipe
+    from paddle_mm.data.image import image_config_from_folder
     from paddle_mm.data.tokenizer import Tokenizer
     from paddle_mm.recipe import from_dict, save_recipe
-
-    from paddle_mm.data.image import image_config_from_folder
 
     recipe = Recipe(model=from_dict(ModelConfig, config, source="converted config"))
     recipe.train.output_dir = folder
