@@ -8,7 +8,7 @@ from dataclasses import replace
 from paddle_mm.config import DatasetSpec, ModelConfig, Recipe
 from paddle_mm.data.image import ImageProcessor, ImageProcessorConfig, image_config_from_folder
 from paddle_mm.data.readers import Sample, read_dataset
-from paddle_mm.data.tokenizer import Tokenizer
+from paddle_mm.data.tokenizer import PLAIN, Tokenizer
 from paddle_mm.errors import DataError, RecipeError
 
 
@@ -48,11 +48,22 @@ def build_model(cfg: ModelConfig, tokenizer: Tokenizer):
     return model
 
 
-def load_checkpoint_folder(folder: str):
-    """(recipe, model config, tokenizer, model) of a Hugging Face LLaVA folder as downloaded, in
-    eval mode: its weights, tokenizer, chat template and image processor settings."""
+def load_checkpoint_folder(folder: str, model_type: str = "llava"):
+    """(recipe, model config, tokenizer, model) of a Hugging Face LLaVA or BLIP-2 folder as
+    downloaded, in eval mode: its weights, tokenizer, chat template and image processor settings.
+    BLIP-2 has no chat template: it is prompted with its images' tokens and the text (PLAIN)."""
     recipe = Recipe(model=ModelConfig(path=folder))
     recipe.train.output_dir = folder
+    if model_type == "blip-2":
+        from paddle_mm.weights.blip2 import load_blip2
+
+        recipe.data.chat_template = PLAIN
+        tokenizer = Tokenizer.load(folder, PLAIN)
+        model = load_blip2(folder, image_token_id=tokenizer.image_token_id)
+        recipe.model = replace(model.config, path="")
+        recipe.data.image = image_config_from_folder(folder) or recipe.data.image
+        recipe.data.image_from_checkpoint = False
+        return recipe, model.config, tokenizer, model
     recipe.data.image = image_config_for(recipe)
     tokenizer = load_tokenizer(recipe, folder)
     cfg = model_config_for(recipe, tokenizer)

@@ -202,7 +202,7 @@ class DataConfig:
     eval: list[DatasetSpec] = field(default_factory=list)
     tokenizer: str = ""  # a tokenizer.json file or a backbone folder holding one
     # "": the tokenizer folder's own chat template when it has one, ChatML otherwise; "chatml";
-    # or a Jinja template file
+    # "plain" (no chat: images' tokens then the text, as BLIP-2 is prompted); or a Jinja template file
     chat_template: str = ""
     image: ImageProcessorConfig = field(default_factory=ImageProcessorConfig)
     # Take the image settings of the checkpoint folder (model.path, else model.vision.path) when it

@@ -25,7 +25,7 @@ from dataclasses import asdict, replace
 
 from paddle_mm.alignment.text import VOCAB_FILE
 from paddle_mm.config import ModelConfig, Recipe
-from paddle_mm.data.tokenizer import SPECIAL_TOKENS_FILE, TOKENIZER_FILE, Tokenizer, dump_special_tokens
+from paddle_mm.data.tokenizer import CHATML, PLAIN, SPECIAL_TOKENS_FILE, TOKENIZER_FILE, Tokenizer, dump_special_tokens
 from paddle_mm.errors import CheckpointError
 from paddle_mm.fileio import write_json_atomic
 from paddle_mm.recipe import from_dict, load_recipe, save_recipe
@@ -101,16 +101,18 @@ def _read_recipe_and_config(run_dir: str, required: tuple[str, ...], kind: str) 
 def load_run(run_dir: str):
     """(recipe, model config, tokenizer, model) of a finished run folder, weights loaded, in eval mode.
 
-    A Hugging Face LLaVA folder as downloaded (config.json, no recipe.yaml) loads too, with its
-    own tokenizer, chat template and image processor settings.
+    A Hugging Face LLaVA or BLIP-2 folder as downloaded (config.json, no recipe.yaml) loads too,
+    with its own tokenizer, chat template and image processor settings.
     """
     from paddle_mm.builder import build_model, load_checkpoint_folder, without_paths
 
-    if not os.path.isfile(os.path.join(run_dir, RECIPE_FILE)) and _model_type(run_dir) == "llava":
-        return load_checkpoint_folder(run_dir)
+    if not os.path.isfile(os.path.join(run_dir, RECIPE_FILE)) and _model_type(run_dir) in ("llava", "blip-2"):
+        return load_checkpoint_folder(run_dir, _model_type(run_dir))
 
     recipe, cfg = _read_recipe_and_config(run_dir, (RECIPE_FILE, CONFIG_FILE, MODEL_FILE), "a run folder")
-    tokenizer = Tokenizer.load(run_dir)
+    # A template file in the folder is found by itself; "chatml" and "plain" are the recipe's word.
+    fixed = recipe.data.chat_template if recipe.data.chat_template in (CHATML, PLAIN) else ""
+    tokenizer = Tokenizer.load(run_dir, fixed)
     # The weights file holds the LM too: build it from the saved shape, not from lm.path.
     model = build_model(without_paths(cfg), tokenizer)
     if recipe.train.lora.enabled:  # the saved weights hold the LoRA matrices beside the base ones

@@ -31,6 +31,9 @@ SPECIAL_TOKENS_FILE = "special_tokens.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 CHATML = "chatml"
+# No chat at all, as BLIP-2's processor prompts: every image's tokens, then the text as the
+# tokenizer encodes it (with its special tokens: OPT's leading </s>).
+PLAIN = "plain"
 IMAGE_TOKEN = "<image>"
 IM_START, IM_END, EOS = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SPECIAL_TOKENS = [EOS, IM_START, IM_END, IMAGE_TOKEN]
@@ -50,24 +53,27 @@ class Tokenizer:
     (template.special_tokens: bos/eos/pad strings) and stop_ids (the ids that end an answer,
     generation_config.json's eos_token_id; the tokenizer's eos when empty)."""
 
-    def __init__(self, engine_tokenizer, template: ChatTemplate | None = None, stop_ids: Sequence[int] = ()):
+    def __init__(self, engine_tokenizer, template: ChatTemplate | None = None, stop_ids: Sequence[int] = (),
+                 plain: bool = False, special_tokens: dict[str, str] | None = None):
         self._tok = engine_tokenizer
         self.template = template
+        self.plain = plain
         # Backbone tokenizers may lack <image>; adding it is how LLaVA extends them too. A checkpoint
         # with its own template gets nothing else: its vocabulary must stay the model's.
-        wanted = SPECIAL_TOKENS if template is None else [IMAGE_TOKEN]
+        chatml = template is None and not plain
+        wanted = SPECIAL_TOKENS if chatml else [IMAGE_TOKEN]
         missing = [t for t in wanted if self._tok.token_to_id(t) is None]
         if missing:
             self._tok.add_special_tokens(missing)
         self.image_token_id = self._tok.token_to_id(IMAGE_TOKEN)
         self.im_start_id = self._tok.token_to_id(IM_START)
         self.im_end_id = self._tok.token_to_id(IM_END)
-        special = template.special_tokens if template is not None else {}
+        special = template.special_tokens if template is not None else dict(special_tokens or {})
         self.eos_token_id = self._id_of(special.get("eos_token", EOS))
         self.bos_token_id = self._id_of(special["bos_token"]) if "bos_token" in special else self.eos_token_id
         # padding is masked out; any id will do, as in Qwen2
         self.pad_token_id = self._id_of(special["pad_token"]) if "pad_token" in special else self.eos_token_id
-        if template is None:
+        if chatml:
             self.stop_ids = [self.im_end_id]
         else:
             self.stop_ids = list(dict.fromkeys(list(stop_ids) or [self.eos_token_id]))
@@ -112,7 +118,7 @@ class Tokenizer:
         """Load a tokenizer.json file, or a folder (a run or a checkpoint) that holds one.
 
         chat_template: "" uses the folder's own template when it has one (ChatML otherwise),
-        "chatml" always ChatML, anything else names a Jinja template file.
+        "chatml" always ChatML, "plain" no chat (BLIP-2), anything else names a Jinja template file.
         """
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
@@ -124,6 +130,8 @@ class Tokenizer:
             raise CheckpointError(f"{file}: cannot load tokenizer: {e}") from e
         if chat_template == CHATML:
             return cls(engine)
+        if chat_template == PLAIN:
+            return cls(engine, stop_ids=_stop_ids(folder), plain=True, special_tokens=special_token_strings(folder))
         if chat_template:
             if not os.path.isfile(chat_template):
                 raise CheckpointError(f"data.chat_template: {chat_template}: no such template file")
@@ -194,6 +202,8 @@ class Tokenizer:
                 raise DataError("<conversation>", f"{role} turn text must be a string, got {type(text).__name__}")
         if self.template is not None:
             return self._encode_templated(turns, tokens_per_image, system, add_generation_prompt)
+        if self.plain:
+            return self._encode_plain(turns, tokens_per_image)
         ids: list[int] = []
         labels: list[int] = []
         messages = ([("system", system)] if system else []) + list(turns)
@@ -209,6 +219,26 @@ class Tokenizer:
         if add_generation_prompt:
             ids += [self.im_start_id] + self.encode("assistant\n")
             labels += [IGNORE_INDEX] * (len(ids) - len(labels))
+        return ids, labels
+
+    def _encode_plain(self, turns, tokens_per_image: int):
+        """Each user turn: its images' tokens, then its text (the first with the tokenizer's special
+        tokens); each assistant turn: its text and eos, labelled."""
+        ids: list[int] = []
+        labels: list[int] = []
+        first = True
+        for role, text in turns:
+            body = text.replace(IMAGE_TOKEN, "").strip()
+            if role == "assistant":
+                piece = self.encode(body) + [self.eos_token_id]
+                ids += piece
+                labels += piece
+                continue
+            piece = [self.image_token_id] * (tokens_per_image * text.count(IMAGE_TOKEN))
+            piece += self._tok.encode(body, add_special_tokens=first).ids if body or first else []
+            first = False
+            ids += piece
+            labels += [IGNORE_INDEX] * len(piece)
         return ids, labels
 
     def _encode_templated(self, turns, tokens_per_image: int, system: str, add_generation_prompt: bool):

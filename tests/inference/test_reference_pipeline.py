@@ -170,3 +170,37 @@ def test_text_lm_folder_gives_transformers_prompt_logits_greedy_and_labels(name,
     conv_ids, labels = tokenizer.encode_chat([tuple(t) for t in meta["conversation"]], 0)
     assert conv_ids == ref["conversation.input_ids"].tolist()
     assert [int(label != IGNORE_INDEX) for label in labels] == ref["conversation.assistant_masks"].tolist()
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_blip2_folder_prompted_as_its_processor_does(tag):
+    """BLIP-2 has no chat template: its processor puts the query tokens, then the tokenizer's text
+    (OPT's leading </s> included). The fixture is tools/make_blip2_fixtures.py --opt."""
+    import paddle
+    from safetensors.numpy import load_file
+
+    from paddle_mm.inference.generate import generate_answers
+    from paddle_mm.inference.requests import request_to_sample
+
+    folder = os.path.join(REFERENCE, "blip2_opt", tag)
+    ref = load_file(os.path.join(folder, "reference.safetensors"))
+    recipe, tokenizer, model, processor = _load(folder)
+    assert tokenizer.plain
+    ids, _ = tokenizer.encode_chat([("user", "<image>\nwhat colour is the square?")], model.tokens_per_image,
+                                   add_generation_prompt=True)
+    assert ids == ref["input_ids"][0].tolist()  # the row without padding
+    pixels = processor([os.path.join(folder, "image_0.png")])
+    assert np.abs(pixels[0] - ref["pixel_values"][0]).max() <= 1e-5
+    input_ids = paddle.to_tensor([ids])
+    with paddle.no_grad():
+        _, logits = model(input_ids, paddle.ones_like(input_ids), paddle.to_tensor(pixels))
+    assert np.abs(logits.numpy()[0] - ref["logits"][0]).max() <= 1e-4
+    # the fixture generated 16 tokens without stopping: compare up to the first stop id
+    expected = ref["greedy_tokens"][0].tolist()
+    stops = [i for i, t in enumerate(expected) if t in tokenizer.stop_ids]
+    expected = expected[: stops[0]] if stops else expected
+    recipe.infer.max_new_tokens = len(expected)
+    sample = request_to_sample({"id": "0", "image": os.path.join(folder, "image_0.png"),
+                                "prompt": "what colour is the square?"}, recipe.infer)
+    answer = generate_answers(model, tokenizer, [sample], processor, recipe.infer)["0"]
+    assert answer == tokenizer.decode(expected).strip()
