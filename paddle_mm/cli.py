@@ -105,7 +105,8 @@ def _eval(args) -> None:
         if args.image_pattern:
             kw["image_pattern"] = args.image_pattern
         samples = read_vqav2(args.vqa_questions, args.vqa_annotations, **kw).samples
-        report["vqa"] = evaluate_vqa(model, tokenizer, samples, proc, recipe.infer, blind=args.blind)
+        report["vqa"] = evaluate_vqa(model, tokenizer, samples, proc, recipe.infer, blind=args.blind,
+                                     normalize=args.vqa_normalize)
     if args.captions:
         samples = read_captions(args.captions, image_root=args.image_root or None,
                                 prompt=recipe.infer.caption_prompt).samples
@@ -205,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default="")
     p.add_argument("--captions")
     p.add_argument("--blind", action="store_true", help="blank every image (the no-vision baseline)")
+    # eval.metrics.vqa.NORMALIZE_MODES, spelled out like --family below
+    p.add_argument("--vqa-normalize", choices=["official", "symmetric"], default="official",
+                   help="official: answers normalized only where the annotators disagree, as the VQA "
+                        "evaluation script does (default); symmetric: always normalize both sides")
     p.add_argument("--retrieval", default="", help="captions JSON: recall@1/5/10 both ways (align/clip runs)")
     p.add_argument("--zero-shot", default="", help="zero-shot task JSON: classification accuracy (align/clip runs)")
     p.add_argument("--output", help="write scores and predictions as JSON")

@@ -108,3 +108,12 @@ def test_convert_family_choices_are_the_weight_families():
     convert = next(a for a in build_parser()._subparsers._group_actions[0].choices["convert"]._actions
                    if a.dest == "family")
     assert convert.choices == list(FAMILIES)
+
+
+def test_eval_vqa_normalize_choices_are_the_metric_modes():
+    from paddle_mm.cli import build_parser
+    from paddle_mm.eval.metrics.vqa import NORMALIZE_MODES
+
+    eval_ = next(a for a in build_parser()._subparsers._group_actions[0].choices["eval"]._actions
+                 if a.dest == "vqa_normalize")
+    assert eval_.choices == list(NORMALIZE_MODES) and eval_.default == "official"

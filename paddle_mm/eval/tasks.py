@@ -16,10 +16,15 @@ def _vqa_annotations(samples: Sequence[Sample]) -> dict:
             for s in samples}
 
 
-def evaluate_vqa(model, tokenizer, samples, image_processor, infer, blind=False, system="") -> dict:
-    """VQAv2 accuracy overall and per question type; samples need meta["answers"]."""
+def evaluate_vqa(model, tokenizer, samples, image_processor, infer, blind=False, system="",
+                 normalize="official") -> dict:
+    """VQAv2 accuracy overall and per question type; samples need meta["answers"].
+
+    ``normalize``: "official" (the VQA evaluation script's rule) or "symmetric" (always
+    normalize both sides); see paddle_mm.eval.metrics.vqa.
+    """
     preds = generate_answers(model, tokenizer, samples, image_processor, infer, blind=blind, system=system)
-    report = vqa_report(preds, _vqa_annotations(samples))
+    report = vqa_report(preds, _vqa_annotations(samples), normalize=normalize)
     report["predictions"] = preds
     return report
 
@@ -28,10 +33,12 @@ def _question_key(text: str) -> str:
     return text.replace(IMAGE_TOKEN, "").strip().lower()
 
 
-def question_prior_report(train_samples: Sequence[Sample], samples: Sequence[Sample]) -> dict:
+def question_prior_report(train_samples: Sequence[Sample], samples: Sequence[Sample],
+                          normalize: str = "official") -> dict:
     """The text-only baseline: answer each question with the answer the training data gives it
     most often (over every user turn of every conversation). No model, no image: what the
     question alone is worth, the yardstick a model that ignores the image would approach.
+    ``normalize`` as in ``evaluate_vqa``.
     """
     counts: dict[str, Counter] = {}
     for s in train_samples:
@@ -44,7 +51,7 @@ def question_prior_report(train_samples: Sequence[Sample], samples: Sequence[Sam
     for s in samples:
         c = counts.get(_question_key(prompt_turns(s)[-1][1]))
         preds[s.id] = c.most_common(1)[0][0] if c else fallback
-    return vqa_report(preds, _vqa_annotations(samples))
+    return vqa_report(preds, _vqa_annotations(samples), normalize=normalize)
 
 
 def evaluate_captions(model, tokenizer, samples, image_processor, infer, system="") -> dict:

@@ -1,21 +1,43 @@
-"""VQAv2 accuracy, matching the official VQA evaluation script (vqaEval.py).
+"""VQAv2 accuracy, computed as the official VQA evaluation script computes it.
 
-Answers are compared only after the official normalization, so numbers produced here can be
-put next to published VQAv2 results. Two deliberate differences from the script:
+The reference is GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py
+(``VQAEval.evaluate``). For every question it does, in order:
 
-* the script normalizes answers only when the annotators disagree (``len(set(gts)) > 1``);
-  we always normalize both sides. That can only turn a mismatch into a match, so a score is
-  equal to or above the script's (e.g. "Yes" against ten "yes" scores 1.0 here, 0.0 there);
-* the leave-one-out average also works with fewer (or more) than 10 ground-truth answers.
+1. replaces newline and tab by a space in the prediction and in every ground-truth answer,
+   and strips them;
+2. only if the stripped ground-truth answers are not all the same (``len(set(gts)) > 1``),
+   normalizes the prediction *and* every ground-truth answer: punctuation
+   (``_strip_punctuation``), then lower case, number words to digits, articles dropped and
+   contractions fixed (``normalize_answer``). When all annotators gave the same string,
+   neither side is normalized and the comparison is exact and case-sensitive: "Yes", "yes."
+   or "a yes" against ten "yes" all score 0;
+3. for each annotator, counts the *other* annotators whose answer equals the prediction and
+   scores ``min(1, count / 3)``; the question's accuracy is the mean over annotators (with 10
+   answers: 1, 2, 3 matches are worth 0.3, 0.6, 0.9, four or more 1.0). Any number of
+   answers works the same way (one answer always scores 0).
+
+The script reports percentages rounded to 2 digits: ``round(100 * acc, 2)`` per question and
+``round(100 * sum(accs) / len(accs), 2)`` over a split or a question type, from the unrounded
+per-question values. Here ``vqa_accuracy`` returns the unrounded per-question value (the very
+float the script computes, in [0, 1]); ``vqa_report`` keeps fractions in [0, 1] and also gives
+the script's rounded percentages under "percent".
+
+``normalize="symmetric"`` is the older paddle_mm rule, kept as an option: step 2 always runs,
+whatever the annotators said. It differs from the script only on questions whose annotators
+all agree, where it can turn a mismatch into a match (then "Yes" against ten "yes" scores 1).
 """
 from __future__ import annotations
 
 import re
 from collections import defaultdict
 
-__all__ = ["normalize_answer", "vqa_accuracy", "vqa_report"]
+__all__ = ["NORMALIZE_MODES", "normalize_answer", "vqa_accuracy", "vqa_report"]
+
+# "official": normalize only when the annotators disagree, as vqaEval.py; "symmetric": always.
+NORMALIZE_MODES = ("official", "symmetric")
 
 # Punctuation handled by the official script. A period is treated separately (see _PERIOD).
+# The apostrophe and the colon are not in the list: "don't" and "10:30" keep them.
 _PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
           "@", "`", ",", "?", "!")
 # A comma between two digits ("1,000") switches every punctuation mark to plain deletion,
@@ -25,6 +47,9 @@ _COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
 # always succeeds, so in effect it drops every period not followed by a digit: "3.5" keeps its
 # decimal point, "dog." loses its full stop.
 _PERIOD = re.compile(r"\.(?!\d)")
+# The script calls periodStrip.sub("", text, re.UNICODE): the third positional argument of
+# Pattern.sub is the count, and re.UNICODE is 32, so at most the first 32 periods go.
+_PERIOD_COUNT = int(re.UNICODE)
 
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                  "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -69,18 +94,23 @@ def _strip_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD.sub("", out)
+    return _PERIOD.sub("", out, count=_PERIOD_COUNT)
+
+
+def _clean(text: str) -> str:
+    """The script's first step, on both sides and always: newline/tab to space, then strip."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def normalize_answer(text: str) -> str:
-    """Normalize an answer the way the official VQAv2 evaluation does.
+    """Normalize an answer the way the official VQAv2 evaluation does when it normalizes.
 
     Steps: newline/tab to space and strip; punctuation (see ``_strip_punctuation``); lower-case;
     number words "none".."ten" to digits; drop the articles a/an/the; fix contractions
     written without an apostrophe ("dont" -> "don't"); join words with single spaces.
+    ``vqa_accuracy`` applies it only where the chosen ``normalize`` mode says so.
     """
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    text = _strip_punctuation(text)
+    text = _strip_punctuation(_clean(text))
     words = []
     for word in text.lower().split():
         word = _NUMBER_WORDS.get(word, word)
@@ -89,44 +119,69 @@ def normalize_answer(text: str) -> str:
     return " ".join(words)
 
 
-def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
-    """Official VQA accuracy of one prediction against the annotators' answers.
+def _check_mode(normalize: str) -> None:
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
 
-    For every annotator, count how many of the *other* annotators gave the predicted answer,
-    score min(count / 3, 1), and average over annotators. With 10 answers this makes
-    1, 2, 3 matches worth 0.3, 0.6, 0.9 and 4 or more worth 1.0.
+
+def vqa_accuracy(prediction: str, gt_answers: list[str], normalize: str = "official") -> float:
+    """Official VQA accuracy of one prediction against the annotators' answers, in [0, 1].
+
+    Both sides are stripped; they are normalized (``normalize_answer``) only when the stripped
+    answers are not all the same, unless ``normalize="symmetric"`` (always). Then, for every
+    annotator, count how many of the *other* annotators gave the predicted answer, score
+    min(count / 3, 1), and average over annotators. With 10 answers this makes 1, 2, 3 matches
+    worth 0.3, 0.6, 0.9 and 4 or more worth 1.0. The value is the script's unrounded one; its
+    per-question figure is ``round(100 * value, 2)``.
     """
+    _check_mode(normalize)
     if not gt_answers:
         raise ValueError("vqa_accuracy needs at least one ground-truth answer")
-    pred = normalize_answer(prediction)
-    hits = [normalize_answer(a) == pred for a in gt_answers]
+    pred = _clean(prediction)
+    gts = [_clean(a) for a in gt_answers]
+    if normalize == "symmetric" or len(set(gts)) > 1:
+        pred = normalize_answer(pred)
+        gts = [normalize_answer(a) for a in gts]
+    hits = [a == pred for a in gts]
     total_hits = sum(hits)
-    # Leaving annotator i out removes exactly its own hit (if any) from the count.
+    # Leaving annotator i out removes exactly its own hit (if any) from the count (the script
+    # compares answer records, which differ by answer_id, so it drops exactly one).
     scores = [min((total_hits - hit) / 3.0, 1.0) for hit in hits]
     return sum(scores) / len(scores)
 
 
-def vqa_report(predictions: dict, annotations: dict) -> dict:
+def _percent(values: list[float]) -> float:
+    # The script's rounding: round(100 * float(sum(accs)) / len(accs), 2).
+    return round(100 * sum(values) / len(values), 2)
+
+
+def vqa_report(predictions: dict, annotations: dict, normalize: str = "official") -> dict:
     """Accuracy over a split, overall and per question type.
 
     ``annotations`` maps question id -> {"answers": [str, ...], "question_type": str (optional)};
     ``predictions`` maps question id -> predicted answer. Every annotated question must have a
     prediction (a missing one would silently inflate the score), extra predictions are ignored.
-    Returns {"overall": float, "per_type": {type: float}, "count": int}; accuracies are in [0, 1].
+    ``normalize`` is "official" (the script's rule) or "symmetric" (see ``vqa_accuracy``).
+    Returns {"overall": float, "per_type": {type: float}, "count": int, "percent": {"overall",
+    "per_type"}}: accuracies in [0, 1], and under "percent" the figures the official script
+    prints (percentages rounded to 2 digits; overall 0.0 when there is no question).
     """
-    total = 0.0
+    _check_mode(normalize)
+    accs: list[float] = []
     by_type: dict[str, list[float]] = defaultdict(list)
     for qid, ann in annotations.items():
         if qid not in predictions:
             raise ValueError(f"no prediction for annotated question id {qid!r}")
-        acc = vqa_accuracy(predictions[qid], ann["answers"])
-        total += acc
+        acc = vqa_accuracy(predictions[qid], ann["answers"], normalize=normalize)
+        accs.append(acc)
         qtype = ann.get("question_type")
         if qtype is not None:
             by_type[qtype].append(acc)
-    count = len(annotations)
+    count = len(accs)
     return {
-        "overall": total / count if count else 0.0,
+        "overall": sum(accs) / count if count else 0.0,
         "per_type": {t: sum(v) / len(v) for t, v in by_type.items()},
         "count": count,
+        "percent": {"overall": _percent(accs) if count else 0.0,
+                    "per_type": {t: _percent(v) for t, v in by_type.items()}},
     }
