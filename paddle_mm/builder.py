@@ -13,10 +13,19 @@ from paddle_mm.errors import DataError, RecipeError
 
 
 def load_tokenizer(recipe: Recipe, recipe_source: str = "recipe") -> Tokenizer:
-    path = recipe.data.tokenizer or recipe.model.lm.path or recipe.model.path
+    path = recipe.data.tokenizer or recipe.model.lm.path or recipe.model.path or _hf_init_folder(recipe)
     if not path:
         raise RecipeError(f"{recipe_source}: data.tokenizer is empty and neither model.lm.path nor model.path names a folder")
     return Tokenizer.load(path, recipe.data.chat_template)
+
+
+def _hf_init_folder(recipe: Recipe) -> str:
+    """train.init_from when it names a Hugging Face folder as downloaded (its tokenizer, template and
+    image settings are the run's unless the recipe names others)."""
+    from paddle_mm.weights.hf import whole_model_type
+
+    init = recipe.train.init_from
+    return init if init and whole_model_type(init) else ""
 
 
 def model_config_for(recipe: Recipe, tokenizer: Tokenizer) -> ModelConfig:
@@ -95,9 +104,10 @@ def read_samples(specs: list[DatasetSpec], recipe: Recipe) -> tuple[list[Sample]
 
 
 def image_config_for(recipe: Recipe) -> ImageProcessorConfig:
-    """The image settings of the checkpoint folder the recipe names, or the recipe's own."""
+    """The image settings of the checkpoint folder the recipe names (model.path, a downloaded folder as
+    train.init_from, model.vision.path), or the recipe's own."""
     if recipe.data.image_from_checkpoint:
-        for folder in (recipe.model.path, recipe.model.vision.path):
+        for folder in (recipe.model.path, _hf_init_folder(recipe), recipe.model.vision.path):
             if folder:
                 found = image_config_from_folder(folder)
                 if found is not None:

@@ -29,6 +29,7 @@ from paddle_mm.data.tokenizer import CHATML, PLAIN, SPECIAL_TOKENS_FILE, TOKENIZ
 from paddle_mm.errors import CheckpointError
 from paddle_mm.fileio import write_json_atomic
 from paddle_mm.recipe import from_dict, load_recipe, save_recipe
+from paddle_mm.weights.hf import whole_model_type
 from paddle_mm.weights.tensor_files import load_into, load_tensors
 
 RECIPE_FILE = "recipe.yaml"
@@ -106,8 +107,9 @@ def load_run(run_dir: str):
     """
     from paddle_mm.builder import build_model, load_checkpoint_folder, without_paths
 
-    if not os.path.isfile(os.path.join(run_dir, RECIPE_FILE)) and _model_type(run_dir) in ("llava", "blip-2"):
-        return load_checkpoint_folder(run_dir, _model_type(run_dir))
+    kind = whole_model_type(run_dir) if not os.path.isfile(os.path.join(run_dir, RECIPE_FILE)) else None
+    if kind:
+        return load_checkpoint_folder(run_dir, kind)
 
     recipe, cfg = _read_recipe_and_config(run_dir, (RECIPE_FILE, CONFIG_FILE, MODEL_FILE), "a run folder")
     # A template file in the folder is found by itself; "chatml" and "plain" are the recipe's word.
@@ -123,16 +125,6 @@ def load_run(run_dir: str):
     load_into(model, load_tensors(weights), weights)
     model.eval()
     return recipe, cfg, tokenizer, model
-
-
-def _model_type(folder: str) -> str | None:
-    path = os.path.join(folder, CONFIG_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return raw.get("model_type") if isinstance(raw, dict) else None
 
 
 def load_align_run(run_dir: str):

@@ -30,12 +30,17 @@ from paddle_mm.training.nonfinite import NonFiniteGuard
 from paddle_mm.training.objectives import objective_for
 from paddle_mm.training.optim import apply_trainable, build_optimizer, lr_at
 from paddle_mm.training.runlog import Progress, RunLog, global_grad_norm
+from paddle_mm.weights.hf import whole_model_type
 from paddle_mm.weights.tensor_files import load_into, load_tensors
 
 
 def _init_weights(model, cfg: TrainConfig) -> None:
     """Start from the weights of earlier runs the recipe names (train.init_from, projector_from, vision_from)."""
-    if cfg.init_from:
+    if cfg.init_from and whole_model_type(cfg.init_from) == "llava":
+        from paddle_mm.weights.llava import load_llava  # a Hugging Face LLaVA folder as downloaded
+
+        load_llava(model, cfg.init_from)
+    elif cfg.init_from:
         path = run_folder.weights_file(cfg.init_from)
         load_into(model, load_tensors(path), path)
     if cfg.projector_from:

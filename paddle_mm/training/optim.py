@@ -48,9 +48,10 @@ def build_optimizer(groups: dict[str, list], cfg: TrainConfig):
     import paddle
 
     # Paddle multiplies the base rate by a parameter's optimize_attr["learning_rate"]: a ratio here.
+    # (train.lr 0, a run that only writes its folder, has no ratio to take)
     scale = {
-        "multi_modal_projector": (cfg.projector_lr or cfg.lr) / cfg.lr,
-        "vision_tower": (cfg.vision_lr or cfg.lr) / cfg.lr,
+        "multi_modal_projector": (cfg.projector_lr or cfg.lr) / cfg.lr if cfg.lr else 1.0,
+        "vision_tower": (cfg.vision_lr or cfg.lr) / cfg.lr if cfg.lr else 1.0,
     }
     # Set on each parameter, as a parameter group would: fleet's sharded optimizer takes no groups.
     params = []

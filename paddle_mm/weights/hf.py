@@ -35,6 +35,21 @@ def read_config(folder: str) -> dict:
         raise CheckpointError(f"{path}: cannot read config ({e})") from e
 
 
+# The whole models a Hugging Face folder as downloaded can be run as (paddle-mm infer FOLDER).
+WHOLE_MODEL_TYPES = ("llava", "blip-2")
+
+
+def whole_model_type(folder: str) -> str | None:
+    """"llava" or "blip-2" for a Hugging Face LLaVA / BLIP-2 folder (its config.json's model_type);
+    None for anything else, paddle_mm's own folders included (their config.json has no model_type)."""
+    try:
+        raw = read_config(folder) if os.path.isdir(folder) else None
+    except CheckpointError:
+        return None
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    return kind if kind in WHOLE_MODEL_TYPES else None
+
+
 def safetensors_files(folder: str) -> list[str]:
     """The weight files of a folder: those the shard index names, or the single file."""
     index = os.path.join(folder, INDEX_FILE)
