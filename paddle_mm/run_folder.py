@@ -3,6 +3,9 @@
     recipe.yaml              the fully resolved recipe (repeat the run from it)
     config.json              the ModelConfig the weights were built with
     tokenizer.json           the LM tokenizer (special_tokens.json beside it, for readers)
+    chat_template.jinja      a checkpoint's chat template (absent for ChatML), with
+                             tokenizer_config.json (its special tokens) and generation_config.json
+                             (its stop ids): written by Tokenizer.save
     vocab.txt                align and clip stages only: the text tower's WordPiece vocabulary
     model.safetensors        the final weights (a hard link to the last checkpoint's)
     projector.safetensors    the projector alone, for the next stage's train.projector_from
@@ -25,7 +28,17 @@ from dataclasses import asdict, replace
 
 from paddle_mm.alignment.text import VOCAB_FILE
 from paddle_mm.config import ModelConfig, Recipe
-from paddle_mm.data.tokenizer import CHATML, PLAIN, SPECIAL_TOKENS_FILE, TOKENIZER_FILE, Tokenizer, dump_special_tokens
+from paddle_mm.data.chat_template import TEMPLATE_FILE
+from paddle_mm.data.tokenizer import (
+    CHATML,
+    GENERATION_CONFIG_FILE,
+    PLAIN,
+    SPECIAL_TOKENS_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    Tokenizer,
+    dump_special_tokens,
+)
 from paddle_mm.errors import CheckpointError
 from paddle_mm.fileio import write_json_atomic
 from paddle_mm.recipe import from_dict, load_recipe, save_recipe
@@ -48,7 +61,8 @@ STATE_FILE = "state.json"
 WEIGHT_FILES = (MODEL_FILE, PROJECTOR_FILE)
 __all__ = ["RECIPE_FILE", "CONFIG_FILE", "MODEL_FILE", "PROJECTOR_FILE", "METRICS_FILE", "VISUALDL_DIR",
            "SKIPPED_FILE", "NONFINITE_LOG", "NONFINITE_DIR", "NONFINITE_BATCH_FILE", "CHECKPOINT_DIR", "OPTIMIZER_FILE", "STATE_FILE",
-           "TOKENIZER_FILE", "SPECIAL_TOKENS_FILE", "VOCAB_FILE", "WEIGHT_FILES"]
+           "TOKENIZER_FILE", "SPECIAL_TOKENS_FILE", "TEMPLATE_FILE", "TOKENIZER_CONFIG_FILE", "GENERATION_CONFIG_FILE",
+           "VOCAB_FILE", "WEIGHT_FILES"]
 
 
 # ----------------------------------------------------------------------------- writing

@@ -1,8 +1,9 @@
 """The OpenAI chat-completions protocol, without the HTTP: request -> (Sample, decoding settings),
 token ids -> text deltas, and OpenAI-style errors.
 
-A request's messages become the ChatML turns paddle_mm trains on (tokenizer.encode_chat does
-the encoding later, through evaluate.generate_answers). Images arrive as content parts
+A request's messages become the turns paddle_mm trains on, rendered later by the model's chat
+template (ChatML, or the checkpoint's own) in tokenizer.encode_chat, through
+inference.generate_answers. Images arrive as content parts
 {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}; local paths only
 when the server names a folder they may come from. In a user message with one image the text
 goes through the recipe's infer.vqa_prompt (an image alone through infer.caption_prompt), so a

@@ -32,6 +32,11 @@ def resolved_model_config(cfg: ModelConfig) -> ModelConfig:
     vision = cfg.vision
     if vision.path:
         vision = replace(_vision_readers(vision.path)[0](vision.path, vision), path=vision.path)
+        if not vision.class_token and vision.drop_cls_token:
+            # transformers' LLaVA does drop the first patch of a SigLIP tower ("default"), so a whole
+            # LLaVA folder keeps that; a model composed here would lose a patch by mistake.
+            raise RecipeError(f"model.vision.path {vision.path}: a SigLIP tower has no class token, so "
+                              "vision.drop_cls_token true would drop a real patch; set it to false")
     return replace(cfg, vision=vision, lm=resolved_lm_config(cfg.lm))
 
 

@@ -11,9 +11,9 @@ from contextlib import redirect_stdout
 
 import numpy as np
 import pytest
+from reference_fixtures import REFERENCE
 
 from paddle_mm.data.tokenizer import IGNORE_INDEX
-from tests.reference_fixtures import REFERENCE
 
 PIPELINE = os.path.join(REFERENCE, "pipeline")
 TAGS = ("hf457", "hf5")

@@ -7,13 +7,13 @@ import os
 
 import numpy as np
 import pytest
+from reference_fixtures import REFERENCE
 
 from paddle_mm.config import Recipe
 from paddle_mm.data.tokenizer import IGNORE_INDEX
 from paddle_mm.recipe import from_dict
 from paddle_mm.run_folder import load_run
 from paddle_mm.training.loop import train
-from tests.reference_fixtures import REFERENCE
 
 FOLDER = os.path.join(REFERENCE, "pipeline", "llava_qwen2", "hf5")  # ChatML parts template, shortest edge 40
 IMAGES = os.path.join(REFERENCE, "pipeline", "images")

@@ -139,3 +139,15 @@ def test_loading_writes_nothing_into_the_source_folder():
     before = snapshot(folder_of("siglip/hf457"))
     siglip_vit(folder_of("siglip/hf457"))
     assert snapshot(folder_of("siglip/hf457")) == before
+
+
+def test_a_siglip_vision_path_that_would_drop_a_real_patch_is_refused():
+    from paddle_mm.config import ModelConfig
+    from paddle_mm.errors import RecipeError
+    from paddle_mm.weights.pretrained import resolved_model_config
+
+    folder = folder_of("siglip/hf5")
+    with pytest.raises(RecipeError, match="drop_cls_token"):
+        resolved_model_config(ModelConfig(vision=VisionConfig(path=folder)))
+    kept = resolved_model_config(ModelConfig(vision=VisionConfig(path=folder, drop_cls_token=False)))
+    assert not kept.vision.class_token and kept.tokens_per_image == 16
