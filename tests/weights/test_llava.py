@@ -175,3 +175,35 @@ def test_misshaped_projector_is_named_with_its_file(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_llava(model, folder)
     assert f"{folder}/model.safetensors: multi_modal_projector.linear_2.bias has shape [31]" in str(info.value)
+
+
+@pytest.mark.parametrize("dtype,numpy_dtype", [("F16", np.float16), ("BF16", None)])
+def test_a_5x_folder_in_half_precision_and_shards_loads_the_rounded_weights(tmp_path, dtype, numpy_dtype):
+    """A transformers 5.x LLaVA folder re-saved as two fp16 / bf16 shards with an index loads the
+    same values as the fp32 folder rounded to that precision."""
+    from paddle_mm.weights.hf import INDEX_FILE, bf16_bits, write_safetensors
+
+    src = folder_of("pipeline/llava_llama/hf5")
+    tensors = read_tensors(src)
+    folder = tmp_path / "half"
+    os.makedirs(folder)
+    for name in os.listdir(src):
+        if name.endswith((".json", ".jinja")) and name != INDEX_FILE:
+            with open(os.path.join(src, name), "rb") as f, open(folder / name, "wb") as g:
+                g.write(f.read())
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in shards.items():
+        write_safetensors(str(folder / file), {k: tensors[k] for k in part}, {k: dtype for k in part})
+    with open(folder / INDEX_FILE, "w") as f:
+        json.dump({"metadata": {}, "weight_map": {k: file for file, part in shards.items() for k in part}}, f)
+
+    def rounded(a):
+        if numpy_dtype is not None:
+            return a.astype(numpy_dtype).astype(np.float32)
+        return (bf16_bits(a).astype(np.uint32) << 16).view(np.float32)
+
+    half = llava(str(folder))
+    full = llava(src)
+    for name, value in half.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), rounded(full.state_dict()[name].numpy()), err_msg=name)
