@@ -8,3 +8,23 @@ _os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
 _os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 __version__ = "0.1.0"
+
+# The public API (paddle_mm/api/): loaded on first use, so `import paddle_mm` stays cheap.
+__all__ = ["Recipe", "Pipeline", "load", "load_recipe", "train", "evaluate_vqa", "evaluate_captions", "evaluate_retrieval",
+           "generate_demo_data", "train_tokenizer", "plot_runs", "metrics"]
+
+
+def __getattr__(name: str):
+    if name == "metrics":  # the metrics as plain functions: VQA accuracy, BLEU/ROUGE-L/CIDEr-D
+        import importlib
+
+        return importlib.import_module("paddle_mm.eval.metrics")
+    if name in __all__:
+        from paddle_mm import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'paddle_mm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

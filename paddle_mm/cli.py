@@ -39,13 +39,10 @@ def _check_data(args) -> int:
 
 
 def _load(run_dir: str):
-    from paddle_mm.builder import image_processor_for
-    from paddle_mm.run_folder import load_run
-    from paddle_mm.runtime import configure_cpu
+    from paddle_mm.api import load  # the public API's loader: a run folder or a downloaded one
 
-    configure_cpu()
-    recipe, _, tokenizer, model = load_run(run_dir)
-    return recipe, tokenizer, model, image_processor_for(recipe)
+    vlm = load(run_dir)
+    return vlm.recipe, vlm.tokenizer, vlm.model, vlm.image_processor
 
 
 def _infer(args) -> None:
