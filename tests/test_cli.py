@@ -10,7 +10,6 @@ from tiny import make_tiny_recipe
 from paddle_mm.cli import main
 from paddle_mm.training.loop import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
