@@ -11,7 +11,6 @@ from paddle_mm.cli import main
 from paddle_mm.training.loop import train
 
 
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, demo_data):
     out = str(tmp_path_factory.mktemp("cli") / "run")
