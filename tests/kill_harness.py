@@ -57,7 +57,13 @@ def _last_step(metrics: str) -> int:
 
 def run(command: list[str], crash_at: str = "", kill_at_step: int = 0, delay_s: float = 0.0,
         timeout_s: float = 120) -> int:
-    """Run training once; returns its exit code (-9 when killed).
+    """Run training once; returns its exit code (-9 when killed). See run_with_stderr."""
+    return run_with_stderr(command, crash_at, kill_at_step, delay_s, timeout_s)[0]
+
+
+def run_with_stderr(command: list[str], crash_at: str = "", kill_at_step: int = 0, delay_s: float = 0.0,
+                    timeout_s: float = 120) -> tuple[int, str]:
+    """Run training once; returns its exit code (-9 when killed) and what it wrote to stderr.
 
     kill_at_step: SIGKILL it `delay_s` after the log shows that step, counted only once the
     log has been seen below it (the log of an earlier, killed attempt may run past it until
@@ -80,11 +86,21 @@ def run(command: list[str], crash_at: str = "", kill_at_step: int = 0, delay_s: 
     _, err = proc.communicate(timeout=timeout_s)
     if proc.returncode not in (0, -signal.SIGKILL):
         raise RuntimeError(f"training exited with {proc.returncode}:\n{err[-3000:]}")
-    return proc.returncode
+    return proc.returncode, err
 
 
 def _output_dir(command: list[str]) -> str:
     return next(a.split("=", 1)[1] for a in command if a.startswith("train.output_dir="))
+
+
+def log_lines(run_dir: str) -> list[str]:
+    """The raw lines of the run's metrics.jsonl: each holds its step's measured throughput, so a
+    step trained again (not resumed) writes a different line."""
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
 
 
 def logged(run_dir: str) -> list[tuple]:

@@ -142,6 +142,11 @@ def _parse_json(path: str, text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(path, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:  # json's decoder recurses once per level of nesting
+        raise DataError(path, _TOO_DEEP) from None
+
+
+_TOO_DEEP = "JSON nested too deeply to read (more levels than Python's recursion limit)"
 
 
 def _load_json(path: str) -> Any:
@@ -158,6 +163,8 @@ def _iter_records(rd: _Reader):
             json.loads(text)
         except json.JSONDecodeError as exc:
             jsonl = exc.msg == "Extra data"  # several objects in a row: JSONL without the suffix
+        except RecursionError:
+            pass  # _parse_json below reports it
     if not jsonl:
         data = _parse_json(rd.path, text)
         if not isinstance(data, list):
@@ -172,6 +179,9 @@ def _iter_records(rd: _Reader):
         except json.JSONDecodeError as exc:
             rd.fail(DataError(rd.path, f"invalid JSON on line {lineno}, column {exc.colno}: {exc.msg}", lineno - 1,
                               "bad_json"))
+            continue
+        except RecursionError:
+            rd.fail(DataError(rd.path, f"line {lineno}: {_TOO_DEEP}", lineno - 1, "bad_json"))
             continue
         yield lineno - 1, obj
 

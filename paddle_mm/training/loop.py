@@ -104,6 +104,8 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     state = state or {"step": 0, "epoch": 0, "cursor": 0}
     if state["step"] >= cfg.max_steps:
         return _finished_before(run_dir, ckpt, state["step"], cfg.max_steps, rank, world)
+    if ckpt and rank == 0:
+        print(f"resuming from checkpoint {ckpt} at step {state['step']}", file=sys.stderr)
     forward, stepper = distributed.parallelize(model, optimizer, cfg, world)
     precision = distributed.Precision(cfg)
 

@@ -46,23 +46,36 @@ def test_clip_model_pieces(caption_pairs):
     assert model.vision_tower.patch_embedding.weight.grad is not None
 
 
-def test_clip_stage_learns_retrieval_and_zero_shot_runs(caption_pairs):
+def test_clip_stage_learns_retrieval_and_zero_shot(caption_pairs):
+    """Against the same model untrained (a 1-step run at learning rate 0), retrieval both ways
+    and zero-shot accuracy improve well past chance; the loss falls over several log steps.
+    Measured: R@5 0.54 / 0.44 (untrained 0.10, chance 0.10), zero-shot 0.53 (untrained 0.06,
+    chance 0.067), mean loss of the last 3 log steps 2.31 against 3.43 for the first 2."""
+    import json
+
     from paddle_mm.data.synthetic import write_zero_shot_task
     from paddle_mm.eval.alignment import evaluate_alignment_run
     from paddle_mm.training.loop import train
 
     run = train(recipe_for(caption_pairs, "train.max_steps=80", "train.warmup_steps=5"), quiet=True)
     assert not os.path.exists(os.path.join(run, "projector.safetensors"))  # two towers, no projector
-    losses = [float(line.split('"loss": ')[1].split(",")[0]) for line in open(os.path.join(run, "metrics.jsonl"))]
-    assert losses[-1] < losses[0] * 0.8, losses
+    baseline = train(recipe_for(caption_pairs, "train.max_steps=1", "train.lr=0",
+                                f"train.output_dir={caption_pairs}/clip-untrained"), quiet=True)
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert len(losses) == 8 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2]), losses  # several measurements
     task = write_zero_shot_task(f"{caption_pairs}/data", "test")
-    report = evaluate_alignment_run(run, captions=f"{caption_pairs}/data/test_captions.json", zero_shot=task)
-    r = report["retrieval"]
+    captions = f"{caption_pairs}/data/test_captions.json"
+    trained = evaluate_alignment_run(run, captions=captions, zero_shot=task)
+    untrained = evaluate_alignment_run(baseline, captions=captions, zero_shot=task)
+    r, r0 = trained["retrieval"], untrained["retrieval"]
     for way in ("i2t", "t2i"):
-        assert r[way]["R@5"] > 1.5 * r["chance"][way]["R@5"], r
-    z = report["zero_shot"]
-    assert z["chance"] == pytest.approx(1 / 15) and z["count"] > 0
-    assert 0.0 <= z["accuracy"] <= 1.0 and set(z["per_class"]) <= {f"{c} {s}" for c in
+        for k in ("R@5", "R@10"):
+            assert r[way][k] > (3 if k == "R@5" else 2) * r["chance"][way][k], (way, k, r)
+            assert r[way][k] > r0[way][k] + 0.15, (way, k, r, r0)
+    z, z0 = trained["zero_shot"], untrained["zero_shot"]
+    assert z["chance"] == pytest.approx(1 / 15) and z["count"] == z0["count"] > 0
+    assert z["accuracy"] > 4 * z["chance"] and z["accuracy"] > z0["accuracy"] + 0.2, (z, z0)
+    assert set(z["per_class"]) <= {f"{c} {s}" for c in
         ("red", "green", "blue", "yellow", "purple") for s in ("circle", "square", "triangle")}
 
 

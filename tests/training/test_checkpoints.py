@@ -35,15 +35,21 @@ def test_sigkilled_run_resumes_to_the_same_losses_and_weights(demo_data, referen
              "save-pruning:1", "random", "random", "export-started:1"]
     for kill in kills:
         start = kh.check_checkpoints_complete(run_dir)
+        kept = kh.log_lines(run_dir)[:start]  # steps 1..start, logged before that checkpoint
         if kill == "random":
             step, delay = kh.random_kill(rng, 40, start)
-            code = kh.run(command, kill_at_step=step, delay_s=delay)
+            code, err = kh.run_with_stderr(command, kill_at_step=step, delay_s=delay)
         else:
-            code = kh.run(command, crash_at=kill)
+            code, err = kh.run_with_stderr(command, crash_at=kill)
         assert code == -9, f"{kill}: the run was not killed"
+        _assert_resumed_from(run_dir, start, kept, err)
         kh.check_checkpoints_complete(run_dir)  # whatever the moment, every folder there is whole
     assert not os.path.exists(os.path.join(run_dir, "model.safetensors"))  # killed before the export
-    assert kh.run(command) == 0  # completes the run from its final checkpoint
+    kept = kh.log_lines(run_dir)
+    assert len(kept) == 40 and kh.check_checkpoints_complete(run_dir) == 40
+    code, err = kh.run_with_stderr(command)
+    assert code == 0 and "finished from checkpoint" in err  # completes the run from its final checkpoint,
+    assert "resuming" not in err and kh.log_lines(run_dir) == kept  # training nothing again
     assert kh.logged(run_dir) == ref_log  # every step's loss and learning rate, exactly
     weights = load_tensors(os.path.join(run_dir, "model.safetensors"))
     for name, value in ref_weights.items():
@@ -52,7 +58,20 @@ def test_sigkilled_run_resumes_to_the_same_losses_and_weights(demo_data, referen
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoint"))) == ["step-00000036", "step-00000040"]
 
 
-def test_stopped_and_resumed_in_process_matches_exactly(tiny_recipe, reference, tmp_path, monkeypatch):
+def _assert_resumed_from(run_dir: str, start: int, kept: list[str], err: str) -> None:
+    """The run took up at its newest checkpoint: it says so, and the log lines of the steps
+    before it are the earlier attempt's, byte for byte (each holds its measured throughput: a
+    run that started over, reaching the same losses, would have rewritten them)."""
+    assert len(kept) == start
+    if start:
+        ckpt = os.path.join(run_dir, "checkpoint", f"step-{start:08d}")
+        assert f"resuming from checkpoint {ckpt} at step {start}\n" in err, err[-2000:]
+    else:
+        assert "resuming" not in err
+    assert kh.log_lines(run_dir)[:start] == kept
+
+
+def test_stopped_and_resumed_in_process_matches_exactly(tiny_recipe, reference, tmp_path, monkeypatch, capsys):
     """The same check without subprocesses: stop right after the step-8 checkpoint, resume."""
     _, ref_log, ref_weights = reference
     run_dir = str(tmp_path / "run")
@@ -68,7 +87,13 @@ def test_stopped_and_resumed_in_process_matches_exactly(tiny_recipe, reference, 
     with pytest.raises(KeyboardInterrupt):
         train(tiny_recipe(run_dir, *kh.RESUME_RECIPE), quiet=True)
     monkeypatch.setattr(resume, "save_checkpoint", save)
+    kept = kh.log_lines(run_dir)
+    assert len(kept) == 8
+    capsys.readouterr()
     train(tiny_recipe(run_dir, *kh.RESUME_RECIPE), quiet=True)
+    err = capsys.readouterr().err
+    assert f"resuming from checkpoint {os.path.join(run_dir, 'checkpoint', 'step-00000008')} at step 8\n" in err
+    assert kh.log_lines(run_dir)[:8] == kept  # steps 1-8 not trained again
     assert kh.logged(run_dir) == ref_log
     weights = load_tensors(os.path.join(run_dir, "model.safetensors"))
     assert all(np.array_equal(weights[n], v) for n, v in ref_weights.items())

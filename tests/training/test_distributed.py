@@ -42,8 +42,16 @@ def single(tmp_path_factory, demo_data):
 
 
 def test_two_processes_match_one_process_with_the_whole_batch(tiny_recipe, tmp_path, single):
+    from paddle_mm.run_folder import load_run
+
     run = train_in_processes(tiny_recipe(str(tmp_path / "dp"), *COMMON), processes=2, quiet=True)
     _assert_same(_weights(run), single)
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4]  # rank 0 alone logs
+    _, _, _, model = load_run(run)  # one loadable run: what loads is what was saved
+    saved = _weights(run)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), saved[name], err_msg=name)
 
 
 def test_accumulation_over_processes_matches_accumulation_in_one(tiny_recipe, tmp_path):

@@ -43,20 +43,20 @@ def test_run_folder_holds_everything_needed_to_load_it(tiny_recipe, tmp_path):
         np.testing.assert_array_equal(value.numpy(), saved[name])
 
 
-def test_continuing_a_run_matches_an_uninterrupted_one(tiny_recipe, tmp_path):
-    common = ["train.schedule=constant", "train.lr=1e-3", "train.seed=3"]
-    straight = train(tiny_recipe(str(tmp_path / "a"), "train.max_steps=4", *common), quiet=True)
-    b = str(tmp_path / "b")
-    train(tiny_recipe(b, "train.max_steps=2", *common), quiet=True)
-    train(tiny_recipe(b, "train.max_steps=4", *common), quiet=True)
-    wa = load_tensors(os.path.join(straight, "model.safetensors"))
-    wb = load_tensors(os.path.join(b, "model.safetensors"))
-    for name in wa:
-        np.testing.assert_allclose(wa[name], wb[name], atol=1e-6, err_msg=name)
-    steps = [json.loads(line)["step"] for line in open(os.path.join(b, "metrics.jsonl"))]
-    assert steps == [1, 2, 3, 4]
+def test_raising_max_steps_continues_a_finished_run_from_its_last_checkpoint(tiny_recipe, tmp_path, capsys):
+    """A finished run asked for more steps takes up at its final checkpoint (that resuming
+    gives an uninterrupted run's weights is tests/training/test_checkpoints.py's)."""
+    run = str(tmp_path / "b")
+    train(tiny_recipe(run, "train.max_steps=2", "train.schedule=constant"), quiet=True)
+    first = open(os.path.join(run, "metrics.jsonl")).read().splitlines()
+    capsys.readouterr()
+    train(tiny_recipe(run, "train.max_steps=4", "train.schedule=constant"), quiet=True)
+    assert f"resuming from checkpoint {os.path.join(run, 'checkpoint', 'step-00000002')} at step 2\n" \
+        in capsys.readouterr().err
+    lines = open(os.path.join(run, "metrics.jsonl")).read().splitlines()
+    assert lines[:2] == first and [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
     with pytest.raises(CheckpointError, match="already trained 4 of max_steps 4"):
-        train(tiny_recipe(b, "train.max_steps=4", *common), quiet=True)
+        train(tiny_recipe(run, "train.max_steps=4", "train.schedule=constant"), quiet=True)
 
 
 def test_pretrain_hands_its_projector_to_instruct(tiny_recipe, tmp_path):
@@ -120,12 +120,27 @@ def test_lora_run_trains_only_lora_and_projector_and_loads_back(tiny_recipe, tmp
 
 
 def test_qformer_projector_trains_through_the_same_loop(tiny_recipe, tmp_path):
-    run = train(tiny_recipe(str(tmp_path / "qf"), "train.max_steps=2", "model.projector.type=qformer",
+    from paddle_mm.runtime import seed_everything
+
+    run = train(tiny_recipe(str(tmp_path / "qf"), "train.max_steps=2", "train.lr=1e-2",
+                            "train.trainable=[multi_modal_projector]", "model.projector.type=qformer",
                             "model.projector.qformer={num_queries: 4, hidden_size: 16, num_layers: 2, num_heads: 2, "
                             "intermediate_size: 32, cross_attention_every: 1}"), quiet=True)
-    _, cfg, _, model = load_run(run)
-    assert cfg.tokens_per_image == 4
-    assert model.multi_modal_projector.query_tokens.shape == [1, 4, 16]
+    log = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in log)
+    recipe, cfg, tok, model = load_run(run)
+    assert cfg.tokens_per_image == 4 and model.multi_modal_projector.query_tokens.shape == [1, 4, 16]
+    saved = load_tensors(os.path.join(run, "model.safetensors"))
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), saved[name], err_msg=name)
+    seed_everything(recipe.train.seed)
+    fresh = builder.build_model(cfg, tok).state_dict()  # the run's initial weights
+    changed = {n for n, v in fresh.items() if not np.array_equal(v.numpy(), saved[n])}
+    assert {n.split(".")[0] for n in changed} == {"multi_modal_projector"}
+    # the loss reached the learned queries, every layer's cross-attention and the projection
+    for name in ["multi_modal_projector.query_tokens", "multi_modal_projector.proj.weight"] + [
+            f"multi_modal_projector.layers.{i}.cross_attn.{w}.weight" for i in (0, 1) for w in ("q_proj", "k_proj")]:
+        assert name in changed, name
 
 
 def test_epoch_order_groups_lengths_without_repeating_samples():
@@ -141,13 +156,3 @@ def test_epoch_order_groups_lengths_without_repeating_samples():
     padded = sum(8 * lengths[b].max() for b in batches)
     random_batches = rng.permutation(203)[:200].reshape(-1, 8)
     assert padded < 0.8 * sum(8 * lengths[b].max() for b in random_batches)
-
-
-def test_two_process_data_parallel_run_writes_one_loadable_run(tiny_recipe, tmp_path):
-    from paddle_mm.training.launch import train_in_processes
-
-    run = train_in_processes(tiny_recipe(str(tmp_path / "dp"), "train.max_steps=3"), processes=2, quiet=True)
-    steps = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))]
-    assert steps == [1, 2, 3]  # rank 0 alone logs
-    _, _, _, model = load_run(run)
-    assert model is not None

@@ -37,7 +37,8 @@ def test_nonfinite_loss_stops_naming_step_and_samples_and_saves_the_state_before
     _poison(monkeypatch, "train-00007")
     run = str(tmp_path / "run")
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step \d+, samples \[.*'train-00007'") as e:
-        train(tiny_recipe(run, "train.max_steps=30", "train.save_every=2"), quiet=True)
+        # a checkpoint after every step, all kept: one is the state right before the bad step
+        train(tiny_recipe(run, "train.max_steps=30", "train.save_every=1", "train.keep_checkpoints=30"), quiet=True)
     folders = os.listdir(os.path.join(run, "nonfinite"))
     assert len(folders) == 1 and folders[0] in str(e.value)
     inspect = os.path.join(run, "nonfinite", folders[0])
@@ -46,13 +47,15 @@ def test_nonfinite_loss_stops_naming_step_and_samples_and_saves_the_state_before
     assert all(s["source"].endswith(".json") and isinstance(s["record"], int) for s in batch["samples"])
     state = resume.read_state(inspect)
     assert state["step"] == batch["step"] - 1 and "rng" in state  # the state the bad step started from
-    # The weights saved are those before the bad step: the same as the last regular checkpoint's
-    # when that checkpoint was taken right before it.
+    # The weights saved are those before the bad step: the regular checkpoint of that step's.
     ckpts = {resume.read_state(c)["step"]: c for c in resume.checkpoints(run)}
-    if state["step"] in ckpts:
-        before = load_tensors(os.path.join(ckpts[state["step"]], "model.safetensors"))
-        saved = load_tensors(os.path.join(inspect, "model.safetensors"))
-        assert all(np.array_equal(before[n], saved[n]) for n in before)
+    assert state["step"] >= 1 and sorted(ckpts) == list(range(1, state["step"] + 1))  # no step after the bad one
+    before = load_tensors(os.path.join(ckpts[state["step"]], "model.safetensors"))
+    saved = load_tensors(os.path.join(inspect, "model.safetensors"))
+    assert before.keys() == saved.keys()
+    for name in before:
+        np.testing.assert_array_equal(saved[name], before[name], err_msg=name)
+    assert all(np.isfinite(v).all() for v in saved.values())
 
 
 def test_nonfinite_loss_with_skip_drops_the_batch_and_finishes(tiny_recipe, tmp_path, monkeypatch):

@@ -1,5 +1,7 @@
 """Caption metrics: hand-worked cases plus regression against the real pycocoevalcap."""
+import json
 import math
+import os
 
 import pytest
 
@@ -59,75 +61,34 @@ def test_mismatched_ids_raise():
 
 
 # ---- regression against pycocoevalcap -----------------------------------------------------
-# Expected numbers were produced with pycocoevalcap 1.2 (pip), using its Bleu(4) scorer,
-# Rouge() and Cider() (pycocoevalcap's Cider is CIDEr-D: clipped tf-idf, sigma=6 penalty),
-# fed the already-tokenized lower-case strings below (PTBTokenizer bypassed).
-
-COCO_REFS = {
-    "img1": ["a man riding a horse on a beach",
-             "a person rides a brown horse along the shore",
-             "a man on horseback near the ocean"],
-    "img2": ["two dogs playing with a frisbee in the park",
-             "a pair of dogs chase a frisbee on the grass"],
-    "img3": ["a plate of food with broccoli and rice",
-             "a white plate topped with rice and vegetables",
-             "broccoli and rice served on a plate",
-             "a healthy meal of rice and broccoli"],
-    "img4": ["a red double decker bus driving down a street",
-             "a bus on a city street",
-             "a large red bus is parked by the curb",
-             "a double decker bus in london",
-             "red bus driving on the road"],
-    "img5": ["a cat sleeping on a laptop keyboard",
-             "a cat lying on top of a computer"],
-}
-COCO_HYPS = {
-    "img1": "a man riding a horse on the beach",
-    "img2": "a dog playing with a frisbee",
-    "img3": "a plate of rice and broccoli on a table",
-    "img4": "a red bus driving down the street in the city",
-    "img5": "a dog sitting on a couch",
-}
-COCO_EXPECTED = {
-    "BLEU-1": 0.7794959433530664,
-    "BLEU-2": 0.6432925408769092,
-    "BLEU-3": 0.5302899570150552,
-    "BLEU-4": 0.4144831352068483,
-    "ROUGE-L": 0.6244070946021872,
-    "CIDEr-D": 1.9146719800177963,
-}
-
-# Second set: repeated words (clipping), a one-word hypothesis and a long one. Ours is fed the
-# raw text (capitals, punctuation); pycocoevalcap got the tokenized form shown in comments.
-RAW_REFS = {
-    1: ["A girl is eating a slice of pizza.", "The little girl eats pizza!",
-        "Child, eating pizza at a table."],    # ... "child eating pizza at a table"
-    2: ["Snow-covered mountains under a blue sky.",  # "snow-covered mountains under a blue sky"
-        "A mountain range covered in snow."],
-    3: ["Two zebras standing in the grass.", "A couple of zebras grazing in a field.",
-        "Zebras in a grassy field."],
-}
-RAW_HYPS = {
-    1: "A girl girl girl eating pizza pizza.",  # "a girl girl girl eating pizza pizza"
-    2: "Mountains.",                            # "mountains"
-    3: "Two zebras are standing in a grassy field next to some trees and bushes.",
-}
-RAW_EXPECTED = {
-    "BLEU-1": 0.5454545454297521,
-    "BLEU-2": 0.4482822077434393,
-    "BLEU-3": 0.28700845632442834,
-    "BLEU-4": 0.19924994255343145,
-    "ROUGE-L": 0.4518605238270048,
-    "CIDEr-D": 0.7214214657743877,
-}
+# The cases (raw text: capitals, punctuation, contractions, repeated words, a one-word and a
+# long hypothesis) and the scores pycocoevalcap 1.2 gives them (its PTBTokenizer, then Bleu(4),
+# Rouge(), Cider(), which is CIDEr-D) are in tests/fixtures/reference/caption_metric/;
+# tools/make_caption_metric_reference.py regenerates expected.json (requirements-reference.txt).
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "reference", "caption_metric")
+with open(os.path.join(REFERENCE, "cases.json"), encoding="utf-8") as f:
+    CASES = json.load(f)
+with open(os.path.join(REFERENCE, "expected.json"), encoding="utf-8") as f:
+    EXPECTED = json.load(f)
 
 
-@pytest.mark.parametrize("refs, hyps, expected", [
-    (COCO_REFS, COCO_HYPS, COCO_EXPECTED),
-    (RAW_REFS, RAW_HYPS, RAW_EXPECTED),
-], ids=["coco-like", "raw-text"])
-def test_matches_pycocoevalcap(refs, hyps, expected):
-    report = caption_report(refs, hyps)
+def test_reference_file_covers_every_case():
+    assert EXPECTED["made_with"] == "pycocoevalcap 1.2" and set(EXPECTED["cases"]) == set(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_tokenizer_matches_ptb_tokenizer(name):
+    case, expected = CASES[name], EXPECTED["cases"][name]
+    for key, refs in case["refs"].items():
+        assert [" ".join(tokenize(r)) for r in refs] == expected["tokenized_refs"][key]
+    for key, hyp in case["hyps"].items():
+        assert " ".join(tokenize(hyp)) == expected["tokenized_hyps"][key]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_pycocoevalcap(name):
+    case, expected = CASES[name], EXPECTED["cases"][name]["scores"]
+    report = caption_report(case["refs"], case["hyps"])
     assert set(report) == set(expected)
-    for name, value in expected.items():
-        assert report[name] == pytest.approx(value, abs=1e-12), name
+    for metric, value in expected.items():
+        assert report[metric] == pytest.approx(value, abs=1e-12), metric
