@@ -147,10 +147,9 @@ def test_a_resumed_run_writes_the_figures_of_an_uninterrupted_one(tiny_recipe, d
     train(tiny_recipe(out, *args), quiet=True)
     resumed = _records(out)
     assert [r["step"] for r in resumed] == [2, 4, 6]
-    for got, want in zip(_without_timings(resumed), _without_timings(straight)):
-        assert got == pytest.approx(want, rel=1e-6)
+    assert _without_timings(resumed) == _without_timings(straight)  # bit for bit, as the weights are
     again = json.load(open(os.path.join(out, "checkpoint", "best", "state.json")))
-    assert (again["step"], again["eval_loss"]) == (best["step"], pytest.approx(best["eval_loss"], rel=1e-6))
+    assert (again["step"], again["eval_loss"]) == (best["step"], best["eval_loss"])
 
 
 def test_two_processes_evaluate_their_shares_to_the_figures_of_one(tiny_recipe, demo_data, tmp_path):
