@@ -199,6 +199,7 @@ class DatasetSpec:
 @dataclass
 class DataConfig:
     train: list[DatasetSpec] = field(default_factory=list)
+    # Held-out sets, read and checked as train is, evaluated while training (train.eval_every)
     eval: list[DatasetSpec] = field(default_factory=list)
     tokenizer: str = ""  # a tokenizer.json file or a backbone folder holding one
     # "": the tokenizer folder's own chat template when it has one, ChatML otherwise; "chatml";
@@ -256,6 +257,14 @@ class TrainConfig:
     # skip the batch without updating the weights.
     on_nonfinite: Literal["stop", "skip"] = "stop"
     log_every: int = 10
+    # Validation on data.eval (training/validation.py): every eval_every steps (0: only after
+    # the last step) the held-out loss over its first eval_samples samples (0: all); with
+    # eval_answers > 0 also the exact-match accuracy of greedy answers to that many conversations;
+    # keep_best keeps the weights of the lowest held-out loss in checkpoint/best/.
+    eval_every: int = 0
+    eval_samples: int = 0
+    eval_answers: int = 0
+    keep_best: bool = False
     seed: int = 0
     num_threads: int = 0  # 0: all cores
     recompute: bool = False  # recompute each ViT block and LM layer in backward: less memory, more time
@@ -267,6 +276,10 @@ class TrainConfig:
     def validate(self) -> None:
         if self.keep_checkpoints < 1:
             raise RecipeError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        for name, value in (("eval_every", self.eval_every), ("eval_samples", self.eval_samples),
+                            ("eval_answers", self.eval_answers)):
+            if value < 0:
+                raise RecipeError(f"train.{name} must be >= 0, got {value}")
 
 
 @dataclass

@@ -9,12 +9,15 @@
     vocab.txt                align and clip stages only: the text tower's WordPiece vocabulary
     model.safetensors        the final weights (a hard link to the last checkpoint's)
     projector.safetensors    the projector alone, for the next stage's train.projector_from
-    metrics.jsonl            one line per log step (training/runlog.py); visualdl/ beside it
+    metrics.jsonl            one line per log step, validation's figures in it (training/runlog.py);
+                             visualdl/ beside it
     skipped.json             the records data.on_error=skip dropped
     nonfinite.jsonl          batches skipped under train.on_nonfinite=skip
     nonfinite/step-N/        the state before a non-finite step (a checkpoint) and batch.json
     checkpoint/step-N/       model, projector, optimizer.safetensors and state.json:
                              what an exact resume needs (training/checkpoints.py)
+    checkpoint/best/         train.keep_best: model and projector of the lowest held-out loss,
+                             state.json naming its step and loss (train.init_from can name it)
 
 A folder converted from a Hugging Face LLaVA or BLIP-2 checkpoint (weights/convert.py) has
 the same recipe.yaml, config.json, tokenizer.json and model.safetensors, so it loads here too.
@@ -56,11 +59,12 @@ NONFINITE_LOG = "nonfinite.jsonl"
 NONFINITE_DIR = "nonfinite"
 NONFINITE_BATCH_FILE = "batch.json"  # inside nonfinite/step-N/: the step, its loss, its samples
 CHECKPOINT_DIR = "checkpoint"
+BEST_DIR = "best"  # inside checkpoint/: the weights of the lowest held-out loss (train.keep_best)
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 WEIGHT_FILES = (MODEL_FILE, PROJECTOR_FILE)
 __all__ = ["RECIPE_FILE", "CONFIG_FILE", "MODEL_FILE", "PROJECTOR_FILE", "METRICS_FILE", "VISUALDL_DIR",
-           "SKIPPED_FILE", "NONFINITE_LOG", "NONFINITE_DIR", "NONFINITE_BATCH_FILE", "CHECKPOINT_DIR", "OPTIMIZER_FILE", "STATE_FILE",
+           "SKIPPED_FILE", "NONFINITE_LOG", "NONFINITE_DIR", "NONFINITE_BATCH_FILE", "CHECKPOINT_DIR", "BEST_DIR", "OPTIMIZER_FILE", "STATE_FILE",
            "TOKENIZER_FILE", "SPECIAL_TOKENS_FILE", "TEMPLATE_FILE", "TOKENIZER_CONFIG_FILE", "GENERATION_CONFIG_FILE",
            "VOCAB_FILE", "WEIGHT_FILES"]
 

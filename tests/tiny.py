@@ -14,7 +14,6 @@ TINY = [
 ]
 
 
-
 def tiny_overrides(demo_data, out_dir, *overrides) -> list[str]:
     """The command-line overrides that turn the demo recipe into the tiny one."""
     d = demo_data["data"]
@@ -23,6 +22,8 @@ def tiny_overrides(demo_data, out_dir, *overrides) -> list[str]:
         f"train.output_dir={out_dir}",
         f"data.train=[{{path: {d}/train_llava.json, format: llava}}, {{path: {d}/train_captions.json, format: caption}}]",
         "train.init_from=''",
+        # No validation unless a test asks for it (the demo recipe validates on its val split).
+        "data.eval=[]", "train.eval_every=0", "train.eval_answers=0",
     ]
     return paths + TINY + list(overrides)
 

@@ -113,7 +113,10 @@ class QFormerAligner(nn.Layer):
         itc = contrastive_loss(sim, positives)
 
         # ITM: true pairs, then (hard negative image, text) and (image, hard negative text).
-        neg_image, neg_text = hard_negatives(sim.detach().numpy(), positives, self._rng)
+        # In eval mode (validation) the negatives come from a fixed stream: the held-out loss is
+        # repeatable and training's own draws are left where they were.
+        rng = self._rng if self.training else np.random.default_rng(0)
+        neg_image, neg_text = hard_negatives(sim.detach().numpy(), positives, rng)
         has_img, has_txt = np.nonzero(neg_image >= 0)[0], np.nonzero(neg_text >= 0)[0]
         image_rows = np.concatenate([np.arange(b), neg_image[has_img], has_txt])
         text_rows = np.concatenate([np.arange(b), has_img, neg_text[has_txt]])

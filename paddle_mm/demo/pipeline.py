@@ -1,5 +1,9 @@
 """The demo: synthetic scenes -> tokenizer -> pretrain -> instruct -> held-out evaluation.
 
+Each stage validates on the val split while it trains (training/validation.py); curves.png
+draws that held-out loss beside the training loss. Validation leaves the training run as it
+was, so the test-split figures are those of a run without it.
+
 Everything runs on CPU from the recipes in recipes/demo/ (installed with the package, see
 recipe.bundled_recipes). The tiny ViT and LM have no pretrained weights to start
 from (none can be downloaded), so both demo stages train all three parts; a pretrain recipe
@@ -23,8 +27,9 @@ PIPELINES = {"mlp": ("demo", ("pretrain", "instruct")),
 
 # (train, val, test) images; quick is the CI-sized variant of the same pipeline.
 SIZES = {"full": (3000, 200, 500), "quick": (1000, 20, 60)}
-# The quick variant's steps per stage (and the log interval so its loss curve has points).
+# The quick variant's steps per stage (and the log and validation intervals so its curves have points).
 QUICK_STEPS = {"align": 150, "pretrain": 150, "instruct": 400}
+QUICK_EVAL_EVERY = 50
 
 
 def _paths(out: str) -> dict[str, str]:
@@ -48,6 +53,9 @@ def stage_recipe(stage: str, out: str, extra: list[str], pipeline: str = "mlp") 
         f"train.output_dir={p[stage]}",
         f"data.train=[{{path: {d}/train_captions.json, format: caption}}]" if stage in ("align", "pretrain")
         else f"data.train=[{{path: {d}/train_llava.json, format: llava}}]",
+        # Validation while training, on the val split (never the test split the summary reports).
+        f"data.eval=[{{path: {d}/val_captions.json, format: caption}}]" if stage in ("align", "pretrain")
+        else f"data.eval=[{{path: {d}/val_llava.json, format: llava}}]",
     ]
     if stage == "instruct":
         overrides.append(f"train.init_from={p['pretrain']}")
@@ -93,7 +101,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (),
         TextTokenizer.train(training_corpus([files["corpus"]]), p["text_tokenizer"], vocab_size=300)
 
     for stage in PIPELINES[pipeline][1]:
-        quick_overrides = [f"train.max_steps={QUICK_STEPS[stage]}", "train.log_every=10"] if quick else []
+        quick_overrides = [f"train.max_steps={QUICK_STEPS[stage]}", "train.log_every=10",
+                           f"train.eval_every={QUICK_EVAL_EVERY}"] if quick else []
         recipe = stage_recipe(stage, out, quick_overrides + list(extra), pipeline)
         if scale != 1.0:
             recipe.train.max_steps = max(1, round(recipe.train.max_steps * scale))

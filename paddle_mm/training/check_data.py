@@ -1,12 +1,14 @@
 """`paddle-mm check-data`: find what would go wrong with a recipe's training data before a run.
 
-Reads every dataset of `data.train` the way training does, but collects every problem instead
+Reads every dataset of `data.train` and `data.eval` the way training does (the held-out sets
+are read and checked like the training data), but collects every problem instead
 of stopping at the first: records that do not parse, conversations without an assistant
 turn, `<image>` tags that do not match the images, image paths outside the image root,
 missing images, images that do not decode, samples longer than `data.max_length` (training
 drops them, it never cuts), samples with nothing to learn (an empty loss mask), and repeated
-samples. Each bad record is counted once, under the first problem found, in this order:
-reading (JSON, record layout, turns, tags, paths), images, tokenization.
+samples (a held-out sample that repeats a training one is reported too). Each bad record is
+counted once, under the first problem found, in this order: reading (JSON, record layout,
+turns, tags, paths), images, tokenization.
 
 The report (JSON) holds the counts by reason with the first few examples of each, the
 token-length statistics and the bad fraction; the command exits 1 when that fraction is above
@@ -58,7 +60,7 @@ class _Tally:
 
 
 def check_data(recipe: Recipe, decode_images: bool = True) -> dict:
-    """Check every record of recipe.data.train; returns the report (see the module docstring)."""
+    """Check every record of recipe.data.train and data.eval; returns the report (see the module docstring)."""
     from paddle_mm import builder
     from paddle_mm.data.dataset import check_encoded
 
@@ -69,8 +71,8 @@ def check_data(recipe: Recipe, decode_images: bool = True) -> dict:
     tally, datasets, lengths, empty_masks = _Tally(), [], [], 0
     image_errors: dict[str, DataError | None] = {}
     seen: dict[tuple, str] = {}
-    for spec in recipe.data.train:
-        entry = {"path": spec.path, "format": spec.format, "records": 0, "usable": 0}
+    for split, spec in [("train", s) for s in recipe.data.train] + [("eval", s) for s in recipe.data.eval]:
+        entry = {"path": spec.path, "format": spec.format, "split": split, "records": 0, "usable": 0}
         datasets.append(entry)
         try:
             samples, skipped = builder.read_samples([replace(spec, repeat=1)], collecting)

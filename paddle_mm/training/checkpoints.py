@@ -5,6 +5,7 @@ Layout inside a run folder:
     checkpoint/step-00000040/   model.safetensors, projector.safetensors,
                                 optimizer.safetensors, state.json
     checkpoint/step-00000050/   the newest: the one a rerun continues from
+    checkpoint/best/            train.keep_best: the weights of the lowest held-out loss
 
 A checkpoint folder is built under a temporary name (`checkpoint/.tmp-...`) and renamed into
 place when every file in it is complete; the rename is the commit. So every `step-*` folder
@@ -35,6 +36,7 @@ import numpy as np
 from paddle_mm.errors import CheckpointError
 from paddle_mm.fileio import write_json_atomic, write_text_atomic
 from paddle_mm.run_folder import (
+    BEST_DIR,
     CHECKPOINT_DIR,
     MODEL_FILE,
     OPTIMIZER_FILE,
@@ -93,6 +95,12 @@ def rng_to_json(snapshot: tuple) -> dict:
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "paddle": paddle_states,
     }
+
+
+def restore_snapshot(snapshot: tuple) -> None:
+    """Put back the random states a snapshot_rng() took (e.g. around validation, which must not
+    move training's streams)."""
+    restore_rng(rng_to_json(snapshot))
 
 
 def restore_rng(saved: dict) -> None:
@@ -154,6 +162,7 @@ def write_checkpoint(dest: str, model, optimizer, state: dict, rng: tuple | None
 
     `state` must be JSON-able; the random states (`rng`, a snapshot_rng(); default: now) are
     added to it. `extra_json` maps more file names to objects written beside state.json.
+    optimizer None writes no optimizer file (checkpoint/best/: weights to keep, not to resume).
     """
     parent, name = os.path.split(dest)
     tmp = os.path.join(parent, f".tmp-{name}-{os.getpid()}")
@@ -164,7 +173,8 @@ def write_checkpoint(dest: str, model, optimizer, state: dict, rng: tuple | None
     crash_point("save-model-written")
     if getattr(model, "multi_modal_projector", None) is not None:  # a clip-stage model has none
         save_tensors(model.multi_modal_projector.state_dict(), os.path.join(tmp, PROJECTOR_FILE))
-    save_tensors(optimizer_tensors(optimizer, model), os.path.join(tmp, OPTIMIZER_FILE))
+    if optimizer is not None:
+        save_tensors(optimizer_tensors(optimizer, model), os.path.join(tmp, OPTIMIZER_FILE))
     for file, obj in (extra_json or {}).items():
         write_json_atomic(os.path.join(tmp, file), obj)
     write_json_atomic(os.path.join(tmp, STATE_FILE), {**state, "rng": rng_to_json(rng or snapshot_rng())})
@@ -184,6 +194,15 @@ def save_checkpoint(run_dir: str, model, optimizer, state: dict, keep: int) -> s
     write_checkpoint(dest, model, optimizer, state)
     for old in checkpoints(run_dir)[:-keep]:
         _discard(old)
+    return dest
+
+
+def save_best(run_dir: str, model, step: int, eval_loss: float) -> str:
+    """Write checkpoint/best/ (weights and a state.json with the step and its held-out loss),
+    replacing the one before; nothing resumes from it, so it holds no optimizer state."""
+    dest = os.path.join(run_dir, CHECKPOINT_DIR, BEST_DIR)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    write_checkpoint(dest, model, None, {"step": step, "eval_loss": eval_loss})
     return dest
 
 

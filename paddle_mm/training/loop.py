@@ -15,7 +15,7 @@ import numpy as np
 from paddle_mm import builder, run_folder
 from paddle_mm.config import Recipe, TrainConfig
 from paddle_mm.errors import CheckpointError, RecipeError
-from paddle_mm.training import checkpoints, distributed
+from paddle_mm.training import checkpoints, distributed, validation
 from paddle_mm.training.batches import (
     DataCursor,
     batch_inputs,
@@ -29,7 +29,7 @@ from paddle_mm.training.batches import (
 from paddle_mm.training.nonfinite import NonFiniteGuard
 from paddle_mm.training.objectives import objective_for
 from paddle_mm.training.optim import apply_trainable, build_optimizer, lr_at
-from paddle_mm.training.runlog import Progress, RunLog, global_grad_norm
+from paddle_mm.training.runlog import Progress, RunLog, add_to_interval, global_grad_norm, take_interval_mean
 from paddle_mm.weights.hf import whole_model_type
 from paddle_mm.weights.tensor_files import load_into, load_tensors
 
@@ -56,6 +56,7 @@ def _check_recipe(recipe: Recipe, objective) -> None:
         raise RecipeError(f"data.pack_length {recipe.data.pack_length} is shorter than data.max_length "
                           f"{recipe.data.max_length}: a sample of max_length would fit no packed row")
     objective.check(recipe)
+    validation.check(recipe)
 
 
 def train(recipe: Recipe, quiet: bool = False) -> str:
@@ -94,6 +95,7 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
         print(f"skipped {len(skipped)} bad records (data.on_error=skip); first: {skipped[0]}", file=sys.stderr)
     if len(dataset) == 0:
         raise RecipeError("data.train yields no usable samples")
+    validator = validation.build_validator(recipe, objective, model, tokenizer, model_cfg, rank, world)
 
     # The run folder, and where an earlier attempt of this run stopped.
     run_dir = cfg.output_dir
@@ -142,8 +144,10 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
         # Forward and backward. Every token of the global batch weighs the same, however the
         # tokens fall on processes and micro-batches; the parallel wrappers average gradients,
         # hence the factor world.
-        token_scale = _token_scale(batches, targets[step_idx], recipe.data.on_error, world) \
-            if objective.token_weighted else 0.0
+        # (An align / clip step weighs 1 in the logged interval mean: its loss is batch-level.)
+        global_tokens = _global_tokens(batches, targets[step_idx], recipe.data.on_error, world) \
+            if objective.token_weighted else 1.0
+        token_scale = world / global_tokens if objective.token_weighted else 0.0
         loss_sum = 0.0
         for k, (batch, weight) in enumerate(batches):
             # Gradients are averaged across processes once, on the last micro-batch.
@@ -158,22 +162,29 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
                            model, optimizer, stepper):
             continue
 
-        # The update, the log line, the checkpoint.
+        # The update, validation, the log line, the checkpoint.
         step = state["step"] + 1
-        logs = step % cfg.log_every == 0 or step == cfg.max_steps
+        evaluates = validator is not None and validator.due(step)
+        logs = step % cfg.log_every == 0 or step == cfg.max_steps or evaluates
         grad_norm = global_grad_norm(p for ps in groups.values() for p in ps) if logs else 0.0
         precision.step(stepper)
         stepper.clear_grad()
         state["step"] = step
+        step_loss = distributed.global_sum([loss_sum], world)[0] / world  # the whole global batch's
+        # The interval's mean weighs each step by the labelled tokens of its global batch.
+        add_to_interval(state, step_loss, global_tokens)
         if logs:
-            total_loss = distributed.global_sum([loss_sum], world)[0] / world  # the whole global batch's
-            record = runlog.write(step, total_loss, lr, grad_norm)
+            evaluation = validator.evaluate(model, precision) if evaluates else None
+            record = runlog.write(step, take_interval_mean(state), step_loss, lr, grad_norm, evaluation)
             if rank == 0 and not quiet:
-                progress.update(step, total_loss, lr, record["samples_per_s"])
+                progress.update(record)
+            if evaluation and cfg.keep_best:
+                _keep_if_best(run_dir, model, state, evaluation["eval_loss"], rank)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             _checkpoint_on_rank0(run_dir, model, distributed.whole_optimizer(optimizer, cfg, world), state,
                                  rank, world, cfg.keep_checkpoints)
 
+    skipped += validator.skipped if validator is not None else []
     skipped_records = distributed.gather_records([str(e) for e in skipped], world)
     runlog.close()
     if rank == 0:
@@ -185,13 +196,23 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     return run_dir
 
 
-def _token_scale(batches: list, step_targets: np.ndarray, on_error: str, world: int) -> float:
-    """world / the labelled-token count of the whole global batch (see training/objectives.py)."""
+def _global_tokens(batches: list, step_targets: np.ndarray, on_error: str, world: int) -> float:
+    """The labelled-token count of the whole global batch, at least 1 (see training/objectives.py)."""
     if on_error == "skip":  # unreadable items may have been dropped from the batches
         (global_tokens,) = distributed.global_sum([sum(labelled_tokens(b) * w for b, w in batches)], world)
     else:  # every process knows the whole global batch: no all-reduce needed
         global_tokens = float(step_targets.sum())
-    return world / max(global_tokens, 1.0)
+    return max(global_tokens, 1.0)
+
+
+def _keep_if_best(run_dir: str, model, state: dict, eval_loss: float, rank: int) -> None:
+    """train.keep_best: checkpoint/best/ follows the lowest held-out loss so far (kept in the state,
+    so a resumed run compares with the best before its checkpoint, as an uninterrupted one does)."""
+    best = state.get("best_eval_loss")
+    if best is None or eval_loss < best:
+        state["best_eval_loss"] = eval_loss
+        if rank == 0:
+            checkpoints.save_best(run_dir, model, state["step"], eval_loss)
 
 
 def _checkpoint_on_rank0(run_dir, model, optimizer, state, rank, world, keep) -> str:

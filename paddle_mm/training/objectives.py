@@ -1,7 +1,8 @@
 """What differs between training stages: the model to build, the dataset, the loss and its weighting.
 
 The loop (training/loop.py) is the same for every stage; it asks the objective that
-`train.stage` names for these four things. A new stage (preference tuning, say) is a new
+`train.stage` names for these four things (and validation, training/validation.py, for the
+weight of a held-out batch). A new stage (preference tuning, say) is a new
 class here and a row in OBJECTIVES, not branches in the loop.
 
 Weighting: next-token objectives sum the loss over their labelled tokens and divide by the
@@ -17,6 +18,7 @@ from paddle_mm.config import ModelConfig, Recipe
 from paddle_mm.data.dataset import ConversationDataset
 from paddle_mm.data.tokenizer import Tokenizer
 from paddle_mm.errors import RecipeError
+from paddle_mm.training.batches import labelled_tokens
 
 
 class NextTokenObjective:
@@ -53,6 +55,11 @@ class NextTokenObjective:
     def factor(self, weight: float, token_scale: float, num_batches: int) -> float:
         return weight * token_scale
 
+    def held_out_weight(self, batch: dict) -> float:
+        """What a batch's loss term weighs in the held-out mean: its labelled tokens, so the mean
+        is over every held-out token, as a step's loss is over the global batch's."""
+        return float(labelled_tokens(batch))
+
 
 class AlignObjective:
     """align (BLIP-2's Q-Former: ITC, ITM, ITG) and clip (two towers, contrastive)."""
@@ -88,6 +95,10 @@ class AlignObjective:
 
     def factor(self, weight: float, token_scale: float, num_batches: int) -> float:
         return weight / num_batches
+
+    def held_out_weight(self, batch: dict) -> float:
+        """Each batch weighs 1: the contrastive terms are batch-level (means over the batch)."""
+        return 1.0
 
 
 OBJECTIVES = {"pretrain": NextTokenObjective, "instruct": NextTokenObjective,

@@ -1,4 +1,8 @@
-"""Loss and learning-rate curves of one or more runs (their metrics.jsonl) in one PNG."""
+"""Loss and learning-rate curves of one or more runs (their metrics.jsonl) in one PNG.
+
+The training loss is the logged interval mean (training/runlog.py); a run that validated
+(data.eval) has its held-out loss drawn beside it, dashed with markers, in the run's colour.
+"""
 from __future__ import annotations
 
 import os
@@ -30,8 +34,9 @@ def run_label(run_dir: str) -> str:
 def plot_runs(run_dirs: list[str], out_png: str, title: str = "") -> str:
     """Write out_png with loss (top) and learning rate (bottom) against step; returns its path.
 
-    Runs are overlaid, each in its own colour; the loss axis turns logarithmic when the curves
-    span more than two decades, as the first steps of a run from scratch do.
+    Runs are overlaid, each in its own colour, the held-out loss dashed beside the training
+    loss; the loss axis turns logarithmic when the curves span more than two decades, as the
+    first steps of a run from scratch do.
     """
     if not run_dirs:
         raise ValueError("plot_runs needs at least one run folder")
@@ -43,8 +48,13 @@ def plot_runs(run_dirs: list[str], out_png: str, title: str = "") -> str:
         steps = [r["step"] for r in records]
         losses = [r["loss"] for r in records]
         label = run_label(run_dir)
-        ax_loss.plot(steps, losses, label=label, linewidth=1.2)
+        (line,) = ax_loss.plot(steps, losses, label=f"{label} (training)", linewidth=1.2)
         ax_lr.plot(steps, [r["lr"] for r in records], label=label, linewidth=1.2)
+        held_out = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        if held_out:
+            ax_loss.plot(*zip(*held_out), label=f"{label} (held-out)", color=line.get_color(),
+                         linestyle="--", marker="o", markersize=3, linewidth=1.2)
+            losses = losses + [v for _, v in held_out]
         positive = [v for v in losses if v > 0]
         if positive:
             lowest, highest = min(lowest, min(positive)), max(highest, max(positive))

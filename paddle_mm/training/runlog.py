@@ -1,7 +1,12 @@
 """What a training run records about itself: metrics.jsonl, and VisualDL scalars when visualdl imports.
 
 One JSON line per log step:
-    {"step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "label_tokens_per_s"}
+    {"step", "loss", "step_loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "label_tokens_per_s"}
+loss is the mean over the steps since the last log line, weighted as each step's loss is
+(next-token stages: by the labelled tokens of each global batch, so it is the loss over every
+token of the interval; align / clip: each step weighs the same); step_loss is the last step's.
+A step that evaluates (training/validation.py) is always a log step and its line adds the
+validation figures (eval_loss, eval_samples, eval_s; eval_accuracy, eval_answers).
 tokens_per_s counts every token of the samples stepped over (text and image positions, no
 padding); label_tokens_per_s only those the loss is taken on (assistant / caption tokens).
 Both count the whole global batch, so they do not change with the number of processes.
@@ -63,19 +68,24 @@ class RunLog:
         self._tokens_seen += int(self._tokens[idx].sum())
         self._labelled_seen += int(self._labelled[idx].sum())
 
-    def write(self, step: int, loss: float, lr: float, grad_norm: float) -> dict:
-        """Record the window since the last write; returns the record."""
-        elapsed = max(time.time() - self._t0, 1e-9)
-        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+    def write(self, step: int, loss: float, step_loss: float, lr: float, grad_norm: float,
+              evaluation: dict | None = None) -> dict:
+        """Record the window since the last write (and the step's validation figures); returns the record.
+
+        The rates count training time only: the evaluation's eval_s is taken out of the window.
+        """
+        elapsed = max(time.time() - self._t0 - (evaluation or {}).get("eval_s", 0.0), 1e-9)
+        record = {"step": step, "loss": loss, "step_loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                   "samples_per_s": self._samples / elapsed, "tokens_per_s": self._tokens_seen / elapsed,
-                  "label_tokens_per_s": self._labelled_seen / elapsed}
+                  "label_tokens_per_s": self._labelled_seen / elapsed, **(evaluation or {})}
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
         if self._vdl is not None:
             for key, value in record.items():
-                if key != "step":
-                    self._vdl.add_scalar(tag=f"train/{key}", step=step, value=value)
+                if key != "step":  # eval_loss -> eval/loss, beside train/loss
+                    tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                    self._vdl.add_scalar(tag=tag, step=step, value=value)
         self._start_window()
         return record
 
@@ -84,6 +94,23 @@ class RunLog:
             self._file.close()
         if self._vdl is not None:
             self._vdl.close()
+
+
+# The interval since the last log line lives in the loop's state (and so in every checkpoint):
+# a run resumed mid-interval logs the mean an uninterrupted one does.
+
+
+def add_to_interval(state: dict, loss: float, weight: float) -> None:
+    """Count one step's loss (the whole global batch's) with its weight into the interval."""
+    state["interval_loss"] = state.get("interval_loss", 0.0) + loss * weight
+    state["interval_weight"] = state.get("interval_weight", 0.0) + weight
+
+
+def take_interval_mean(state: dict) -> float:
+    """The weighted mean loss of the interval; starts the next one."""
+    mean = state.get("interval_loss", 0.0) / max(state.get("interval_weight", 0.0), 1e-12)
+    state["interval_loss"] = state["interval_weight"] = 0.0
+    return mean
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -104,16 +131,23 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 class Progress:
-    """One status line per log step on stderr: step, loss, learning rate, throughput, time left."""
+    """One status line per log step on stderr: step, loss, learning rate, throughput, time left,
+    and the held-out figures on a step that evaluated."""
 
     def __init__(self, total: int, start: int):
         self.total, self.start, self.t0 = total, start, time.time()
 
-    def update(self, step: int, loss: float, lr: float, samples_per_s: float) -> None:
+    def update(self, record: dict) -> None:
+        step = record["step"]
         done = step - self.start
         eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
         width = 24
         filled = int(width * step / self.total)
         bar = "#" * filled + "." * (width - filled)
-        print(f"[{bar}] {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {samples_per_s:.1f} samples/s eta {eta:.0f}s",
-              file=sys.stderr, flush=True)
+        line = (f"[{bar}] {step}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                f"{record['samples_per_s']:.1f} samples/s eta {eta:.0f}s")
+        if "eval_loss" in record:
+            line += f" | held-out loss {record['eval_loss']:.4f}"
+        if "eval_accuracy" in record:
+            line += f", exact match {record['eval_accuracy']:.3f} of {record['eval_answers']}"
+        print(line, file=sys.stderr, flush=True)

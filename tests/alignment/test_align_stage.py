@@ -122,3 +122,21 @@ def test_align_stage_names_the_bad_parts(caption_pairs):
 
     with pytest.raises(DataError, match="image-caption pairs"):
         caption_of(read_llava(f"{caption_pairs}/data/train_llava.json").samples[0])
+
+
+def test_align_validation_leaves_the_hard_negative_draws_of_training_alone(caption_pairs, tmp_path):
+    """The held-out ITC + ITM + ITG draws its ITM negatives from a fixed stream in eval mode:
+    the run trains exactly as one without validation."""
+    from paddle_mm.training.loop import train
+    from paddle_mm.weights.tensor_files import load_tensors
+
+    common = ["train.max_steps=3", "train.batch_size=8", "train.log_every=1"]
+    plain = train(recipe_for(caption_pairs, "align", *common, f"train.output_dir={tmp_path}/plain"), quiet=True)
+    spec = f"data.eval=[{{path: {caption_pairs}/data/val_captions.json, format: caption}}]"
+    watched = train(recipe_for(caption_pairs, "align", *common, spec, "train.eval_every=1",
+                               f"train.output_dir={tmp_path}/watched"), quiet=True)
+    a, b = (load_tensors(os.path.join(run, "model.safetensors")) for run in (plain, watched))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    records = [json.loads(line) for line in open(os.path.join(watched, "metrics.jsonl"))]
+    assert all(np.isfinite(r["eval_loss"]) and r["eval_samples"] > 0 for r in records)

@@ -67,3 +67,18 @@ def test_upload_an_image_ask_and_see_the_streamed_answer(browser, served, data_u
                {"role": "user", "content": "and the circle?"}]
     again = client.chat.completions.create(model=served["model"], temperature=0, messages=history)
     assert follow_up == again.choices[0].message.content
+
+    # The page holds the whole conversation: both turns, oldest first, one under another, and
+    # the picked image in the turn that asked about it.
+    from selenium.webdriver.common.by import By
+
+    turns = browser.find_elements(By.CSS_SELECTOR, "#transcript .turn")
+    assert [t.get_attribute("class").split()[1] for t in turns] == ["user", "answer", "user", "answer"]
+    texts = [t.find_element(By.CSS_SELECTOR, ".user-text, .answer-text").get_attribute("textContent") for t in turns]
+    assert texts == [question, shown, "and the circle?", follow_up]
+    tops = [t.rect["y"] for t in turns]
+    assert tops == sorted(tops) and len(set(tops)) == 4
+    images = [t.find_elements(By.TAG_NAME, "img") for t in turns]
+    assert [len(i) for i in images] == [1, 0, 0, 0]
+    assert images[0][0].get_attribute("src") == data_url(image)  # the file picked, as it was sent
+    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", images[0][0]) > 0

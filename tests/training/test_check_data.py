@@ -93,3 +93,20 @@ def test_check_data_passes_clean_data_and_fails_an_unreadable_file(demo_data, tm
     assert code == 0 and report["bad"] == 0 and report["usable"] == 20 and report["passed"]
     code, report = _check(demo_data, tmp_path, [f"data.train=[{{path: {d}/nothing.json, format: llava}}]"])
     assert code == 1 and report["by_reason"]["bad_file"]["count"] == 1 and report["unreadable_files"] == 1
+
+
+def test_check_data_reads_the_held_out_sets_too(demo_data, tmp_path):
+    """data.eval is checked as data.train is, and a held-out sample that repeats a training one
+    (a leak that flatters the held-out loss) is reported."""
+    d = demo_data["data"]
+    held_out = (json.load(open(f"{d}/val_llava.json")) + json.load(open(f"{d}/train_llava.json"))[:1]
+                + [{"id": "gone", "image": "images/val/missing.png", "conversations": _turns("<image>\nq")}])
+    (tmp_path / "eval.json").write_text(json.dumps(held_out))
+    code, report = _check(demo_data, tmp_path, [f"data.train=[{{path: {d}/train_llava.json, format: llava}}]",
+                                                f"data.eval=[{{path: {tmp_path}/eval.json, format: llava, "
+                                                f"image_root: {d}}}]"])
+    assert [(e["split"], e["records"], e["usable"]) for e in report["datasets"]] == [("train", 20, 20),
+                                                                                    ("eval", 6, 5)]
+    missing = report["by_reason"]["image_missing"]["examples"][0]
+    assert missing["path"] == f"{tmp_path}/eval.json" and "missing.png" in missing["message"] and code == 1
+    assert report["by_reason"]["duplicate"]["examples"][0]["id"] == "train-00000"

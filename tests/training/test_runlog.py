@@ -32,7 +32,8 @@ def test_metrics_record_tokens_and_gradient_norm_per_log_step(run_dir):
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["step"] for r in records] == [2, 4]
     for r in records:
-        assert set(r) == {"step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "label_tokens_per_s"}
+        assert set(r) == {"step", "loss", "step_loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s",
+                          "label_tokens_per_s"}
         assert math.isfinite(r["loss"]) and r["lr"] > 0
         # A model from scratch has large gradients: the norm is the one before clipping, above 0.5.
         assert r["grad_norm"] > 0.5
@@ -66,11 +67,12 @@ def test_global_grad_norm_matches_numpy():
     assert global_grad_norm(frozen.parameters()) == 0.0
 
 
-def _fake_run(folder, losses, lrs):
+def _fake_run(folder, losses, lrs, held_out=()):
     os.makedirs(folder)
     with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
         for i, (loss, lr) in enumerate(zip(losses, lrs), 1):
-            f.write(json.dumps({"step": i * 10, "loss": loss, "lr": lr}) + "\n")
+            evaluation = {"eval_loss": held_out[i - 1]} if i <= len(held_out) and held_out[i - 1] else {}
+            f.write(json.dumps({"step": i * 10, "loss": loss, "lr": lr, **evaluation}) + "\n")
         f.write('{"step": 99, "lo')  # a line cut short by a crash is left out
     return str(folder)
 
@@ -82,6 +84,29 @@ def test_plot_overlays_runs_in_one_png(tmp_path, capsys):
     data = open(out, "rb").read()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
     assert "line 4 is not JSON" in capsys.readouterr().err
+
+
+def test_plot_draws_the_held_out_loss_beside_the_training_loss(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from paddle_mm.training.plot import run_label
+
+    lines = {}
+    original = Axes.plot
+
+    def plot(ax, *args, **kw):
+        (line,) = original(ax, *args, **kw)
+        lines[kw["label"]] = line
+        return [line]
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    run = _fake_run(tmp_path / "a", [5.0, 3.0, 1.0], [1e-3, 8e-4, 2e-4], held_out=(None, 4.0, 2.5))
+    plot_runs([run], str(tmp_path / "curves.png"))
+    training, held_out = lines[f"{run_label(run)} (training)"], lines[f"{run_label(run)} (held-out)"]
+    assert (list(training.get_xdata()), list(training.get_ydata())) == ([10, 20, 30], [5.0, 3.0, 1.0])
+    # Only the steps that evaluated, dashed, in the run's colour.
+    assert (list(held_out.get_xdata()), list(held_out.get_ydata())) == ([20, 30], [4.0, 2.5])
+    assert held_out.get_linestyle() == "--" and held_out.get_color() == training.get_color()
 
 
 def test_plot_command_defaults_to_the_run_folder_and_names_a_missing_log(run_dir, tmp_path, capsys):
