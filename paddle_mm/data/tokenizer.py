@@ -17,12 +17,13 @@ labelled through the tokens' offsets.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Iterable, Sequence
 
 from paddle_mm.data.chat_template import TEMPLATE_FILE, ChatTemplate, special_token_strings
 from paddle_mm.errors import CheckpointError, DataError
-from paddle_mm.fileio import write_json_atomic
+from paddle_mm.fileio import write_json_atomic, write_text_atomic
 
 IGNORE_INDEX = -100
 TOKENIZER_FILE = "tokenizer.json"
@@ -148,9 +149,7 @@ class Tokenizer:
         self._tok.save(tmp)
         os.replace(tmp, file)
         if self.template is not None:  # the template and its tokens travel with the tokenizer
-            with open(os.path.join(folder, TEMPLATE_FILE) + ".tmp", "w", encoding="utf-8") as f:
-                f.write(self.template.text)
-            os.replace(os.path.join(folder, TEMPLATE_FILE) + ".tmp", os.path.join(folder, TEMPLATE_FILE))
+            write_text_atomic(os.path.join(folder, TEMPLATE_FILE), self.template.text)
             write_json_atomic(os.path.join(folder, TOKENIZER_CONFIG_FILE), self.template.special_tokens)
             write_json_atomic(os.path.join(folder, GENERATION_CONFIG_FILE), {"eos_token_id": self.stop_ids})
         return file
@@ -270,8 +269,6 @@ def _stop_ids(folder: str) -> list[int]:
     path = os.path.join(folder, GENERATION_CONFIG_FILE)
     if not os.path.isfile(path):
         return []
-    import json
-
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f).get("eos_token_id")

@@ -53,8 +53,9 @@ CLIP_VISION = Table("clip-vision", (
     "embeddings.position_ids",  # a buffer of 0..P that older checkpoints saved; recomputed here
 ))
 
-# What a whole CLIPModel holds beside its vision tower: the text tower and the contrastive head.
-CLIP_MODEL_EXTRAS = Table("clip-model", (), ignore=(
+# The text tower CLIPModel and SiglipModel both hold beside the vision tower, under "text_model."
+# (names alike in both; each model's own head and scales are listed with it).
+HF_TEXT_TOWER = (
     "text_model.embeddings.token_embedding.weight",
     "text_model.embeddings.position_embedding.weight",
     "text_model.embeddings.position_ids",
@@ -76,6 +77,10 @@ CLIP_MODEL_EXTRAS = Table("clip-model", (), ignore=(
     "text_model.encoder.layers.{i}.mlp.fc2.bias",
     "text_model.final_layer_norm.weight",
     "text_model.final_layer_norm.bias",
+)
+
+# What a whole CLIPModel holds beside its vision tower: the text tower and the contrastive head.
+CLIP_MODEL_EXTRAS = Table("clip-model", (), ignore=HF_TEXT_TOWER + (
     "text_projection.weight",
     "visual_projection.weight",
     "logit_scale",

@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 
 from paddle_mm.config import VisionConfig
 from paddle_mm.errors import CheckpointError
-from paddle_mm.weights.clip import HF_VIT_ATTENTION, HF_VIT_NORMS_AND_MLP
+from paddle_mm.weights.clip import HF_TEXT_TOWER, HF_VIT_ATTENTION, HF_VIT_NORMS_AND_MLP
 from paddle_mm.weights.hf import read_config, read_tensors, tensor_index
 from paddle_mm.weights.mapping import Family, Rule, Table, load_mapped, refuse_inexpressible
 
@@ -44,28 +44,7 @@ SIGLIP_VISION = Table("siglip-vision", (
 ))
 
 # What a whole SiglipModel holds beside its vision tower: the text tower and the sigmoid loss's scale and bias.
-SIGLIP_MODEL_EXTRAS = Table("siglip-model", (), ignore=(
-    "text_model.embeddings.token_embedding.weight",
-    "text_model.embeddings.position_embedding.weight",
-    "text_model.embeddings.position_ids",
-    "text_model.encoder.layers.{i}.self_attn.q_proj.weight",
-    "text_model.encoder.layers.{i}.self_attn.q_proj.bias",
-    "text_model.encoder.layers.{i}.self_attn.k_proj.weight",
-    "text_model.encoder.layers.{i}.self_attn.k_proj.bias",
-    "text_model.encoder.layers.{i}.self_attn.v_proj.weight",
-    "text_model.encoder.layers.{i}.self_attn.v_proj.bias",
-    "text_model.encoder.layers.{i}.self_attn.out_proj.weight",
-    "text_model.encoder.layers.{i}.self_attn.out_proj.bias",
-    "text_model.encoder.layers.{i}.layer_norm1.weight",
-    "text_model.encoder.layers.{i}.layer_norm1.bias",
-    "text_model.encoder.layers.{i}.layer_norm2.weight",
-    "text_model.encoder.layers.{i}.layer_norm2.bias",
-    "text_model.encoder.layers.{i}.mlp.fc1.weight",
-    "text_model.encoder.layers.{i}.mlp.fc1.bias",
-    "text_model.encoder.layers.{i}.mlp.fc2.weight",
-    "text_model.encoder.layers.{i}.mlp.fc2.bias",
-    "text_model.final_layer_norm.weight",
-    "text_model.final_layer_norm.bias",
+SIGLIP_MODEL_EXTRAS = Table("siglip-model", (), ignore=HF_TEXT_TOWER + (
     "text_model.head.weight",
     "text_model.head.bias",
     "logit_scale",
