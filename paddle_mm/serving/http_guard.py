@@ -16,6 +16,7 @@ Why each one exists:
 from __future__ import annotations
 
 import re
+import select
 import socket
 import threading
 import time
@@ -83,12 +84,14 @@ def _hostname(netloc: str) -> str:
 
 def client_gone(sock: socket.socket) -> bool:
     """True once the peer has closed its end (it will read no answer): a peek at the socket that
-    does not block and does not take bytes a pipelined next request may hold."""
+    does not block and does not take bytes a pipelined next request may hold. select() first: on a
+    socket with a timeout, Python waits for data before a recv, MSG_DONTWAIT or not."""
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
     except (BlockingIOError, InterruptedError):
         return False
-    except OSError:
+    except (OSError, ValueError):  # reset, or already closed
         return True
 
 
@@ -120,6 +123,11 @@ class ArrivalTimer:
             late = sock in self._late
             self._late.discard(sock)
             return late
+
+    def late(self, sock: socket.socket) -> bool:
+        """True if sock's deadline has passed: what it sent was cut short, whatever it looks like."""
+        with self._lock:
+            return sock in self._late
 
     def close(self) -> None:
         self._stop.set()

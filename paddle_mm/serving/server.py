@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import sys
 import threading
 import traceback
@@ -118,10 +119,10 @@ class Engine:
     def _work(self) -> None:
         while True:
             job, events, cancelled = self._jobs.get()
-            if cancelled.is_set():
-                continue
             try:
                 with self.lock:
+                    if cancelled.is_set():  # its client left while it waited (for the queue or the lock)
+                        continue
                     stream = self._generate(job, lambda d: events.put(("delta", d)), cancelled)
                 events.put(("done", (stream.finish(), stream.ids, stream.stopped)))
             except Exception as e:  # handed to the request's thread, which answers with an error
@@ -234,17 +235,26 @@ class ChatHandler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (a bad request line, too many or too long headers, an unknown
         method) as JSON too; a request cut off by the arrival clock as 408."""
+        self.request_version = self.protocol_version  # a line that failed to parse still gets a status line
         if self.server.arrival.stop(self.connection):
-            code, message = 408, f"the request took longer than {self.server.limits.max_arrival_s:g} s to arrive"
+            self._error(self._arrived_late())
+            return
         self.close_connection = True
         short = self.responses.get(code, ("error",))[0]
-        self._error(ApiError(code, message or short, short.lower().replace(" ", "_")))
+        self._error(ApiError(code, message or short, re.sub(r"[^a-z]+", "_", short.lower())))
+
+    def _arrived_late(self) -> ApiError:
+        self.close_connection = True
+        return ApiError(408, f"the request took longer than {self.server.limits.max_arrival_s:g} s to arrive",
+                        "request_timeout")
 
     def do_GET(self):  # noqa: N802 (the name http.server dispatches to)
-        self.server.arrival.stop(self.connection)  # a GET has no body: it has arrived
+        late = self.server.arrival.stop(self.connection)  # a GET has no body: it has arrived
         path = self.path.split("?", 1)[0]
         engine = self.server.engine
         try:
+            if late:  # its headers were cut off
+                raise self._arrived_late()
             self._check_origin()
         except ApiError as e:
             self._error(e)
@@ -269,6 +279,8 @@ class ChatHandler(BaseHTTPRequestHandler):
         keep_alive = not self.close_connection
         self.close_connection = True  # until the body is read, any answer ends the connection
         try:
+            if server.arrival.late(self.connection):  # its headers were cut off
+                raise self._arrived_late()
             length = content_length(self.headers)  # framing we cannot trust: no body is read at all
             try:
                 if path != "/v1/chat/completions":
@@ -328,8 +340,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         if len(raw) < length:
             self.close_connection = True
             if late or stalled:
-                raise ApiError(408, f"the request body did not arrive within {self.server.limits.max_arrival_s:g} s",
-                               "request_timeout")
+                raise self._arrived_late()
             raise ApiError(400, f"the body ended after {len(raw)} of its {length} bytes", "incomplete_body")
         return raw
 
