@@ -164,7 +164,8 @@ def _serve(args) -> None:
     limits = ServerLimits(max_request_bytes=args.max_request_mb * 2**20, max_image_bytes=args.max_image_mb * 2**20,
                           max_image_pixels=args.max_image_pixels, max_tokens=args.max_tokens)
     serve(args.run_dir, host=args.host, port=args.port, model_name=args.model_name,
-          local_image_root=args.allow_local_images, limits=limits, num_threads=args.threads)
+          local_image_root=args.allow_local_images, limits=limits, num_threads=args.threads,
+          allowed_hosts=tuple(args.allow_host))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
     p.add_argument("--max-tokens", type=int, default=512, help="the most new tokens a request may ask for")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0: every core)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="bound to the loopback, also accept this Host name (a proxy's); repeatable")
     p.set_defaults(func=_serve)
     return parser
 

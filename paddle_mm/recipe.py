@@ -3,7 +3,9 @@
 A recipe is a YAML mapping, optionally naming ``base:`` files it inherits from, checked
 key by key against a dataclass schema. Every mistake (unknown key, wrong type, missing
 field) is a RecipeError naming the dotted key and the file (or command line override)
-that supplied it, so a bad recipe fails before any model is built.
+that supplied it, so a bad recipe fails before any model is built. Recipes come from strangers
+too (a run folder's recipe.yaml, a shared repository), so reading one is bounded: file size,
+alias expansion and nesting, and where ``base:`` may point (see load_recipe).
 """
 from __future__ import annotations
 
@@ -64,23 +66,94 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict]:
+# Bounds on what one YAML text may expand to. PyYAML builds an alias as a shared reference, so
+# a few lines of nested aliases (a "billion laughs") are a tiny object that every walk over the
+# recipe expands exponentially, and an anchor inside itself is a cycle no walk ends. A real
+# recipe is a few hundred values, three or four levels deep.
+MAX_RECIPE_BYTES = 2**20
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 50
+
+
+def _expanded_size(node, on_path: set, sizes: dict, depth: int = 0) -> int:
+    """How many values `node` stands for with every alias written out; RecipeError on a cycle."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in on_path:
+        raise RecipeError(f"line {node.start_mark.line + 1}: an anchor is used inside itself (a recursive alias)")
+    if depth > MAX_YAML_DEPTH:
+        raise RecipeError(f"line {node.start_mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep")
+    children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else \
+        node.value if isinstance(node, yaml.SequenceNode) else []
+    on_path.add(key)
+    size = 1 + sum(_expanded_size(c, on_path, sizes, depth + 1) for c in children)
+    on_path.discard(key)
+    if size > MAX_YAML_VALUES:
+        raise RecipeError(f"line {node.start_mark.line + 1}: expands to more than {MAX_YAML_VALUES} values "
+                          "(aliases nested inside aliases)")
+    sizes[key] = size
+    return size
+
+
+def _safe_yaml(text: str, where: str):
+    """yaml.safe_load, with the expansion bounds above checked on the node graph before any
+    Python object is built; every failure is a RecipeError naming `where` (and the line)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, set(), {})
+        return loader.construct_document(node)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}, {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{where}, line {mark.line + 1}" if mark is not None else where
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{at}: invalid YAML: {problem}") from None
+    except RecursionError:  # PyYAML composes recursively: thousands of '[' before any bound is seen
+        raise RecipeError(f"{where}: invalid YAML: nested more than {MAX_YAML_DEPTH} levels deep") from None
+    finally:
+        loader.dispose()
+
+
+def _read_text(path: Path) -> str:
+    """A recipe file's text: a regular file of at most MAX_RECIPE_BYTES (not /dev/zero or a FIFO)."""
+    try:
+        if not path.is_file():
+            raise RecipeError(f"{path}: cannot read recipe ({'not a regular file' if path.exists() else 'no such file'})")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: cannot read recipe (more than {MAX_RECIPE_BYTES} bytes)")
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: cannot read recipe (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
+
+
+def _base_path(path: Path, name: str, root: Path) -> Path:
+    """Where a `base:` entry of `path` points: relative to path's folder, and inside `root` (see
+    load_recipe), so a recipe from elsewhere (a run folder, a shared repository) cannot make
+    paddle_mm read files around it."""
+    if Path(name).is_absolute():
+        raise RecipeError(f"{path}: base {name!r} is an absolute path; name bases relative to the recipe's folder")
+    if not name.endswith((".yaml", ".yml")):
+        raise RecipeError(f"{path}: base {name!r} is not a .yaml or .yml file")
+    target = path.parent / name
+    if not target.resolve().is_relative_to(root):
+        raise RecipeError(f"{path}: base {name!r} is outside {root}, the folder a recipe's bases must stay in")
+    return target
+
+
+def _read(path: Path, chain: tuple[Path, ...], root: Path) -> tuple[dict, dict]:
     """Read one file and its bases, returning the merged data and the source of each key."""
     resolved = path.resolve()
     if resolved in chain:
         names = " -> ".join(str(p) for p in chain + (resolved,))
         raise RecipeError(f"recipe base cycle: {names}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(f"{where}: invalid YAML: {problem}") from None
+    data = _safe_yaml(_read_text(path), str(path))
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
@@ -91,7 +164,7 @@ def _read(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict]:
     merged: dict = {}
     sources: dict = {}
     for name in bases:
-        base_data, base_sources = _read(path.parent / name, chain + (resolved,))
+        base_data, base_sources = _read(_base_path(path, name, root), chain + (resolved,), root)
         merged = _merge(merged, base_data)
         sources.update(base_sources)
     # Stale entries for keys a later file replaced are harmless: only keys present are looked up.
@@ -105,10 +178,7 @@ def _apply_override(data: dict, sources: dict, override: str) -> None:
     key = key.strip()
     if not sep or not _KEY.fullmatch(key):
         raise RecipeError(f"{origin}: expected 'section.key=value'")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{origin}: value is not valid YAML ({exc})") from None
+    value = _safe_yaml(text, origin)
     parts = tuple(key.split("."))
     node = data
     for n, part in enumerate(parts[:-1]):
@@ -238,7 +308,9 @@ def _build(schema: type, data: Any, sources: dict, default: str) -> Any:
 def load_recipe(path: str | Path, schema: type, overrides: Sequence[str] = ()) -> Any:
     """Load ``path`` (with its bases and ``overrides``) into an instance of ``schema``."""
     path = Path(path)
-    data, sources = _read(path, ())
+    # A base may sit beside the recipe or in a sibling folder (recipes/clip_demo/clip.yaml names
+    # ../demo/base.yaml), so bases stay inside the recipe's folder's parent, and no further.
+    data, sources = _read(path, (), path.resolve().parent.parent)
     if isinstance(overrides, str):  # a lone string would otherwise be split into characters
         overrides = [overrides]
     for override in overrides:

@@ -140,17 +140,23 @@ def _read_json(path: str) -> dict:
     return data
 
 
-ImageInput = Union[str, os.PathLike, Image.Image]
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+# The formats a user means by "an image" (GIF: its first frame). Pillow knows dozens more, and
+# some are not safe to open from strangers: EPS runs Ghostscript where it is installed, and the
+# rarer decoders are the least exercised code. This is the one place images are decoded.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 
 def open_image(fp, source: str, max_pixels: int = 0) -> Image.Image:
     """Decode a path or binary file object fully as RGB; a DataError naming `source` if it is not
-    a readable image, an ImageTooLargeError if it has more than max_pixels (0: no limit).
+    a readable image of IMAGE_FORMATS, an ImageTooLargeError if it has more than max_pixels (0: no
+    limit beyond Pillow's own bomb check).
 
     The size is checked from the header, before the pixels are decoded.
     """
     try:
-        with Image.open(fp) as img:
+        with Image.open(fp, formats=IMAGE_FORMATS) as img:
             w, h = img.size
             if max_pixels and w * h > max_pixels:
                 raise ImageTooLargeError(source, f"{w}x{h} pixels is more than the limit of {max_pixels}")
@@ -158,6 +164,9 @@ def open_image(fp, source: str, max_pixels: int = 0) -> Image.Image:
             return img.convert("RGB")
     except ImageTooLargeError:
         raise
+    except Image.UnidentifiedImageError:
+        raise DataError(source, f"cannot read image: not a {', '.join(IMAGE_FORMATS)} file",
+                        reason="image_unreadable") from None
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(source, str(exc)) from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -218,11 +227,20 @@ class ImageProcessor:
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
     def __call__(self, images: Sequence[ImageInput]) -> np.ndarray:
-        """Paths or PIL images -> float32 ``[N, 3, size, size]``."""
-        arrays = [self.preprocess(im if isinstance(im, Image.Image) else self.load(im)) for im in images]
+        """Paths, PIL images or arrays preprocess() made (the server keeps a waiting request's
+        images so, at the model's size) -> float32 ``[N, 3, size, size]``."""
+        arrays = [self._prepared(im) if isinstance(im, np.ndarray)
+                  else self.preprocess(im if isinstance(im, Image.Image) else self.load(im)) for im in images]
         if not arrays:
             return np.zeros((0, 3, self.config.size, self.config.size), dtype=np.float32)
         return np.stack(arrays)
+
+    def _prepared(self, array: np.ndarray) -> np.ndarray:
+        size = self.config.size
+        if array.shape != (3, size, size) or array.dtype != np.float32:
+            raise ValueError(f"an image array must be what preprocess() returns, float32 [3, {size}, {size}]; "
+                             f"got {array.dtype} {list(array.shape)}")
+        return array
 
     def blank(self) -> np.ndarray:
         """The normalized form of a uniform mean-colour picture: all zeros, ``[3, size, size]``.

@@ -14,8 +14,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -33,16 +35,20 @@ class ServerLimits:
     max_request_bytes: int = 16 * 2**20
     max_image_bytes: int = 8 * 2**20  # decoded bytes of one image file
     max_image_pixels: int = 4096 * 4096
+    # All the images of one request together: a few KB of solid-colour PNGs can claim 8 images
+    # at the per-image limit, and each is decoded in full before it is shrunk to the model's size.
+    max_request_pixels: int = 2 * 4096 * 4096
     max_tokens: int = 512  # the most new tokens one request may ask for
     max_images: int = 8  # per request
-    max_pending: int = 64  # requests waiting for the model at once; more are refused with 503
+    max_pending: int = 64  # requests waiting for the model at once (a place taken before the body is read)
+    max_connections: int = 128  # open at once; more are answered 503 and closed
+    max_arrival_s: float = 60.0  # from a request's first byte to its body's last; then 408
 
 
 class ApiError(Exception):
     """A request the server refuses: an HTTP status and an OpenAI-style error body."""
 
-    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
-             411: "invalid_request_error", 413: "invalid_request_error", 503: "server_error", 500: "server_error"}
+    TYPES = {503: "server_error", 500: "server_error"}  # the rest: invalid_request_error
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
@@ -55,7 +61,9 @@ class ApiError(Exception):
 
 @dataclass
 class ChatJob:
-    sample: Sample  # images are decoded PIL images, in the order of their <image> tags
+    # images are in the order of their <image> tags: the model's input arrays when the server
+    # gave parse_chat_request its image processor's preprocess, else decoded PIL images
+    sample: Sample
     system: str
     infer: InferConfig  # the recipe's settings with the request's sampling parameters applied
     stream: bool = False
@@ -66,9 +74,28 @@ class ChatJob:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json_body(raw: bytes):
+    """A request body's JSON value; ApiError 400 for anything json.loads would not read as strict
+    JSON (bad syntax or UTF-8, NaN/Infinity, a 5000-digit number, nesting past the recursion limit)."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply", "invalid_json") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}", "invalid_json") from None
+
+
 def parse_chat_request(body, model_name: str, infer: InferConfig, limits: ServerLimits,
-                       local_image_root: str = "") -> ChatJob:
-    """Check a /v1/chat/completions body and turn it into a ChatJob; ApiError on anything wrong."""
+                       local_image_root: str = "", prepare_image: Callable | None = None) -> ChatJob:
+    """Check a /v1/chat/completions body and turn it into a ChatJob; ApiError on anything wrong.
+
+    prepare_image (the model's image preprocessing) is applied to each image as soon as it is
+    decoded, so a request waiting for the model holds its images at the model's size.
+    """
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = body.get("model")
@@ -107,7 +134,7 @@ def parse_chat_request(body, model_name: str, infer: InferConfig, limits: Server
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "invalid_type", "stream_options")
 
-    system, turns, images = _conversation(messages, infer, limits, local_image_root)
+    system, turns, images = _conversation(messages, infer, limits, local_image_root, prepare_image)
     sample = Sample(id="0", images=images, turns=turns, source="request", index=0)
     return ChatJob(sample=sample, system=system, infer=settings, stream=stream,
                    include_usage=bool(options.get("include_usage")), stop=_stop_strings(body.get("stop")), seed=seed)
@@ -130,11 +157,13 @@ def _stop_strings(stop) -> list[str]:
     return stops
 
 
-def _conversation(messages: list, infer: InferConfig, limits: ServerLimits, local_image_root: str):
+def _conversation(messages: list, infer: InferConfig, limits: ServerLimits, local_image_root: str,
+                  prepare_image: Callable | None):
     """(system text, ChatML turns, images) of the messages."""
     system_texts: list[str] = []
     turns: list[tuple[str, str]] = []
     images = []
+    pixels_left = limits.max_request_pixels
     for i, m in enumerate(messages):
         param = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -153,8 +182,11 @@ def _conversation(messages: list, infer: InferConfig, limits: ServerLimits, loca
             raise ApiError(400, f"{param}: an assistant message cannot hold images", "invalid_value", param)
         if len(images) + len(urls) > limits.max_images:
             raise ApiError(400, f"more than {limits.max_images} images in one request", "too_many_images", param)
-        images += [decode_image_url(url, limits, local_image_root, f"{param}.content[image {k}]")
-                   for k, url in enumerate(urls)]
+        for k, url in enumerate(urls):  # one at a time, each shrunk before the next is decoded
+            image, pixels = decode_image_url(url, limits, local_image_root, f"{param}.content[image {k}]",
+                                             pixels_left, prepare_image)
+            images.append(image)
+            pixels_left -= pixels
         text = "\n".join(texts).strip()
         if role == "user":
             text = user_text(text, len(urls), infer)
@@ -191,6 +223,11 @@ def _content_parts(content, param: str) -> tuple[list[str], list[str]]:
             for token in SPECIAL_TOKENS:  # they would break the chat template or the image count
                 if token in part["text"]:
                     raise ApiError(400, f"{where}: the text may not contain {token!r}", "invalid_value", where)
+            try:  # JSON may carry a lone surrogate ("\ud800"), which no tokenizer can encode
+                part["text"].encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, f"{where}: the text is not valid Unicode (a lone surrogate)", "invalid_value",
+                               where) from None
             texts.append(part["text"])
         elif kind == "image_url":
             image_url = part.get("image_url")
@@ -206,8 +243,10 @@ def _content_parts(content, param: str) -> tuple[list[str], list[str]]:
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+(=[^;,]*)?)*),(?P<data>.*)$", re.S)
 
 
-def decode_image_url(url: str, limits: ServerLimits, local_image_root: str, where: str):
-    """A data: URL (base64), or a local path under local_image_root when one is set -> RGB PIL image."""
+def decode_image_url(url: str, limits: ServerLimits, local_image_root: str, where: str,
+                     pixels_left: int | None = None, prepare: Callable | None = None) -> tuple:
+    """A data: URL (base64), or a local path under local_image_root when one is set -> (the RGB
+    PIL image, or prepare(it); its pixel count). pixels_left: what the request may still decode."""
     if url.startswith("data:"):
         match = _DATA_URL.match(url)
         if not match or ";base64" not in match.group("params"):
@@ -221,7 +260,7 @@ def decode_image_url(url: str, limits: ServerLimits, local_image_root: str, wher
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(400, f"{where}: the data URL is not valid base64", "invalid_image_url") from None
-        return _open(io.BytesIO(data), where, limits)
+        return _open(io.BytesIO(data), where, limits, pixels_left, prepare)
     if url.startswith(("http://", "https://")):
         raise ApiError(400, f"{where}: this server fetches no URLs; send the image as a base64 data URL",
                        "invalid_image_url")
@@ -235,16 +274,30 @@ def decode_image_url(url: str, limits: ServerLimits, local_image_root: str, wher
         raise ApiError(400, f"{where}: {path!r} is not a file inside the allowed image folder", "invalid_image_url")
     if os.path.getsize(real) > limits.max_image_bytes:
         raise ApiError(413, f"{where}: the image is larger than {limits.max_image_bytes} bytes", "image_too_large")
-    return _open(real, where, limits)
+    return _open(real, where, limits, pixels_left, prepare)
 
 
-def _open(fp, where: str, limits: ServerLimits):
-    try:
-        return open_image(fp, where, limits.max_image_pixels)
-    except ImageTooLargeError as e:
-        raise ApiError(413, str(e), "image_too_large") from None
-    except DataError as e:
-        raise ApiError(400, f"{e} (is it an image file?)", "invalid_image") from None
+# Images decoded at once in this process, whatever the number of requests: a full-size decode
+# is tens of MB before it is shrunk, and one model thread cannot use more than a few ready.
+_DECODING = threading.BoundedSemaphore(2)
+
+
+def _open(fp, where: str, limits: ServerLimits, pixels_left: int | None, prepare: Callable | None):
+    budget = limits.max_image_pixels if pixels_left is None else min(limits.max_image_pixels, pixels_left)
+    with _DECODING:
+        try:
+            image = open_image(fp, where, max(budget, 1))
+        except ImageTooLargeError as e:
+            if budget < limits.max_image_pixels:
+                raise ApiError(413, f"{e}: the request's images may hold {limits.max_request_pixels} pixels "
+                               "in all", "image_too_large") from None
+            raise ApiError(413, str(e), "image_too_large") from None
+        except DataError as e:
+            raise ApiError(400, f"{e} (is it an image file?)", "invalid_image") from None
+        pixels = image.width * image.height
+        out = prepare(image) if prepare is not None else image
+        del image  # the full-size decode goes now, not when the request is answered
+    return out, pixels
 
 
 def completion_body(job: ChatJob, model: str, text: str, finish_reason: str, usage: dict) -> dict:

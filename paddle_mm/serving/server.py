@@ -7,20 +7,36 @@
 Requests are read and checked on one thread each, but one model thread answers them, one at a
 time: decoding holds a KV cache and Paddle's global RNG, and Paddle keeps per-thread kernel
 caches, so a new thread per request ran several times slower than one warm thread. Streamed
-text goes back through a queue, so a slow reader does not hold up the model. Requests waiting
-beyond ServerLimits.max_pending are refused with 503 instead of piling up. Every refusal is an OpenAI-style JSON error with a 4xx
-status, and the server goes on serving.
+text goes back through a queue, so a slow reader does not hold up the model.
+
+Crafted requests are refused early and cheaply (see ServerLimits and http_guard.py): a request
+is framed by one plain Content-Length, JSON only, its Host/Origin checked when bound to the
+loopback; it takes a place among ServerLimits.max_pending before its body is read (503 past
+them), must arrive within max_arrival_s (408), and its images are decoded one at a time within a
+per-request pixel budget and kept at the model's size while it waits. Connections past
+max_connections get a 503 and are closed. A generation stops when its client leaves. Every
+refusal is an OpenAI-style JSON error with a 4xx status, and the server goes on serving.
 """
 from __future__ import annotations
 
 import json
 import os
 import queue
+import re
 import sys
 import threading
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from paddle_mm.serving.http_guard import (
+    LOOPBACK_NAMES,
+    ArrivalTimer,
+    check_content_type,
+    check_origin,
+    client_gone,
+    content_length,
+    is_loopback,
+)
 from paddle_mm.serving.openai_api import (
     ApiError,
     ChatJob,
@@ -30,6 +46,7 @@ from paddle_mm.serving.openai_api import (
     chunk_body,
     completion_body,
     parse_chat_request,
+    parse_json_body,
 )
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
@@ -65,15 +82,22 @@ class Engine:
                            "messages")
         return len(ids)
 
-    def answer(self, job: ChatJob, on_delta=None) -> tuple[str, str, dict]:
+    def answer(self, job: ChatJob, on_delta=None, gone=None) -> tuple[str, str, dict]:
         """(text, finish_reason, usage), computed on the model thread; on_delta(text), called on this
-        thread, sees the answer as it grows. If on_delta raises (the client left), decoding stops."""
+        thread, sees the answer as it grows. If on_delta raises, or gone() turns true (the client
+        left; asked a few times a second, queued or not), decoding stops (ConnectionAbortedError)."""
         prompt_tokens = self.check_length(job)
         events: queue.Queue = queue.Queue()
         cancelled = threading.Event()
         self._jobs.put((job, events, cancelled))
         while True:
-            kind, value = events.get()
+            try:
+                kind, value = events.get(timeout=None if gone is None else 0.25)
+            except queue.Empty:
+                if gone():
+                    cancelled.set()
+                    raise ConnectionAbortedError("the client left before its answer") from None
+                continue
             if kind == "delta":
                 if on_delta is not None:
                     try:
@@ -95,10 +119,10 @@ class Engine:
     def _work(self) -> None:
         while True:
             job, events, cancelled = self._jobs.get()
-            if cancelled.is_set():
-                continue
             try:
                 with self.lock:
+                    if cancelled.is_set():  # its client left while it waited (for the queue or the lock)
+                        continue
                     stream = self._generate(job, lambda d: events.put(("delta", d)), cancelled)
                 events.put(("done", (stream.finish(), stream.ids, stream.stopped)))
             except Exception as e:  # handed to the request's thread, which answers with an error
@@ -130,13 +154,54 @@ class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000,
-                 limits: ServerLimits | None = None, local_image_root: str = "", access_log: bool = False):
+                 limits: ServerLimits | None = None, local_image_root: str = "", access_log: bool = False,
+                 allowed_hosts: tuple[str, ...] = ()):
         self.engine = engine
         self.limits = limits or ServerLimits()
         self.local_image_root = local_image_root
         self.access_log = access_log
         self.pending = threading.BoundedSemaphore(self.limits.max_pending)
+        self.connections = threading.BoundedSemaphore(self.limits.max_connections)
+        self.arrival = ArrivalTimer(self.limits.max_arrival_s)
         super().__init__((host, port), ChatHandler)
+        # Bound to the loopback, only local names may reach it (DNS rebinding); bound elsewhere the
+        # operator chose to expose it, and its names are not ours to guess (None: no check).
+        loopback = is_loopback(self.server_address[0])
+        self.allowed_hosts = LOOPBACK_NAMES + tuple(h.lower() for h in allowed_hosts) if loopback else None
+
+    def process_request(self, request, client_address):
+        """One thread per connection, up to max_connections; past them a 503 and the door closes."""
+        if not self.connections.acquire(blocking=False):
+            self._turn_away(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # the thread did not start, so it will not release its place
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def _turn_away(self, request) -> None:
+        err = ApiError(503, f"the server has {self.limits.max_connections} connections open; retry later",
+                       "server_busy")
+        body = json.dumps(err.body()).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.settimeout(1.0)  # on the accepting thread: never wait on this client
+            request.sendall(head + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def server_close(self):
+        self.arrival.close()
+        super().server_close()
 
     @property
     def url(self) -> str:
@@ -151,9 +216,49 @@ class ChatHandler(BaseHTTPRequestHandler):
     timeout = 120  # a client silent this long (idle keep-alive included) is dropped
     server: ChatServer
 
+    def handle_one_request(self):
+        """http.server's, with the arrival clock running from the request's first byte (the wait
+        for it is a keep-alive connection's idle time, bounded by `timeout`) until its body is read."""
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True  # the client closed between requests
+                return
+        except OSError:  # idle past `timeout`, or reset
+            self.close_connection = True
+            return
+        self.server.arrival.start(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.arrival.stop(self.connection)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a bad request line, too many or too long headers, an unknown
+        method) as JSON too; a request cut off by the arrival clock as 408."""
+        self.request_version = self.protocol_version  # a line that failed to parse still gets a status line
+        if self.server.arrival.stop(self.connection):
+            self._error(self._arrived_late())
+            return
+        self.close_connection = True
+        short = self.responses.get(code, ("error",))[0]
+        self._error(ApiError(code, message or short, re.sub(r"[^a-z]+", "_", short.lower())))
+
+    def _arrived_late(self) -> ApiError:
+        self.close_connection = True
+        return ApiError(408, f"the request took longer than {self.server.limits.max_arrival_s:g} s to arrive",
+                        "request_timeout")
+
     def do_GET(self):  # noqa: N802 (the name http.server dispatches to)
+        late = self.server.arrival.stop(self.connection)  # a GET has no body: it has arrived
         path = self.path.split("?", 1)[0]
         engine = self.server.engine
+        try:
+            if late:  # its headers were cut off
+                raise self._arrived_late()
+            self._check_origin()
+        except ApiError as e:
+            self._error(e)
+            return
         if path in ("/", "/chat"):
             with open(PAGE, "rb") as f:
                 self._send(200, f.read(), "text/html; charset=utf-8")
@@ -170,24 +275,39 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802
         path = self.path.split("?", 1)[0]
+        server = self.server
+        keep_alive = not self.close_connection
+        self.close_connection = True  # until the body is read, any answer ends the connection
         try:
-            body = self._read_json()
-            if path != "/v1/chat/completions":
-                raise ApiError(404, f"no such path: POST {path}", "not_found")
-            server = self.server
-            job = parse_chat_request(body, server.engine.model_name, server.engine.recipe.infer, server.limits,
-                                     server.local_image_root)
-            if not server.pending.acquire(blocking=False):
-                raise ApiError(503, f"the server is busy ({server.limits.max_pending} requests waiting); retry later",
-                               "server_busy")
+            if server.arrival.late(self.connection):  # its headers were cut off
+                raise self._arrived_late()
+            length = content_length(self.headers)  # framing we cannot trust: no body is read at all
             try:
+                if path != "/v1/chat/completions":
+                    raise ApiError(404, f"no such path: POST {path}", "not_found")
+                self._check_origin()
+                check_content_type(self.headers)
+                if length > server.limits.max_request_bytes:
+                    raise ApiError(413, f"the request body has {length} bytes; the limit is "
+                                   f"{server.limits.max_request_bytes}", "request_too_large")
+                if not server.pending.acquire(blocking=False):
+                    raise ApiError(503, f"the server is busy ({server.limits.max_pending} requests waiting); "
+                                   "retry later", "server_busy")
+            except ApiError:
+                self._discard(length)
+                raise
+            try:
+                body = parse_json_body(self._read_body(length))
+                self.close_connection = not keep_alive
+                job = parse_chat_request(body, server.engine.model_name, server.engine.recipe.infer, server.limits,
+                                         server.local_image_root, server.engine.image_processor.preprocess)
                 (self._stream if job.stream else self._complete)(job)
             finally:
                 server.pending.release()
         except ApiError as e:
             self._error(e)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client left; nothing to answer
+        except ConnectionError:  # the client left (a broken pipe, a reset, or gone while waiting)
+            self.close_connection = True
         except Exception:  # a bug, not the client's fault: say so, keep serving
             traceback.print_exc(file=sys.stderr)
             self._error(ApiError(500, "internal server error (see the server log)", "internal_error"))
@@ -195,33 +315,37 @@ class ChatHandler(BaseHTTPRequestHandler):
     def _model_card(self) -> dict:
         return {"id": self.server.engine.model_name, "object": "model", "created": 0, "owned_by": "paddle_mm"}
 
-    def _read_json(self):
-        limit = self.server.limits.max_request_bytes
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True
-            raise ApiError(411, "chunked request bodies are not accepted; send Content-Length", "length_required")
+    def _check_origin(self) -> None:
+        if self.server.allowed_hosts is not None:
+            check_origin(self.headers, self.server.allowed_hosts)
+
+    def _discard(self, length: int) -> None:
+        """Read and drop the body of a refused request (up to a bound, and within the arrival
+        clock), or closing the socket with it unread may reset the connection before the client
+        has read the refusal."""
+        left = length if length <= 8 * self.server.limits.max_request_bytes else 0
         try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(411, "the request needs a Content-Length header", "length_required") from None
-        if length > limit:
-            self.close_connection = True
-            # Read what was sent (up to a bound), or closing the socket may reset the connection
-            # before the client has read this 413.
-            left = length if length <= 8 * limit else 0
             while left > 0:
                 got = len(self.rfile.read(min(2**20, left)))
                 left = left - got if got else 0
-            raise ApiError(413, f"the request body has {length} bytes; the limit is {limit}", "request_too_large")
-        raw = self.rfile.read(length)
+        except OSError:
+            pass
+
+    def _read_body(self, length: int) -> bytes:
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
+            raw, stalled = self.rfile.read(length), False
+        except TimeoutError:  # one read waited `timeout`: the arrival clock's job, done by the socket
+            raw, stalled = b"", True
+        late = self.server.arrival.stop(self.connection)
+        if len(raw) < length:
+            self.close_connection = True
+            if late or stalled:
+                raise self._arrived_late()
+            raise ApiError(400, f"the body ended after {len(raw)} of its {length} bytes", "incomplete_body")
+        return raw
 
     def _complete(self, job: ChatJob) -> None:
-        text, finish, usage = self.server.engine.answer(job)
+        text, finish, usage = self.server.engine.answer(job, gone=lambda: client_gone(self.connection))
         self._send_json(200, completion_body(job, self.server.engine.model_name, text, finish, usage))
 
     def _stream(self, job: ChatJob) -> None:
@@ -240,11 +364,12 @@ class ChatHandler(BaseHTTPRequestHandler):
 
         event(chunk_body(job, model, {"role": "assistant", "content": ""}))
         try:
-            _, finish, usage = self.server.engine.answer(job, lambda d: event(chunk_body(job, model, {"content": d})))
+            _, finish, usage = self.server.engine.answer(job, lambda d: event(chunk_body(job, model, {"content": d})),
+                                                         gone=lambda: client_gone(self.connection))
         except ApiError as e:
             event(e.body())
             return
-        except (BrokenPipeError, ConnectionResetError):
+        except ConnectionError:
             raise
         except Exception:
             traceback.print_exc(file=sys.stderr)
@@ -280,15 +405,18 @@ class ChatHandler(BaseHTTPRequestHandler):
 
 def make_server(run_dir: str, host: str = "127.0.0.1", port: int = 8000, model_name: str = "",
                 limits: ServerLimits | None = None, local_image_root: str = "", access_log: bool = False,
-                num_threads: int = 0) -> ChatServer:
-    """Load the run and bind; port 0 picks a free port (see .url). Call serve_forever() to run."""
-    return ChatServer(Engine(run_dir, model_name, num_threads), host, port, limits, local_image_root, access_log)
+                num_threads: int = 0, allowed_hosts: tuple[str, ...] = ()) -> ChatServer:
+    """Load the run and bind; port 0 picks a free port (see .url). Call serve_forever() to run.
+    allowed_hosts: Host names accepted besides the loopback's, when bound to it (a proxy's)."""
+    return ChatServer(Engine(run_dir, model_name, num_threads), host, port, limits, local_image_root, access_log,
+                      allowed_hosts)
 
 
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, model_name: str = "",
-          local_image_root: str = "", limits: ServerLimits | None = None, num_threads: int = 0) -> None:
+          local_image_root: str = "", limits: ServerLimits | None = None, num_threads: int = 0,
+          allowed_hosts: tuple[str, ...] = ()) -> None:
     server = make_server(run_dir, host, port, model_name, limits, local_image_root, access_log=True,
-                         num_threads=num_threads)
+                         num_threads=num_threads, allowed_hosts=allowed_hosts)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"paddle-mm: warning: listening on {host}: anyone who can reach it may use the model "
               "(there is no authentication)", file=sys.stderr)

@@ -7,9 +7,11 @@ here directly; bf16 is widened to fp32 by placing its 16 bits in the top half of
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,9 +32,12 @@ def read_config(folder: str) -> dict:
         raise CheckpointError(f"{folder}: no config.json")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read config ({e})") from e
+            raw = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: cannot read config ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: cannot read config (expected a JSON object, got {type(raw).__name__})")
+    return raw
 
 
 # The whole models a Hugging Face folder as downloaded can be run as (paddle-mm infer FOLDER).
@@ -50,16 +55,33 @@ def whole_model_type(folder: str) -> str | None:
     return kind if kind in WHOLE_MODEL_TYPES else None
 
 
+def _shard_names(index: str) -> list[str]:
+    """The shard file names an index's weight_map names, each a plain path inside its folder.
+
+    The check is on the names, not on where symlinks lead: the Hugging Face cache links every
+    file of a snapshot to a blob outside it, and that is a folder as downloaded.
+    """
+    try:
+        with open(index, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{index}: not a safetensors shard index ({type(e).__name__}: {e})") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a safetensors shard index (no weight_map of tensor names to file names)")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        parts = name.replace("\\", "/").split("/")
+        if not name or os.path.isabs(name) or ".." in parts or "" in parts or "\0" in name:
+            raise CheckpointError(f"{index}: the shard name {name[:200]!r} is not a file inside the folder")
+    return names
+
+
 def safetensors_files(folder: str) -> list[str]:
     """The weight files of a folder: those the shard index names, or the single file."""
     index = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors shard index ({e})") from e
-        files = [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+        files = [os.path.join(folder, name) for name in _shard_names(index)]
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
             raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
@@ -76,55 +98,124 @@ def safetensors_files(folder: str) -> list[str]:
     raise CheckpointError(f"{folder}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}){hint}")
 
 
-def _header(data, path: str) -> tuple[dict, int]:
-    """(header, offset of the data body) of a safetensors file's bytes; errors name the file."""
+# The reference implementation's bound (safetensors' MAX_HEADER_SIZE): a header is a table of
+# names, shapes and offsets, so 100 MB is thousands of times what a real checkpoint needs.
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # the safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int  # byte range in the data body, after the header
+    end: int
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"the key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+    return dict(pairs)
+
+
+def _header(data, path: str) -> tuple[list[TensorInfo], int]:
+    """(the tensors, in data order; offset of the data body) of a safetensors file's bytes.
+
+    Checked as the reference implementation checks it, before any tensor is allocated: a
+    bounded header size, a JSON object of {dtype, shape, data_offsets} records (and string
+    metadata), known dtypes, shapes whose byte count is their range's, and ranges that tile
+    the data body exactly, so no byte is read twice and none points outside the file. Every
+    problem is a CheckpointError naming the file (and the tensor).
+    """
     if len(data) < 8:
         raise CheckpointError(f"{path}: not a safetensors file ({len(data)} bytes)")
     (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: not a safetensors file (a header of {header_len} bytes; "
+                              f"the limit is {MAX_HEADER_BYTES})")
     if 8 + header_len > len(data):
         raise CheckpointError(f"{path}: truncated (header of {header_len} bytes, file of {len(data)})")
     try:
-        header = json.loads(bytes(data[8: 8 + header_len]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    if not isinstance(header, dict):
+        raw = json.loads(bytes(data[8: 8 + header_len]), object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a duplicate key, a 5000-digit number
+        raise CheckpointError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    return header, 8 + header_len
+    metadata = raw.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
+    tensors = sorted((_tensor_info(name, info, path) for name, info in raw.items()), key=lambda t: (t.start, t.end))
+    body = len(data) - 8 - header_len
+    expected = 0
+    for t in tensors:
+        if t.start != expected:
+            problem = "overlaps the tensor before it" if t.start < expected else "leaves a gap after the tensor before it"
+            raise CheckpointError(f"{path}: tensor {t.name} {problem} (its data starts at byte {t.start}, "
+                                  f"the data before it ends at {expected})")
+        if t.end > body:
+            raise CheckpointError(f"{path}: truncated: tensor {t.name} needs bytes up to {t.end}, file body has {body}")
+        expected = t.end
+    if expected != body:
+        raise CheckpointError(f"{path}: corrupt safetensors file ({body - expected} bytes after the last tensor's data)")
+    return tensors, 8 + header_len
+
+
+def _tensor_info(name: str, info, path: str) -> TensorInfo:
+    where = f"{path}: tensor {name}"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{where}: expected a record of dtype, shape and data_offsets, got {str(info)[:200]}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"{where} has unsupported dtype {str(dtype)[:40]}")
+
+    def count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(shape, list) or not all(count(d) for d in shape):
+        raise CheckpointError(f"{where}: the shape must be a list of sizes, got {str(shape)[:200]}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: data_offsets must be [start, end] with start <= end, got {str(offsets)[:200]}")
+    nbytes = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+    if nbytes != offsets[1] - offsets[0]:
+        raise CheckpointError(f"{where}: shape {shape} in {dtype} is {nbytes} bytes, but its data_offsets "
+                              f"span {offsets[1] - offsets[0]}")
+    return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _mapped(path: str):
+    """The file's bytes, memory-mapped (b"" for an empty file, which mmap refuses)."""
+    try:
+        with open(path, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else b""
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from e
 
 
 def read_safetensors(path: str, to_float32: bool = True) -> dict[str, np.ndarray]:
-    """All tensors of one file; a truncated file or an unknown dtype is an error naming the tensor.
+    """All tensors of one file, after the whole header is checked (see _header).
 
     The file is memory-mapped, so a 10 GB shard is not held twice while it is converted.
     """
+    data = _mapped(path)
     try:
-        with open(path, "rb") as f:
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else b""
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from e
-    header, body_start = _header(data, path)
-    body = memoryview(data)[body_start:]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        start, end = info["data_offsets"]
-        if end > len(body):
-            raise CheckpointError(f"{path}: truncated: tensor {name} needs bytes up to {end}, file body has {len(body)}")
-        array = np.frombuffer(body[start:end], dtype=dtype).reshape(info["shape"])
-        if info["dtype"] == "BF16":
-            array = (array.astype(np.uint32) << 16).view(np.float32) if to_float32 else array.copy()
-        elif to_float32 and array.dtype in (np.float16, np.float64):
-            array = array.astype(np.float32)
-        else:
-            array = array.copy()  # own the memory: the map is closed when this function returns
-        out[name] = array
-    del body
-    if isinstance(data, mmap.mmap):
-        data.close()
+        tensors, body_start = _header(data, path)
+        body = memoryview(data)[body_start:]
+        out = {}
+        for t in tensors:
+            array = np.frombuffer(body[t.start:t.end], dtype=_DTYPES[t.dtype]).reshape(t.shape)
+            if t.dtype == "BF16":
+                array = (array.astype(np.uint32) << 16).view(np.float32) if to_float32 else array.copy()
+            elif to_float32 and array.dtype in (np.float16, np.float64):
+                array = array.astype(np.float32)
+            else:
+                array = array.copy()  # own the memory: the map is closed when this function returns
+            out[t.name] = array
+        del body
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
     return out
 
 
@@ -135,11 +226,13 @@ def tensor_index(folder: str) -> dict[str, tuple[str, str]]:
     """
     index = {}
     for path in safetensors_files(folder):
-        with open(path, "rb") as f:
-            head = f.read(8)
-            size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-            header, _ = _header(head + f.read(size), path)
-        index.update({k: (path, v.get("dtype", "?")) for k, v in header.items() if k != "__metadata__"})
+        data = _mapped(path)  # mapped, not read: only the header's pages are touched
+        try:
+            tensors, _ = _header(data, path)
+        finally:
+            if isinstance(data, mmap.mmap):
+                data.close()
+        index.update({t.name: (path, t.dtype) for t in tensors})
     return index
 
 

@@ -8,7 +8,8 @@ import pytest
 from tiny import make_tiny_recipe
 
 # Small limits, so the tests can cross them with small files.
-LIMITS = dict(max_request_bytes=400_000, max_image_bytes=100_000, max_image_pixels=200 * 200, max_tokens=16)
+LIMITS = dict(max_request_bytes=400_000, max_image_bytes=100_000, max_image_pixels=200 * 200,
+              max_request_pixels=300 * 200, max_tokens=16)
 
 
 @pytest.fixture(scope="session")
