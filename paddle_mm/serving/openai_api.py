@@ -20,6 +20,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from paddle_mm.config import InferConfig
@@ -27,7 +28,6 @@ from paddle_mm.data.image import open_image
 from paddle_mm.data.readers import Sample
 from paddle_mm.data.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS
 from paddle_mm.errors import DataError, ImageTooLargeError
-from paddle_mm.inference.streaming import StopGeneration, TextStream  # noqa: F401 (the server's names)
 
 
 @dataclass

@@ -28,6 +28,7 @@ import threading
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from paddle_mm.inference.streaming import StopGeneration, TextStream
 from paddle_mm.serving.http_guard import (
     LOOPBACK_NAMES,
     ArrivalTimer,
@@ -41,8 +42,6 @@ from paddle_mm.serving.openai_api import (
     ApiError,
     ChatJob,
     ServerLimits,
-    StopGeneration,
-    TextStream,
     chunk_body,
     completion_body,
     parse_chat_request,
@@ -56,14 +55,14 @@ class Engine:
     """The model of one run folder and the one thread that runs it, answering one ChatJob at a time."""
 
     def __init__(self, run_dir: str, model_name: str = "", num_threads: int = 0):
-        from paddle_mm.builder import image_processor_for
-        from paddle_mm.run_folder import load_run
+        from paddle_mm.api import load  # a run folder or a downloaded one, as the Python API loads it
         from paddle_mm.runtime import configure_cpu
 
-        configure_cpu(num_threads)
-        self.recipe, cfg, self.tokenizer, self.model = load_run(run_dir)
-        self.image_processor = image_processor_for(self.recipe)
-        self.max_positions = cfg.lm.max_position_embeddings
+        vlm = load(run_dir)
+        configure_cpu(num_threads)  # after load, which sets every core
+        self.recipe, self.tokenizer, self.model, self.image_processor = (vlm.recipe, vlm.tokenizer, vlm.model,
+                                                                         vlm.image_processor)
+        self.max_positions = self.model.config.lm.max_position_embeddings
         self.model_name = model_name or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
         self.lock = threading.Lock()  # held while a job runs
         self._jobs: queue.Queue = queue.Queue()
