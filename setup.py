@@ -12,6 +12,7 @@ setup(
     python_requires=">=3.10",
     # Pinned versions live in requirements.txt (a set checked to install together);
     # these are the direct needs, unpinned so the package composes with other pins.
-    install_requires=["paddlepaddle", "paddleformers", "tokenizers", "pillow", "numpy", "pyyaml", "safetensors"],
+    # jinja2: checkpoint chat templates (PaddleFormers brings it too, but paddle_mm uses it directly)
+    install_requires=["paddlepaddle", "paddleformers", "tokenizers", "pillow", "numpy", "pyyaml", "safetensors", "jinja2"],
     entry_points={"console_scripts": ["paddle-mm=paddle_mm.cli:main"]},
 )
