@@ -3,7 +3,8 @@
 Every formula, constant and quirk follows pycocoevalcap (the COCO caption evaluation code), so
 scores computed here can be compared with published COCO / NoCaps / Flickr30k numbers without
 needing Java. Only the tokenizer differs: pycocoevalcap runs the Stanford PTB tokenizer, while
-``tokenize`` below is a small pure-Python approximation of its output for ordinary captions.
+``tokenize`` below is a small pure-Python approximation of its output for ordinary captions
+(brackets and abbreviations included; tests/eval/metrics checks it against PTB's own output).
 
 All scorers take ``refs: {image_id: [reference caption, ...]}`` and
 ``hyps: {image_id: hypothesis caption}`` with the same image ids, and tokenize both sides.
@@ -20,10 +21,16 @@ __all__ = ["tokenize", "bleu", "rouge_l", "cider_d", "caption_report"]
 # PTB splits these clitics off as their own tokens ("don't" -> "do n't", "man's" -> "man 's").
 _CLITICS = ("n't", "'s", "'re", "'ve", "'ll", "'d", "'m")
 _CLITIC_RE = re.compile(r"(?<=[a-z])(n't|'s|'re|'ve|'ll|'d|'m)\b")
-# Marks pycocoevalcap drops after PTB tokenization (its PUNCTUATIONS list: quotes, brackets,
-# . ? ! , : ; - -- ...). Brackets and braces are dropped too, for simplicity.
-_PUNCT_RE = re.compile(r"[,!?;:\"`()\[\]{}]")
+# Marks pycocoevalcap drops after PTB tokenization (its PUNCTUATIONS list: quotes, . ? ! , : ; -
+# -- ...). PTB writes brackets as -LRB- / -RRB- (and -LSB-, -LCB-, ...); run with -lowerCase they
+# become "-lrb-", which that (upper-case) list does not match, so they stay as words.
+_PUNCT_RE = re.compile(r"[,!?;:\"`]")
+_BRACKETS = {"(": " -lrb- ", ")": " -rrb- ", "[": " -lsb- ", "]": " -rsb- ", "{": " -lcb- ", "}": " -rcb- "}
+_BRACKET_RE = re.compile(r"[()\[\]{}]")
+_KEPT_WHOLE = frozenset(_CLITICS) | {b.strip() for b in _BRACKETS.values()}
 _PERIOD_RE = re.compile(r"\.(?!\d)")  # keep decimal points ("2.5"), drop full stops
+# PTB keeps the periods of abbreviations made of single letters: "p.m.", "u.s.", "m."
+_ABBREVIATION_RE = re.compile(r"(?:[a-z]\.)+")
 
 
 def tokenize(text: str) -> list[str]:
@@ -31,16 +38,19 @@ def tokenize(text: str) -> list[str]:
 
     Approximates pycocoevalcap's PTBTokenizer + punctuation filter for plain captions:
     clitics become separate tokens, hyphenated words stay whole ("black-and-white"), lone
-    hyphens/quotes and the marks . , ! ? ; : " ` ( ) [ ] { } are removed.
+    hyphens/quotes and the marks . , ! ? ; : " ` are removed, brackets become -lrb- / -rrb-
+    (-lsb-, -rsb-, -lcb-, -rcb-) and single-letter abbreviations keep their periods.
     """
     text = _CLITIC_RE.sub(r" \1", text.lower())
-    text = _PERIOD_RE.sub(" ", _PUNCT_RE.sub(" ", text))
+    text = _BRACKET_RE.sub(lambda m: _BRACKETS[m.group()], _PUNCT_RE.sub(" ", text))
     tokens = []
-    for tok in text.split():
-        if tok not in _CLITICS:
-            tok = tok.strip("'-")
-        if tok:
-            tokens.append(tok)
+    for word in text.split():
+        pieces = [word] if _ABBREVIATION_RE.fullmatch(word) else _PERIOD_RE.sub(" ", word).split()
+        for tok in pieces:
+            if tok not in _KEPT_WHOLE and not _ABBREVIATION_RE.fullmatch(tok):
+                tok = tok.strip("'-")
+            if tok:
+                tokens.append(tok)
     return tokens
 
 

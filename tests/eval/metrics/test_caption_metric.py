@@ -9,10 +9,11 @@ from paddle_mm.eval.metrics.caption import bleu, caption_report, cider_d, rouge_
 
 
 def test_tokenize_lowercases_and_drops_punctuation():
+    # each expected list is what pycocoevalcap's PTBTokenizer printed for the same text
     assert tokenize("A Dog, running!") == ["a", "dog", "running"]
     assert tokenize("Don't the man's black-and-white dog -- 2.5 m.") == [
-        "do", "n't", "the", "man", "'s", "black-and-white", "dog", "2.5", "m"]
-    assert tokenize('"quoted" (text); here?') == ["quoted", "text", "here"]
+        "do", "n't", "the", "man", "'s", "black-and-white", "dog", "2.5", "m."]
+    assert tokenize('"quoted" (text); here?') == ["quoted", "-lrb-", "text", "-rrb-", "here"]
 
 
 def test_identical_caption_is_perfect():
