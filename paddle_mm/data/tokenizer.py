@@ -50,9 +50,10 @@ def _engine():
 
 
 class Tokenizer:
-    """template None: ChatML. Otherwise the checkpoint's ChatTemplate, with its special tokens
-    (template.special_tokens: bos/eos/pad strings) and stop_ids (the ids that end an answer,
-    generation_config.json's eos_token_id; the tokenizer's eos when empty)."""
+    """Three prompt formats: ChatML (template None, plain False: models trained here), a
+    checkpoint's ChatTemplate (with its special tokens: bos/eos/pad strings), or plain (BLIP-2:
+    no chat; special_tokens from the folder). stop_ids end an answer: ChatML's <|im_end|>, else
+    generation_config.json's eos_token_id, else the tokenizer's eos."""
 
     def __init__(self, engine_tokenizer, template: ChatTemplate | None = None, stop_ids: Sequence[int] = (),
                  plain: bool = False, special_tokens: dict[str, str] | None = None):
