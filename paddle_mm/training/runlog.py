@@ -100,10 +100,26 @@ class RunLog:
 # a run resumed mid-interval logs the mean an uninterrupted one does.
 
 
-def add_to_interval(state: dict, loss: float, weight: float) -> None:
-    """Count one step's loss (the whole global batch's) with its weight into the interval."""
+def add_to_interval(state: dict, loss: float, weight: float, figures: dict | None = None) -> None:
+    """Count one step's loss (the whole global batch's) with its weight into the interval, and this
+    process's sums of the objective's figures (its figure_sums, e.g. DPO's reward margin)."""
     state["interval_loss"] = state.get("interval_loss", 0.0) + loss * weight
     state["interval_weight"] = state.get("interval_weight", 0.0) + weight
+    sums = state.setdefault("interval_figures", {})
+    for key, value in (figures or {}).items():
+        sums[key] = sums.get(key, 0.0) + value
+
+
+def take_interval_sums(state: dict, names: tuple[str, ...], world: int) -> dict:
+    """The interval's figure sums over every process (every rank calls this on a log step: it
+    all-reduces when names is not empty); starts the next interval."""
+    from paddle_mm.training.distributed import global_sum
+
+    mine = state.pop("interval_figures", {})
+    state["interval_figures"] = {}
+    if not names:
+        return {}
+    return dict(zip(names, global_sum([mine.get(k, 0.0) for k in names], world)))
 
 
 def take_interval_mean(state: dict) -> float:
