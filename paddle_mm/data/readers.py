@@ -327,6 +327,27 @@ def read_captions(path, image_root=None, on_error: OnError = "raise", allow_outs
     return rd.result()
 
 
+def read_pope(path, image_root=None, on_error: OnError = "raise", allow_outside_root: bool = False) -> ReadResult:
+    """POPE question files: JSONL (or a JSON list) of {"question_id", "image", "text", "label": yes|no},
+    with an optional "setting" (random / popular / adversarial; POPE ships one file per setting).
+    One Sample per question, its answer open; meta holds label, setting and question_id."""
+    rd = _Reader(path, image_root, on_error, allow_outside_root)
+
+    def build(index: int, rec: Any) -> Sample:
+        qid = _need(rec, "question_id", (int, str))
+        label = _need(rec, "label", str).strip().lower()
+        if label not in ("yes", "no"):
+            raise _Bad(f"label must be 'yes' or 'no', got {rec['label']!r}")
+        text = _need(rec, "text", str)
+        meta = {"question_id": qid, "label": label, "setting": str(rec.get("setting") or "")}
+        return rd.make_sample(index, str(qid), [_need(rec, "image", str)],
+                              [("user", f"{IMAGE_TOKEN}\n{text}"), ("assistant", "")], meta, empty_answer_ok=True)
+
+    for index, rec in _iter_records(rd):
+        rd.record(index, lambda: build(index, rec))
+    return rd.result()
+
+
 def read_vqav2(questions_path, annotations_path=None, image_root=None, on_error: OnError = "raise",
                allow_outside_root: bool = False, image_pattern: str = "COCO_{split}_{image_id:012d}.jpg",
                split: str = "val2014",
