@@ -6,7 +6,9 @@ loss is the mean over the steps since the last log line, weighted as each step's
 (next-token stages: by the labelled tokens of each global batch, so it is the loss over every
 token of the interval; align / clip: each step weighs the same); step_loss is the last step's.
 A step that evaluates (training/validation.py) is always a log step and its line adds the
-validation figures (eval_loss, eval_samples, eval_s; eval_accuracy, eval_answers).
+validation figures (eval_loss, eval_samples, eval_s; eval_accuracy, eval_answers). An objective
+with figures of its own adds their interval means (dpo: reward_margin, reward_accuracy,
+chosen_logp, rejected_logp, chosen_reward, rejected_reward; training/preference.py).
 tokens_per_s counts every token of the samples stepped over (text and image positions, no
 padding); label_tokens_per_s only those the loss is taken on (assistant / caption tokens).
 Both count the whole global batch, so they do not change with the number of processes.
