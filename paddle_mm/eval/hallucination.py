@@ -25,13 +25,19 @@ def _scenes(data_dir: str, split: str) -> list[dict]:
         return json.load(f)
 
 
-def write_pope_file(data_dir: str, split: str = "test", per_image: int = 3, seed: int = 0) -> str:
+# The scenes' own phrasing of a presence question (data/synthetic.py), so the question asks what
+# the demo model was taught to answer, not a paraphrase it never saw.
+SCENE_QUESTION = "is there a {}?"
+
+
+def write_pope_file(data_dir: str, split: str = "test", per_image: int = 3, seed: int = 0,
+                    template: str = SCENE_QUESTION) -> str:
     """{split}_pope.jsonl beside the demo data: POPE's question format (+ "setting"), every setting's
     questions over the split's scenes, question ids unique across settings. Returns its path."""
     images = [(rec["image"], scene_objects(rec)) for rec in _scenes(data_dir, split)]
     lines = []
     for setting in SETTINGS:
-        for q in pope_questions(images, setting, per_image, seed):
+        for q in pope_questions(images, setting, per_image, seed, template):
             lines.append(json.dumps({**q, "question_id": f"{setting}-{q['question_id']}"}))
     path = os.path.join(data_dir, f"{split}_pope.jsonl")
     write_text_atomic(path, "\n".join(lines) + "\n")

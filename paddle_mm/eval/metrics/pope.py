@@ -62,12 +62,13 @@ def pope_report(questions: list[dict], answers: dict) -> dict:
 
 
 def pope_questions(images: list[tuple[str, list[str]]], setting: str, per_image: int = 3,
-                   seed: int = 0) -> list[dict]:
+                   seed: int = 0, template: str = QUESTION) -> list[dict]:
     """POPE questions in its file format ({"question_id", "image", "text", "label"}, + "setting").
 
     images: (image path, the objects it holds). Each image gets up to per_image present objects
     (yes) and as many absent ones (no), drawn as `setting` says; an image with no absent object
-    left in the vocabulary gets fewer negatives. Deterministic for a seed.
+    left in the vocabulary gets fewer negatives. template: the question, "{}" the object (POPE's
+    own by default). Deterministic for a seed.
     """
     if setting not in SETTINGS:
         raise ValueError(f"POPE setting {setting!r} is not one of {SETTINGS}")
@@ -94,6 +95,6 @@ def pope_questions(images: list[tuple[str, list[str]]], setting: str, per_image:
             order = rng.sample(absent, len(absent))
             negatives = sorted(order, key=lambda o: -score[o])[:len(positives)]
         for obj, label in [(o, "yes") for o in positives] + [(o, "no") for o in negatives]:
-            questions.append({"question_id": len(questions), "image": image, "text": QUESTION.format(obj),
+            questions.append({"question_id": len(questions), "image": image, "text": template.format(obj),
                               "label": label, "setting": setting, "object": obj})
     return questions
