@@ -134,24 +134,61 @@ def test_check_data_reports_identical_answers(demo_data, tiny_recipe, tmp_path):
 
 
 # ----------------------------------------------------------------------------- a run
-def test_dpo_starts_at_its_reference_and_logs_the_preference_figures(demo_data, tiny_recipe, tmp_path):
-    """At step 1 the policy is the frozen start, so every reward is 0 and the sigmoid loss is log 2:
-    the reference log-probabilities are the start's. Later steps move the margin."""
+@pytest.fixture(scope="module")
+def start_and_pairs(demo_data, tmp_path_factory):
+    """A 2-step instruct run to start from, and the bundled pairs of the train scenes."""
+    from tiny import make_tiny_recipe
+
     from paddle_mm.data.synthetic import write_preference_pairs
     from paddle_mm.training.loop import train
 
-    start = train(tiny_recipe(str(tmp_path / "sft"), "train.max_steps=2"), quiet=True)
-    pairs = write_preference_pairs(demo_data["data"], "train")
+    start = train(make_tiny_recipe(demo_data, str(tmp_path_factory.mktemp("sft") / "run"), "train.max_steps=2"),
+                  quiet=True)
+    return start, write_preference_pairs(demo_data["data"], "train")
+
+
+LORA = ["train.trainable=[multi_modal_projector, language_model]", "train.lora.enabled=true",
+        "train.lora.r=2", "train.lora.alpha=4"]
+
+
+@pytest.mark.parametrize("variant, first_loss", [
+    ([], math.log(2)),  # sigmoid: -log sigmoid(0)
+    (LORA, math.log(2)),
+    (["train.dpo.loss=ipo"], 1.0),  # (0 - 1 / (2 * 0.5))^2
+    (["train.dpo.loss=hinge"], 1.0),  # max(0, 1 - 0)
+], ids=["full", "lora", "ipo", "hinge"])
+def test_dpo_starts_at_its_reference_and_logs_the_preference_figures(tiny_recipe, tmp_path, start_and_pairs,
+                                                                     variant, first_loss):
+    """At step 1 the policy is the frozen start, so every reward is 0 and the loss is the variant's
+    value at a zero margin: the reference log-probabilities are the start's (full or LoRA).
+    Later steps move the policy away from it (a few steps on new batches each need not have
+    opened the margin yet: that is the experiment's, tools/dpo_experiment.py)."""
+    from paddle_mm.training.loop import train
+
+    start, pairs = start_and_pairs
     run = train(tiny_recipe(str(tmp_path / "dpo"), "train.stage=dpo", f"train.init_from={start}",
                             f"data.train=[{{path: {pairs}, format: llava_pairs}}]", "train.max_steps=4",
-                            "train.lr=1e-2", "train.schedule=constant", "train.dpo.beta=0.5",
-                            "train.dpo.sft_weight=0"), quiet=True)
+                            "train.lr=1e-2", "train.schedule=constant", "train.dpo.beta=0.5", *variant), quiet=True)
     log = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     first = log[0]
-    assert first["step_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first["step_loss"] == pytest.approx(first_loss, abs=1e-4)
     assert first["reward_margin"] == pytest.approx(0.0, abs=1e-4) and first["reward_accuracy"] == 0.0
     assert first["chosen_logp"] < 0 and first["rejected_logp"] < 0
-    assert log[-1]["reward_margin"] > 0 and log[-1]["reward_accuracy"] > 0
+    assert abs(log[-1]["chosen_reward"]) > 1e-4 and abs(log[-1]["rejected_reward"]) > 1e-4
+
+
+def test_sft_weight_adds_the_chosen_answers_next_token_loss(tiny_recipe, tmp_path, start_and_pairs):
+    from paddle_mm.training.loop import train
+
+    start, pairs = start_and_pairs
+    common = ["train.stage=dpo", f"train.init_from={start}", f"data.train=[{{path: {pairs}, format: llava_pairs}}]",
+              "train.max_steps=1"]
+    plain = train(tiny_recipe(str(tmp_path / "a"), *common), quiet=True)
+    mixed = train(tiny_recipe(str(tmp_path / "b"), *common, "train.dpo.sft_weight=1"), quiet=True)
+    (p,), (m,) = ([json.loads(line) for line in open(os.path.join(r, "metrics.jsonl"))] for r in (plain, mixed))
+    assert p["step_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # The chosen rows' mean next-token loss lies between 0 and the per-pair summed NLL.
+    assert 0 < m["step_loss"] - p["step_loss"] < -m["chosen_logp"]
 
 
 def test_dpo_refuses_a_run_without_its_start_or_with_conversation_data(tiny_recipe, tmp_path):
