@@ -6,7 +6,7 @@ Quick-sized demo data (1000 train / 20 val / 60 test scenes). Pretrain and instr
 short so the instruct model still hallucinates; DPO (recipes/demo/dpo.yaml) then trains on
 the bundled preference pairs of the train scenes. Before and after DPO, on the test scenes:
 VQA accuracy, POPE per setting and CHAIR of the captions. Prints one JSON report (figures,
-the reward-margin curve, wall times) and writes it to OUT/report.json.
+the reward-margin curve, wall times) and writes it to OUT/report_<dpo-name>.json.
 """
 from __future__ import annotations
 
@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--instruct-steps", type=int, default=150)
     ap.add_argument("--dpo-steps", type=int, default=150)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dpo-name", default="dpo", help="the DPO run's folder under OUT (one per setting tried)")
+    ap.add_argument("--reuse-instruct", action="store_true",
+                    help="start from OUT/instruct as an earlier call left it (the stages are deterministic)")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides for the DPO stage (train.dpo.beta=0.2 ...)")
     args = ap.parse_args()
 
@@ -67,7 +70,8 @@ def main() -> None:
     pairs = write_preference_pairs(data, "train")
     pope_file = write_pope_file(data, "test")
     threads = [f"train.num_threads={args.threads}"] if args.threads else []
-    for stage, steps in (("pretrain", args.pretrain_steps), ("instruct", args.instruct_steps)):
+    stages = () if args.reuse_instruct else (("pretrain", args.pretrain_steps), ("instruct", args.instruct_steps))
+    for stage, steps in stages:
         t = time.time()
         train(stage_recipe(stage, args.out, [f"train.max_steps={steps}", "train.eval_every=0",
                                              "train.eval_answers=0", "data.eval=[]", *threads]), quiet=True)
@@ -77,21 +81,21 @@ def main() -> None:
     t = time.time()
     dpo = load_recipe(os.path.join(bundled_recipes(), "demo", "dpo.yaml"), Recipe, [
         f"data.tokenizer={os.path.join(args.out, 'tokenizer', 'tokenizer.json')}",
-        f"data.train=[{{path: {pairs}, format: llava_pairs}}]", f"train.output_dir={os.path.join(args.out, 'dpo')}",
+        f"data.train=[{{path: {pairs}, format: llava_pairs}}]", f"train.output_dir={os.path.join(args.out, args.dpo_name)}",
         f"train.init_from={os.path.join(args.out, 'instruct')}", f"train.max_steps={args.dpo_steps}",
         *threads, *args.overrides])
     train(dpo, quiet=True)
     times["dpo"] = time.time() - t
-    after = evaluate(os.path.join(args.out, "dpo"), data, pope_file)
+    after = evaluate(os.path.join(args.out, args.dpo_name), data, pope_file)
     curve = [{k: r[k] for k in ("step", "loss", "reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp")}
-             for r in read_metrics(os.path.join(args.out, "dpo"))]
+             for r in read_metrics(os.path.join(args.out, args.dpo_name))]
     report = {"before_dpo": before, "after_dpo": after,
               "chair_i_change": (after["chair_i"] - before["chair_i"]) / before["chair_i"] if before["chair_i"] else None,
               "pope_adversarial_f1_change": after["pope"]["adversarial"]["f1"] - before["pope"]["adversarial"]["f1"],
               "vqa_accuracy_change": after["vqa_accuracy"] - before["vqa_accuracy"],
               "reward_margin_curve": curve, "dpo_recipe": {"steps": args.dpo_steps, **vars(dpo.train.dpo)},
               "wall_s": {**times, "total": time.time() - t0}}
-    with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(args.out, f"report_{args.dpo_name}.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))
 

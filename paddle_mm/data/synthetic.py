@@ -229,8 +229,10 @@ def write_preference_pairs(data_dir, split: str = "train", seed: int = 0) -> str
     """Preference pairs (format llava_pairs) from a split's scenes, for train.stage dpo.
 
     Two pairs per scene: its caption against the caption with one object replaced by one the
-    image does not hold, and "is there a <absent object>?" answered "no" against "yes". Both
-    rejected answers name an object that is not there: the hallucination DPO should unlearn.
+    image does not hold (the hallucination DPO should unlearn), and "is there a <object>?"
+    answered right against wrong, the object present in half the scenes and absent in the
+    other half. (A first version asked only about absent objects: DPO on it taught the model
+    to answer "no" to every presence question, POPE yes-ratio 0.)
     Written beside the demo data, never by generate_demo_data, so the demo's files stay as
     they were. Returns the file's path.
     """
@@ -242,12 +244,15 @@ def write_preference_pairs(data_dir, split: str = "train", seed: int = 0) -> str
         pairs.append({"id": f"{rec['image_id']}-caption", "image": rec["image"],
                       "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"}],
                       "chosen": rec["caption"], "rejected": caption(_hallucinated(rec, rng))})
-        present = set(scene_objects(rec))
-        absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
-        name = absent[int(rng.integers(len(absent)))]
+        present = sorted(set(scene_objects(rec)))
+        if rng.random() < 0.5:  # half present, half absent: pairs that all prefer "no" teach "no"
+            name, chosen, rejected = present[int(rng.integers(len(present)))], "yes", "no"
+        else:
+            absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
+            name, chosen, rejected = absent[int(rng.integers(len(absent)))], "no", "yes"
         pairs.append({"id": f"{rec['image_id']}-presence", "image": rec["image"],
                       "conversations": [{"from": "human", "value": f"<image>\nis there a {name}?"}],
-                      "chosen": "no", "rejected": "yes"})
+                      "chosen": chosen, "rejected": rejected})
     path = data / f"{split}_pairs.json"
     write_json_atomic(path, pairs)
     return str(path)
