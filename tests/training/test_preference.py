@@ -191,6 +191,21 @@ def test_sft_weight_adds_the_chosen_answers_next_token_loss(tiny_recipe, tmp_pat
     assert 0 < m["step_loss"] - p["step_loss"] < -m["chosen_logp"]
 
 
+def test_dpo_validates_on_held_out_pairs_scored_by_the_same_reference(tiny_recipe, tmp_path, start_and_pairs):
+    """data.eval pairs get their reference log-probabilities from the start too: before any step
+    the held-out sigmoid loss is exactly log 2 (eval_every=1 evaluates after step 1, so a tiny lr
+    keeps the policy at the reference)."""
+    from paddle_mm.training.loop import train
+
+    start, pairs = start_and_pairs
+    run = train(tiny_recipe(str(tmp_path / "v"), "train.stage=dpo", f"train.init_from={start}",
+                            f"data.train=[{{path: {pairs}, format: llava_pairs}}]",
+                            f"data.eval=[{{path: {pairs}, format: llava_pairs}}]", "train.eval_every=1",
+                            "train.eval_samples=8", "train.max_steps=1", "train.lr=1e-12"), quiet=True)
+    (record,) = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert record["eval_loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
 def test_dpo_refuses_a_run_without_its_start_or_with_conversation_data(tiny_recipe, tmp_path):
     from paddle_mm.training.loop import train
 
