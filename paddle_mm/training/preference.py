@@ -14,13 +14,13 @@ dpo_criterion.py computes the same formulas (tests/training/test_preference.py c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from paddle_mm.config import DPOConfig
 from paddle_mm.data.dataset import Encoded, collate, encode_sample
-from paddle_mm.data.readers import pair_turns
+from paddle_mm.data.readers import Sample, pair_turns
 from paddle_mm.data.tokenizer import IGNORE_INDEX
 from paddle_mm.errors import DataError
 
@@ -77,7 +77,7 @@ def figures_of(sums: dict) -> dict:
 
 @dataclass
 class EncodedPair:
-    sample: object  # the Sample: its turns end with the chosen answer
+    sample: Sample  # its turns end with the chosen answer
     chosen: Encoded
     rejected: Encoded
     ref_chosen: float = 0.0  # the reference model's log-probabilities (see the module docstring)
@@ -103,7 +103,7 @@ class PairDataset:
         self.skipped: list[DataError] = []
         for sample in samples:
             try:
-                chosen_turns, rejected_turns = pair_turns(sample)
+                _, rejected_turns = pair_turns(sample)
                 self.items.append(EncodedPair(
                     sample, encode_sample(sample, tokenizer, tokens_per_image, max_length, system),
                     _encode_turns(sample, rejected_turns, tokenizer, tokens_per_image, max_length, system)))
@@ -146,8 +146,6 @@ class PairDataset:
 
 def _encode_turns(sample, turns, tokenizer, tokens_per_image: int, max_length: int, system: str) -> Encoded:
     """The rejected answer's row, checked as every trained sequence is (its errors name the record)."""
-    from dataclasses import replace
-
     return encode_sample(replace(sample, turns=turns), tokenizer, tokens_per_image, max_length, system)
 
 

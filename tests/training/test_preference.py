@@ -172,7 +172,10 @@ def test_dpo_starts_at_its_reference_and_logs_the_preference_figures(tiny_recipe
     log = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     first = log[0]
     assert first["step_loss"] == pytest.approx(first_loss, abs=1e-4)
-    assert first["reward_margin"] == pytest.approx(0.0, abs=1e-4) and first["reward_accuracy"] == 0.0
+    # Zero up to float noise (the reference was scored in other batches, other padding), so
+    # reward_accuracy, the share of margins > 0, is noise here and not checked.
+    for key in ("reward_margin", "chosen_reward", "rejected_reward"):
+        assert first[key] == pytest.approx(0.0, abs=1e-4), key
     assert first["chosen_logp"] < 0 and first["rejected_logp"] < 0
     assert abs(log[-1]["chosen_reward"]) > 1e-4 and abs(log[-1]["rejected_reward"]) > 1e-4
 
