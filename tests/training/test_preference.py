@@ -209,6 +209,25 @@ def test_dpo_validates_on_held_out_pairs_scored_by_the_same_reference(tiny_recip
     assert record["eval_loss"] == pytest.approx(math.log(2), abs=1e-4)
 
 
+def test_two_processes_log_the_figures_of_the_whole_global_batch(tiny_recipe, tmp_path, start_and_pairs):
+    """Each process sees half of each global batch; the logged figures are summed over both
+    (an all-reduce), so they equal one process's over the whole batch."""
+    from paddle_mm.training.launch import train_in_processes
+    from paddle_mm.training.loop import train
+
+    start, pairs = start_and_pairs
+    common = ["train.stage=dpo", f"train.init_from={start}", f"data.train=[{{path: {pairs}, format: llava_pairs}}]",
+              "train.max_steps=2", "train.lr=1e-2", "train.num_threads=1"]
+    one = train(tiny_recipe(str(tmp_path / "one"), *common), quiet=True)
+    two = train_in_processes(tiny_recipe(str(tmp_path / "two"), *common), processes=2, quiet=True)
+    logs = [[json.loads(line) for line in open(os.path.join(r, "metrics.jsonl"))] for r in (one, two)]
+    for a, b in zip(*logs):
+        # At step 1 the margins are float noise around 0, and so is the share of them above 0.
+        keys = ("step_loss", "reward_margin", "chosen_logp", "rejected_logp") + (("reward_accuracy",) * (a["step"] > 1))
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (a["step"], key)
+
+
 def test_dpo_refuses_a_run_without_its_start_or_with_conversation_data(tiny_recipe, tmp_path):
     from paddle_mm.training.loop import train
 
