@@ -1,10 +1,11 @@
 """SFT briefly, then DPO: does preference tuning cut hallucination on held-out scenes?
 
-    python tools/dpo_experiment.py --out runs/dpo_exp [--instruct-steps 150 --dpo-steps 150]
+    python tools/dpo_experiment.py --out runs/dpo_exp [--instruct-steps 400 --dpo-steps 300]
 
-Quick-sized demo data (1000 train / 20 val / 60 test scenes). Pretrain and instruct are cut
-short so the instruct model still hallucinates; DPO (recipes/demo/dpo.yaml) then trains on
-the bundled preference pairs of the train scenes. Before and after DPO, on the test scenes:
+Quick-sized demo data (1000 train / 20 val / 60 test scenes) and the quick demo's stage
+lengths (pretrain 150, instruct 400 steps): short enough that the instruct model still
+hallucinates. DPO (recipes/demo/dpo.yaml) then trains on the bundled preference pairs of the
+train scenes. Before and after DPO, on the test scenes:
 VQA accuracy, POPE per setting and CHAIR of the captions. Prints one JSON report (figures,
 the reward-margin curve, wall times) and writes it to OUT/report_<dpo-name>.json.
 """
@@ -43,9 +44,9 @@ def evaluate(run_dir: str, data: str, pope_file: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/dpo_exp")
-    ap.add_argument("--pretrain-steps", type=int, default=100)
-    ap.add_argument("--instruct-steps", type=int, default=150)
-    ap.add_argument("--dpo-steps", type=int, default=150)
+    ap.add_argument("--pretrain-steps", type=int, default=150)
+    ap.add_argument("--instruct-steps", type=int, default=400)
+    ap.add_argument("--dpo-steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--dpo-name", default="dpo", help="the DPO run's folder under OUT (one per setting tried)")
     ap.add_argument("--reuse-instruct", action="store_true",
