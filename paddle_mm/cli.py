@@ -95,7 +95,7 @@ def _eval(args) -> None:
 
         configure_cpu()
         report = evaluate_alignment_run(args.run_dir, args.retrieval, args.zero_shot, args.image_root)
-    if args.vqa_questions or args.captions:
+    if args.vqa_questions or args.captions or args.pope or args.chair_scenes:
         recipe, tokenizer, model, proc = _load(args.run_dir)
     if args.vqa_questions:
         kw = {"image_root": args.image_root or None, "prompt_template": recipe.infer.vqa_prompt}
@@ -108,10 +108,21 @@ def _eval(args) -> None:
         samples = read_captions(args.captions, image_root=args.image_root or None,
                                 prompt=recipe.infer.caption_prompt).samples
         report["caption"] = evaluate_captions(model, tokenizer, samples, proc, recipe.infer)
+    if args.pope:
+        from paddle_mm.data.readers import read_pope
+        from paddle_mm.eval.hallucination import evaluate_pope
+
+        samples = read_pope(args.pope, image_root=args.image_root or None).samples
+        report["pope"] = evaluate_pope(model, tokenizer, samples, proc, recipe.infer)
+    if args.chair_scenes:
+        from paddle_mm.eval.hallucination import evaluate_chair
+
+        report["chair"] = evaluate_chair(model, tokenizer, args.chair_scenes, args.chair_split, proc, recipe.infer)
     if not report:
         raise SystemExit("nothing to evaluate: give --vqa-questions/--vqa-annotations, --captions, "
-                         "--retrieval or --zero-shot")
-    scores = {task: {k: v for k, v in r.items() if k != "predictions"} for task, r in report.items()}
+                         "--pope, --chair-scenes, --retrieval or --zero-shot")
+    scores = {task: {k: v for k, v in r.items() if k not in ("predictions", "hallucinated_by_caption")}
+              for task, r in report.items()}
     print(json.dumps(scores, indent=1))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -210,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluation script does (default); symmetric: always normalize both sides")
     p.add_argument("--retrieval", default="", help="captions JSON: recall@1/5/10 both ways (align/clip runs)")
     p.add_argument("--zero-shot", default="", help="zero-shot task JSON: classification accuracy (align/clip runs)")
+    p.add_argument("--pope", default="", help="POPE question file (JSONL): accuracy, precision, recall, F1, "
+                                              "yes-ratio per setting")
+    p.add_argument("--chair-scenes", default="", help="a synthetic demo data folder: CHAIR-s / CHAIR-i of the "
+                                                      "model's captions of its scenes")
+    p.add_argument("--chair-split", default="test", help="which split's scenes --chair-scenes takes")
     p.add_argument("--output", help="write scores and predictions as JSON")
     p.set_defaults(func=_eval)
 

@@ -189,7 +189,7 @@ class ModelConfig:
 @dataclass
 class DatasetSpec:
     path: str
-    format: Literal["llava", "chatml", "caption", "vqav2"] = "llava"
+    format: Literal["llava", "llava_pairs", "chatml", "caption", "vqav2"] = "llava"  # llava_pairs: train.stage dpo
     image_root: str = ""  # default: the data file's folder
     annotations: str = ""  # VQAv2 only
     image_pattern: str = ""  # VQAv2 only
@@ -230,13 +230,43 @@ class LoraConfig:
 
 
 @dataclass
+class DPOConfig:
+    """train.stage dpo (training/preference.py): preference pairs against the frozen start.
+
+    With h = beta * ((logp_c - ref_c) - (logp_r - ref_r)), the implicit reward margin:
+    sigmoid: -log sigmoid(h), with label_smoothing e the conservative form
+             -(1 - e) log sigmoid(h) - e log sigmoid(-h) (the DPO paper's loss at e = 0);
+    ipo:     (h / beta - 1 / (2 beta))^2 on the log-ratio margin, as IPO defines it;
+    hinge:   max(0, 1 - h) (SLiC-style).
+    The log-probabilities are summed over each answer's tokens; ipo takes their per-token means
+    (as the IPO paper and PaddleFormers' criterion do: a sum's scale grows with the length).
+    """
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: float = 0.1  # how far the policy may move from the reference: smaller is freer
+    label_smoothing: float = 0.0  # sigmoid only: the assumed share of pairs labelled the wrong way
+    # Weight of an added next-token loss on the chosen answer (mean over its tokens), which keeps
+    # the policy from lowering both answers' likelihoods at once; 0: pure DPO.
+    sft_weight: float = 0.0
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise RecipeError(f"train.dpo.beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise RecipeError(f"train.dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            raise RecipeError(f"train.dpo.sft_weight must be >= 0, got {self.sft_weight}")
+
+
+@dataclass
 class TrainConfig:
-    # align: Q-Former ITC/ITM/ITG on image-caption pairs; clip: two towers, contrastive
-    stage: Literal["align", "clip", "pretrain", "instruct"] = "pretrain"
+    # align: Q-Former ITC/ITM/ITG on image-caption pairs; clip: two towers, contrastive;
+    # dpo: preference pairs (format llava_pairs) from an instruct run (train.init_from)
+    stage: Literal["align", "clip", "pretrain", "instruct", "dpo"] = "pretrain"
     output_dir: str = "runs/default"
     # Submodules whose parameters train; everything else is frozen. The recipe decides, not code.
     trainable: list[str] = field(default_factory=lambda: ["multi_modal_projector"])
     lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     init_from: str = ""  # a run folder (or model.safetensors) whose weights start this run
     projector_from: str = ""  # a projector.safetensors written by an earlier stage
     vision_from: str = ""  # a run folder (or model.safetensors) whose vision_tower starts this run
@@ -274,6 +304,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # mixed precision on GPU
 
     def validate(self) -> None:
+        self.dpo.validate()
         if self.keep_checkpoints < 1:
             raise RecipeError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         for name, value in (("eval_every", self.eval_every), ("eval_samples", self.eval_samples),

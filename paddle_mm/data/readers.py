@@ -221,27 +221,67 @@ def read_llava(path, image_root=None, on_error: OnError = "raise", allow_outside
     prepended to its first user turn (the LLaVA convention).
     """
     rd = _Reader(path, image_root, on_error, allow_outside_root)
+    for index, rec in _iter_records(rd):
+        rd.record(index, lambda: _llava_sample(rd, index, rec))
+    return rd.result()
+
+
+def _llava_sample(rd: _Reader, index: int, rec: Any) -> Sample:
+    """One LLaVA record through the shared checker (read_llava's and read_llava_pairs' records)."""
+    convs = _need(rec, "conversations", list)
+    meta, turns = {}, []
+    for i, turn in enumerate(convs):
+        if not isinstance(turn, dict):
+            raise _Bad(f"turn {i} must be an object with 'from' and 'value'")
+        role, text = turn.get("from"), turn.get("value")
+        if role == "system" and i == 0:
+            if not isinstance(text, str):
+                raise _Bad(f"turn {i} (system): text must be a string, got {text!r}")
+            meta["system"] = text
+            continue
+        if not isinstance(role, str) or role not in _ROLES:
+            raise _Bad(f"turn {i}: unknown role {role!r} (expected human/gpt or user/assistant)")
+        turns.append((_ROLES[role], text))
+    return rd.make_sample(index, _record_id(rd, rec, index), _image_list(rec), turns, meta)
+
+
+def read_llava_pairs(path, image_root=None, on_error: OnError = "raise", allow_outside_root: bool = False) -> ReadResult:
+    """Preference pairs, LLaVA-style: {"id", "image"?, "conversations": [... ending on a user turn],
+    "chosen": str, "rejected": str} (the layout ms-swift and LLaMA-Factory take, and RLAIF-V /
+    VLFeedback-style sets convert to).
+
+    The Sample's turns end with the chosen answer (so everything that reads a conversation reads
+    it, check-data included); the rejected answer is meta["rejected"] (see :func:`pair_turns`).
+    Identical answers teach nothing and are a bad record, as is an <image> tag with no image.
+    """
+    rd = _Reader(path, image_root, on_error, allow_outside_root)
 
     def build(index: int, rec: Any) -> Sample:
+        chosen, rejected = _need(rec, "chosen", str), _need(rec, "rejected", str)
+        if not chosen.strip() or not rejected.strip():
+            raise _Bad("'chosen' and 'rejected' must be non-empty answers")
+        if chosen.strip() == rejected.strip():
+            raise _Bad("'chosen' and 'rejected' are the same answer: the pair prefers nothing", "identical_answers")
         convs = _need(rec, "conversations", list)
-        meta, turns = {}, []
-        for i, turn in enumerate(convs):
-            if not isinstance(turn, dict):
-                raise _Bad(f"turn {i} must be an object with 'from' and 'value'")
-            role, text = turn.get("from"), turn.get("value")
-            if role == "system" and i == 0:
-                if not isinstance(text, str):
-                    raise _Bad(f"turn {i} (system): text must be a string, got {text!r}")
-                meta["system"] = text
-                continue
-            if not isinstance(role, str) or role not in _ROLES:
-                raise _Bad(f"turn {i}: unknown role {role!r} (expected human/gpt or user/assistant)")
-            turns.append((_ROLES[role], text))
-        return rd.make_sample(index, _record_id(rd, rec, index), _image_list(rec), turns, meta)
+        last = convs[-1] if convs else None
+        if not isinstance(last, dict) or _ROLES.get(last.get("from")) != "user":
+            raise _Bad("the conversation must end with the user turn that 'chosen' and 'rejected' answer")
+        pair = dict(rec, conversations=convs + [{"from": "gpt", "value": chosen}])
+        sample = _llava_sample(rd, index, pair)
+        sample.meta["rejected"] = rejected
+        return sample
 
     for index, rec in _iter_records(rd):
         rd.record(index, lambda: build(index, rec))
     return rd.result()
+
+
+def pair_turns(sample: Sample) -> tuple[list, list]:
+    """A preference Sample's (chosen turns, rejected turns): the same conversation, two final answers."""
+    if "rejected" not in sample.meta:
+        raise DataError(sample.source, "not a preference pair (no rejected answer; format llava_pairs)",
+                        sample.index)
+    return list(sample.turns), sample.turns[:-1] + [("assistant", sample.meta["rejected"])]
 
 
 def read_chatml(path, image_root=None, on_error: OnError = "raise", allow_outside_root: bool = False) -> ReadResult:
@@ -281,6 +321,27 @@ def read_captions(path, image_root=None, on_error: OnError = "raise", allow_outs
             caption = caption[0]
         sid = _record_id(rd, rec, index, key="image_id")
         return rd.make_sample(index, sid, [image], [("user", prompt), ("assistant", caption)], meta)
+
+    for index, rec in _iter_records(rd):
+        rd.record(index, lambda: build(index, rec))
+    return rd.result()
+
+
+def read_pope(path, image_root=None, on_error: OnError = "raise", allow_outside_root: bool = False) -> ReadResult:
+    """POPE question files: JSONL (or a JSON list) of {"question_id", "image", "text", "label": yes|no},
+    with an optional "setting" (random / popular / adversarial; POPE ships one file per setting).
+    One Sample per question, its answer open; meta holds label, setting and question_id."""
+    rd = _Reader(path, image_root, on_error, allow_outside_root)
+
+    def build(index: int, rec: Any) -> Sample:
+        qid = _need(rec, "question_id", (int, str))
+        label = _need(rec, "label", str).strip().lower()
+        if label not in ("yes", "no"):
+            raise _Bad(f"label must be 'yes' or 'no', got {rec['label']!r}")
+        text = _need(rec, "text", str)
+        meta = {"question_id": qid, "label": label, "setting": str(rec.get("setting") or "")}
+        return rd.make_sample(index, str(qid), [_need(rec, "image", str)],
+                              [("user", f"{IMAGE_TOKEN}\n{text}"), ("assistant", "")], meta, empty_answer_ok=True)
 
     for index, rec in _iter_records(rd):
         rd.record(index, lambda: build(index, rec))
@@ -339,9 +400,9 @@ def _top_list(path: str, key: str) -> list:
     return data[key]
 
 
-def read_dataset(path, format: Literal["llava", "chatml", "caption", "vqav2"], **kw) -> ReadResult:
+def read_dataset(path, format: Literal["llava", "llava_pairs", "chatml", "caption", "vqav2"], **kw) -> ReadResult:
     """Dispatch to the reader of ``format``; for "vqav2" ``path`` is the questions file."""
-    readers = {"llava": read_llava, "chatml": read_chatml, "caption": read_captions, "vqav2": read_vqav2}
+    readers = {"llava": read_llava, "llava_pairs": read_llava_pairs, "chatml": read_chatml, "caption": read_captions, "vqav2": read_vqav2}
     if format not in readers:
         raise ValueError(f"unknown data format {format!r}; expected one of {sorted(readers)}")
     return readers[format](path, **kw)

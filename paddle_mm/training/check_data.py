@@ -37,6 +37,7 @@ ERRORS = {
     "image_unreadable": "an image file exists but does not decode",
     "too_long": "the tokenized sample is longer than data.max_length (dropped, never cut)",
     "empty_loss_mask": "no assistant token to learn from",
+    "identical_answers": "a preference pair whose chosen and rejected answers are the same",
 }
 WARNINGS = {"duplicate": "the same images and turns as an earlier sample"}
 EXAMPLES = 5
@@ -63,6 +64,7 @@ def check_data(recipe: Recipe, decode_images: bool = True) -> dict:
     """Check every record of recipe.data.train and data.eval; returns the report (see the module docstring)."""
     from paddle_mm import builder
     from paddle_mm.data.dataset import check_encoded
+    from paddle_mm.data.readers import pair_turns
 
     tokenizer = builder.load_tokenizer(recipe)
     tokens_per_image = builder.model_config_for(recipe, tokenizer).tokens_per_image
@@ -91,11 +93,13 @@ def check_data(recipe: Recipe, decode_images: bool = True) -> dict:
                     problem = DataError(sample.source, f"image {problem.path}: {problem.cause}", sample.index,
                                         problem.reason)
             try:
-                ids, labels = tokenizer.encode_chat(sample.turns, tokens_per_image, system=recipe.data.system_prompt)
-                lengths.append(len(ids))
-                empty_masks += all(label == IGNORE_INDEX for label in labels)
-                if problem is None:
-                    check_encoded(sample, ids, labels, recipe.data.max_length)
+                # A preference pair (llava_pairs) trains both answers' rows: check the rejected one too.
+                for turns in pair_turns(sample) if "rejected" in sample.meta else [sample.turns]:
+                    ids, labels = tokenizer.encode_chat(turns, tokens_per_image, system=recipe.data.system_prompt)
+                    lengths.append(len(ids))
+                    empty_masks += all(label == IGNORE_INDEX for label in labels)
+                    if problem is None:
+                        check_encoded(sample, ids, labels, recipe.data.max_length)
             except DataError as err:
                 problem = problem or DataError(sample.source, err.cause, sample.index, err.reason)
             if problem is not None:

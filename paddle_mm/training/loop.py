@@ -22,14 +22,20 @@ from paddle_mm.training.batches import (
     first_readable,
     item_targets,
     labelled_tokens,
-    make_batch,
     read_items,
     sample_ref,
 )
 from paddle_mm.training.nonfinite import NonFiniteGuard
 from paddle_mm.training.objectives import objective_for
 from paddle_mm.training.optim import apply_trainable, build_optimizer, lr_at
-from paddle_mm.training.runlog import Progress, RunLog, add_to_interval, global_grad_norm, take_interval_mean
+from paddle_mm.training.runlog import (
+    Progress,
+    RunLog,
+    add_to_interval,
+    global_grad_norm,
+    take_interval_mean,
+    take_interval_sums,
+)
 from paddle_mm.weights.hf import whole_model_type
 from paddle_mm.weights.tensor_files import load_into, load_tensors
 
@@ -135,11 +141,11 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
             runlog.add_batch(idx)
             items = read_items(dataset, idx[rank::world], recipe.data.on_error, skipped)
             if items:
-                batches.append((make_batch(items, tokenizer.pad_token_id, recipe.data), 1.0))
+                batches.append((objective.make_batch(items, tokenizer.pad_token_id, recipe.data), 1.0))
         if world > 1 and not batches:
             # Every rank must take part in the gradient all-reduce: a stand-in with no weight.
             stand_in = stand_in or first_readable(dataset)
-            batches.append((make_batch([stand_in], tokenizer.pad_token_id, recipe.data), 0.0))
+            batches.append((objective.make_batch([stand_in], tokenizer.pad_token_id, recipe.data), 0.0))
 
         # Forward and backward. Every token of the global batch weighs the same, however the
         # tokens fall on processes and micro-batches; the parallel wrappers average gradients,
@@ -148,13 +154,13 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
         global_tokens = _global_tokens(batches, targets[step_idx], recipe.data.on_error, world) \
             if objective.token_weighted else 1.0
         token_scale = world / global_tokens if objective.token_weighted else 0.0
-        loss_sum = 0.0
+        loss_sum, step_figures = 0.0, {}
         for k, (batch, weight) in enumerate(batches):
             # Gradients are averaged across processes once, on the last micro-batch.
             with distributed.no_sync(forward, world > 1 and k < len(batches) - 1):
                 with precision.autocast():
                     out, logits = forward(**batch_inputs(batch))
-                term = objective.loss(out, logits, batch)
+                term = objective.loss(out, logits, batch, step_figures if weight else None)
                 factor = objective.factor(weight, token_scale, len(batches))
                 precision.backward(term * factor)
             loss_sum += float(term) * factor
@@ -172,10 +178,12 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
         state["step"] = step
         step_loss = distributed.global_sum([loss_sum], world)[0] / world  # the whole global batch's
         # The interval's mean weighs each step by the labelled tokens of its global batch.
-        add_to_interval(state, step_loss, global_tokens)
+        add_to_interval(state, step_loss, global_tokens, step_figures)
         if logs:
             evaluation = validator.evaluate(model, precision) if evaluates else None
-            record = runlog.write(step, take_interval_mean(state), step_loss, lr, grad_norm, evaluation)
+            figures = objective.figures(take_interval_sums(state, objective.figure_sums, world))
+            record = runlog.write(step, take_interval_mean(state), step_loss, lr, grad_norm,
+                                  {**figures, **(evaluation or {})})
             if rank == 0 and not quiet:
                 progress.update(record)
             if evaluation and cfg.keep_best:

@@ -6,7 +6,9 @@ loss is the mean over the steps since the last log line, weighted as each step's
 (next-token stages: by the labelled tokens of each global batch, so it is the loss over every
 token of the interval; align / clip: each step weighs the same); step_loss is the last step's.
 A step that evaluates (training/validation.py) is always a log step and its line adds the
-validation figures (eval_loss, eval_samples, eval_s; eval_accuracy, eval_answers).
+validation figures (eval_loss, eval_samples, eval_s; eval_accuracy, eval_answers). An objective
+with figures of its own adds their interval means (dpo: reward_margin, reward_accuracy,
+chosen_logp, rejected_logp, chosen_reward, rejected_reward; training/preference.py).
 tokens_per_s counts every token of the samples stepped over (text and image positions, no
 padding); label_tokens_per_s only those the loss is taken on (assistant / caption tokens).
 Both count the whole global batch, so they do not change with the number of processes.
@@ -100,10 +102,26 @@ class RunLog:
 # a run resumed mid-interval logs the mean an uninterrupted one does.
 
 
-def add_to_interval(state: dict, loss: float, weight: float) -> None:
-    """Count one step's loss (the whole global batch's) with its weight into the interval."""
+def add_to_interval(state: dict, loss: float, weight: float, figures: dict | None = None) -> None:
+    """Count one step's loss (the whole global batch's) with its weight into the interval, and this
+    process's sums of the objective's figures (its figure_sums, e.g. DPO's reward margin)."""
     state["interval_loss"] = state.get("interval_loss", 0.0) + loss * weight
     state["interval_weight"] = state.get("interval_weight", 0.0) + weight
+    sums = state.setdefault("interval_figures", {})
+    for key, value in (figures or {}).items():
+        sums[key] = sums.get(key, 0.0) + value
+
+
+def take_interval_sums(state: dict, names: tuple[str, ...], world: int) -> dict:
+    """The interval's figure sums over every process (every rank calls this on a log step: it
+    all-reduces when names is not empty); starts the next interval."""
+    from paddle_mm.training.distributed import global_sum
+
+    mine = state.pop("interval_figures", {})
+    state["interval_figures"] = {}
+    if not names:
+        return {}
+    return dict(zip(names, global_sum([mine.get(k, 0.0) for k in names], world)))
 
 
 def take_interval_mean(state: dict) -> float:

@@ -36,7 +36,7 @@ from paddle_mm import builder
 from paddle_mm.config import Recipe
 from paddle_mm.errors import RecipeError
 from paddle_mm.training import distributed
-from paddle_mm.training.batches import batch_inputs, make_batch, read_items
+from paddle_mm.training.batches import batch_inputs, read_items
 from paddle_mm.training.checkpoints import restore_snapshot, snapshot_rng
 
 # Formats whose samples end in an answer worth matching exactly; a caption has many right wordings.
@@ -127,7 +127,7 @@ class Validator:
             items = read_items(self.dataset, chunk, self.recipe.data.on_error, self.skipped)
             if not items:
                 continue
-            batch = make_batch(items, self.tokenizer.pad_token_id, self.recipe.data)
+            batch = self.objective.make_batch(items, self.tokenizer.pad_token_id, self.recipe.data)
             with precision.autocast():
                 out, logits = model(**batch_inputs(batch))
             # The term is the batch's mean times its weight (a next-token term is the sum over

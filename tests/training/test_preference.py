@@ -1,0 +1,269 @@
+"""train.stage dpo: the losses against hand-worked values and PaddleFormers, the pair data, a run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from paddle_mm.config import DPOConfig
+from paddle_mm.data.readers import pair_turns, read_llava_pairs
+from paddle_mm.errors import DataError, RecipeError
+from paddle_mm.training.preference import answer_logps, preference_loss
+
+
+def _loss_and_grads(cfg: DPOConfig, pc=-1.0, pr=-2.0, rc=-1.5, rr=-1.5):
+    import paddle
+
+    policy_c = paddle.to_tensor([pc], stop_gradient=False)
+    policy_r = paddle.to_tensor([pr], stop_gradient=False)
+    loss, _, _ = preference_loss(policy_c, policy_r, paddle.to_tensor([rc]), paddle.to_tensor([rr]), cfg)
+    loss.sum().backward()
+    return float(loss), float(policy_c.grad), float(policy_r.grad)
+
+
+# Log-ratio margin (-1 + 1.5) - (-2 + 1.5) = 1, so h = beta.
+@pytest.mark.parametrize("cfg, loss, grad_chosen", [
+    # -log sigmoid(0.5) = log(1 + e^-0.5); d/dpc = -beta * (1 - sigmoid(0.5))
+    (DPOConfig(beta=0.5), math.log(1 + math.exp(-0.5)), -0.5 * (1 - 1 / (1 + math.exp(-0.5)))),
+    # 0.9 * 0.474077 + 0.1 * log(1 + e^0.5); d/dpc = -0.5 * (0.9 * (1 - s) - 0.1 * s), s = sigmoid(0.5)
+    (DPOConfig(beta=0.5, label_smoothing=0.1), 0.9 * math.log(1 + math.exp(-0.5)) + 0.1 * math.log(1 + math.exp(0.5)),
+     -0.5 * (0.9 * (1 - 1 / (1 + math.exp(-0.5))) - 0.1 / (1 + math.exp(-0.5)))),
+    # (margin - 1 / (2 beta))^2 = (1 - 2)^2; d/dpc = 2 * (1 - 2)
+    (DPOConfig(loss="ipo", beta=0.25), 1.0, -2.0),
+    # max(0, 1 - 0.5); d/dpc = -beta
+    (DPOConfig(loss="hinge", beta=0.5), 0.5, -0.5),
+])
+def test_losses_and_gradients_match_hand_worked_values(cfg, loss, grad_chosen):
+    got_loss, got_c, got_r = _loss_and_grads(cfg)
+    assert got_loss == pytest.approx(loss, rel=1e-5)
+    assert got_c == pytest.approx(grad_chosen, rel=1e-5)
+    assert got_r == pytest.approx(-grad_chosen, rel=1e-5)  # the loss depends on the margin only
+
+
+def test_hinge_is_flat_past_its_margin():
+    assert _loss_and_grads(DPOConfig(loss="hinge", beta=2.0))[:2] == (0.0, 0.0)  # h = 2 > 1
+
+
+@pytest.mark.parametrize("cfg", [DPOConfig(beta=0.1), DPOConfig(beta=0.3, label_smoothing=0.2),
+                                 DPOConfig(loss="ipo", beta=0.1), DPOConfig(loss="hinge", beta=0.7)])
+def test_losses_equal_paddleformers_dpo_criterion_on_the_same_log_probs(cfg):
+    """PaddleFormers' DPOCriterion.dpo_loss takes the four log-prob tensors (its forward needs its
+    own packed label layout, so the comparison is at the formula, on identical inputs)."""
+    import paddle
+
+    criterion_mod = pytest.importorskip("paddleformers.transformers.dpo_criterion")
+    from types import SimpleNamespace
+
+    criterion = criterion_mod.DPOCriterion(
+        SimpleNamespace(tensor_parallel_output=False, tensor_model_parallel_size=1),
+        dpo_config=SimpleNamespace(loss_type=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                                   pref_loss_ratio=1.0))
+    rng = np.random.default_rng(0)
+    logps = [paddle.to_tensor(rng.uniform(-30, -1, 16).astype("float32")) for _ in range(4)]
+    ours, _, _ = preference_loss(*logps, cfg)
+    assert float(ours.mean()) == pytest.approx(float(criterion.dpo_loss(*logps)), rel=1e-5)
+
+
+def test_answer_logps_sums_or_averages_the_labelled_tokens_only():
+    import paddle
+
+    logits = paddle.to_tensor(np.log(np.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]],
+                                               dtype="float32")))
+    # Position t's logits predict token t + 1: token 1 from row 0 (p = 0.25), token 2 from row 1
+    # (p = 0.1); the last row predicts nothing and the unlabelled first token is never a target.
+    labels = paddle.to_tensor(np.array([[-100, 1, 2]]))
+    assert float(answer_logps(logits, labels)) == pytest.approx(math.log(0.25) + math.log(0.1), rel=1e-5)
+    assert float(answer_logps(logits, labels, average=True)) == pytest.approx(
+        (math.log(0.25) + math.log(0.1)) / 2, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the data
+def _pairs_file(tmp_path, records) -> str:
+    (tmp_path / "a.png").write_bytes(b"")  # the reader checks paths, not pixels
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def _pair(**kw):
+    rec = {"id": "p", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat is it?"}],
+           "chosen": "a red circle", "rejected": "a blue square"}
+    return {**rec, **kw}
+
+
+def test_llava_pairs_reads_one_conversation_with_two_final_answers(tmp_path):
+    (sample,) = read_llava_pairs(_pairs_file(tmp_path, [_pair()])).samples
+    chosen, rejected = pair_turns(sample)
+    assert chosen == [("user", "<image>\nwhat is it?"), ("assistant", "a red circle")]
+    assert rejected == [("user", "<image>\nwhat is it?"), ("assistant", "a blue square")]
+
+
+@pytest.mark.parametrize("record, reason, message", [
+    (_pair(rejected="a red circle"), "identical_answers", "same answer"),
+    (_pair(image=None, conversations=[{"from": "human", "value": "<image>\nwhat?"}]), "tag_mismatch",
+     "1 <image> tags but 0 images"),
+    (_pair(conversations=[{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a red circle"}]),
+     "bad_record", "must end with the user turn"),
+])
+def test_a_bad_pair_names_its_file_record_and_cause(tmp_path, record, reason, message):
+    if record.get("image") is None:
+        record.pop("image")
+    path = _pairs_file(tmp_path, [_pair(), record])
+    (err,) = read_llava_pairs(path, on_error="skip").skipped
+    assert (err.path, err.record, err.reason) == (path, 1, reason) and message in str(err)
+
+
+def test_check_data_reports_identical_answers(demo_data, tiny_recipe, tmp_path):
+    from paddle_mm.training.check_data import check_data
+
+    pairs = json.load(open(os.path.join(demo_data["data"], "train_llava.json")))[:2]
+    records = [{"id": r["id"], "image": r["image"], "conversations": r["conversations"][:1],
+                "chosen": "yes", "rejected": "yes" if k else "no"} for k, r in enumerate(pairs)]
+    path = os.path.join(demo_data["data"], "check_pairs.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+    recipe = tiny_recipe(str(tmp_path / "run"), "train.stage=dpo",
+                         f"data.train=[{{path: {path}, format: llava_pairs}}]")
+    report = check_data(recipe, decode_images=False)
+    assert (report["records"], report["usable"]) == (2, 1)
+    (example,) = report["by_reason"]["identical_answers"]["examples"]
+    assert (example["path"], example["record"]) == (path, 1)
+
+
+# ----------------------------------------------------------------------------- a run
+@pytest.fixture(scope="module")
+def start_and_pairs(demo_data, tmp_path_factory):
+    """A 2-step instruct run to start from, and the bundled pairs of the train scenes."""
+    from tiny import make_tiny_recipe
+
+    from paddle_mm.data.synthetic import write_preference_pairs
+    from paddle_mm.training.loop import train
+
+    start = train(make_tiny_recipe(demo_data, str(tmp_path_factory.mktemp("sft") / "run"), "train.max_steps=2"),
+                  quiet=True)
+    return start, write_preference_pairs(demo_data["data"], "train")
+
+
+LORA = ["train.trainable=[multi_modal_projector, language_model]", "train.lora.enabled=true",
+        "train.lora.r=2", "train.lora.alpha=4"]
+
+
+@pytest.mark.parametrize("variant, first_loss", [
+    ([], math.log(2)),  # sigmoid: -log sigmoid(0)
+    (LORA, math.log(2)),
+    (["train.dpo.loss=ipo"], 1.0),  # (0 - 1 / (2 * 0.5))^2
+    (["train.dpo.loss=hinge"], 1.0),  # max(0, 1 - 0)
+], ids=["full", "lora", "ipo", "hinge"])
+def test_dpo_starts_at_its_reference_and_logs_the_preference_figures(tiny_recipe, tmp_path, start_and_pairs,
+                                                                     variant, first_loss):
+    """At step 1 the policy is the frozen start, so every reward is 0 and the loss is the variant's
+    value at a zero margin: the reference log-probabilities are the start's (full or LoRA).
+    Later steps move the policy away from it (a few steps on new batches each need not have
+    opened the margin yet: that is the experiment's, tools/dpo_experiment.py)."""
+    from paddle_mm.training.loop import train
+
+    start, pairs = start_and_pairs
+    run = train(tiny_recipe(str(tmp_path / "dpo"), "train.stage=dpo", f"train.init_from={start}",
+                            f"data.train=[{{path: {pairs}, format: llava_pairs}}]", "train.max_steps=4",
+                            "train.lr=1e-2", "train.schedule=constant", "train.dpo.beta=0.5", *variant), quiet=True)
+    log = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    first = log[0]
+    assert first["step_loss"] == pytest.approx(first_loss, abs=1e-4)
+    # Zero up to float noise (the reference was scored in other batches, other padding), so
+    # reward_accuracy, the share of margins > 0, is noise here and not checked.
+    for key in ("reward_margin", "chosen_reward", "rejected_reward"):
+        assert first[key] == pytest.approx(0.0, abs=1e-4), key
+    assert first["chosen_logp"] < 0 and first["rejected_logp"] < 0
+    assert abs(log[-1]["chosen_reward"]) > 1e-4 and abs(log[-1]["rejected_reward"]) > 1e-4
+
+
+def test_sft_weight_adds_the_chosen_answers_next_token_loss(tiny_recipe, tmp_path, start_and_pairs):
+    from paddle_mm.training.loop import train
+
+    start, pairs = start_and_pairs
+    common = ["train.stage=dpo", f"train.init_from={start}", f"data.train=[{{path: {pairs}, format: llava_pairs}}]",
+              "train.max_steps=1"]
+    plain = train(tiny_recipe(str(tmp_path / "a"), *common), quiet=True)
+    mixed = train(tiny_recipe(str(tmp_path / "b"), *common, "train.dpo.sft_weight=1"), quiet=True)
+    (p,), (m,) = ([json.loads(line) for line in open(os.path.join(r, "metrics.jsonl"))] for r in (plain, mixed))
+    assert p["step_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # The chosen rows' mean next-token loss lies between 0 and the per-pair summed NLL.
+    assert 0 < m["step_loss"] - p["step_loss"] < -m["chosen_logp"]
+
+
+def test_dpo_validates_on_held_out_pairs_scored_by_the_same_reference(tiny_recipe, tmp_path, start_and_pairs):
+    """data.eval pairs get their reference log-probabilities from the start too: before any step
+    the held-out sigmoid loss is exactly log 2 (eval_every=1 evaluates after step 1, so a tiny lr
+    keeps the policy at the reference)."""
+    from paddle_mm.training.loop import train
+
+    start, pairs = start_and_pairs
+    run = train(tiny_recipe(str(tmp_path / "v"), "train.stage=dpo", f"train.init_from={start}",
+                            f"data.train=[{{path: {pairs}, format: llava_pairs}}]",
+                            f"data.eval=[{{path: {pairs}, format: llava_pairs}}]", "train.eval_every=1",
+                            "train.eval_samples=8", "train.max_steps=1", "train.lr=1e-12"), quiet=True)
+    (record,) = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert record["eval_loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_two_processes_log_the_figures_of_the_whole_global_batch(tiny_recipe, tmp_path, start_and_pairs):
+    """Each process sees half of each global batch; the logged figures are summed over both
+    (an all-reduce), so they equal one process's over the whole batch."""
+    from paddle_mm.training.launch import train_in_processes
+    from paddle_mm.training.loop import train
+
+    start, pairs = start_and_pairs
+    common = ["train.stage=dpo", f"train.init_from={start}", f"data.train=[{{path: {pairs}, format: llava_pairs}}]",
+              "train.max_steps=2", "train.lr=1e-2", "train.num_threads=1"]
+    one = train(tiny_recipe(str(tmp_path / "one"), *common), quiet=True)
+    two = train_in_processes(tiny_recipe(str(tmp_path / "two"), *common), processes=2, quiet=True)
+    logs = [[json.loads(line) for line in open(os.path.join(r, "metrics.jsonl"))] for r in (one, two)]
+    for a, b in zip(*logs):
+        # At step 1 the margins are float noise around 0, and so is the share of them above 0.
+        keys = ("step_loss", "reward_margin", "chosen_logp", "rejected_logp") + (("reward_accuracy",) * (a["step"] > 1))
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (a["step"], key)
+
+
+def test_dpo_refuses_a_run_without_its_start_or_with_conversation_data(tiny_recipe, tmp_path):
+    from paddle_mm.training.loop import train
+
+    with pytest.raises(RecipeError, match="train.init_from must name the instruct run"):
+        train(tiny_recipe(str(tmp_path / "a"), "train.stage=dpo"), quiet=True)
+    with pytest.raises(RecipeError, match="not 'llava_pairs'"):
+        train(tiny_recipe(str(tmp_path / "b"), "train.stage=dpo", f"train.init_from={tmp_path}"), quiet=True)
+
+
+def test_pair_turns_refuses_a_plain_conversation():
+    from paddle_mm.data.readers import Sample
+
+    with pytest.raises(DataError, match="not a preference pair"):
+        pair_turns(Sample("x", [], [("user", "q"), ("assistant", "a")], "f.json", 3))
+
+
+def test_bundled_pairs_reject_an_answer_naming_an_absent_object(demo_data):
+    """Chosen: the scene's own caption, or the right yes/no about an object; rejected: a caption
+    naming one object the scene lacks, or the wrong yes/no. Checked with CHAIR's mention matcher."""
+    from paddle_mm.data.synthetic import write_preference_pairs
+    from paddle_mm.eval.hallucination import SCENE_VOCABULARY
+    from paddle_mm.eval.metrics.chair import mentioned_objects
+
+    scenes = {s["image"]: s for s in json.load(open(os.path.join(demo_data["data"], "train_scenes.json")))}
+    samples = read_llava_pairs(write_preference_pairs(demo_data["data"], "train")).samples
+    assert len(samples) == 2 * len(scenes)
+    answers = []
+    for sample in samples:
+        rec = scenes[os.path.relpath(sample.images[0], demo_data["data"])]
+        held = {f"{o['colour']} {o['shape']}" for o in rec["objects"]}
+        chosen, rejected = sample.turns[-1][1], sample.meta["rejected"]
+        if sample.id.endswith("-caption"):
+            assert set(mentioned_objects(chosen, SCENE_VOCABULARY)) <= held
+            assert len(set(mentioned_objects(rejected, SCENE_VOCABULARY)) - held) == 1
+        else:
+            (asked,) = mentioned_objects(sample.turns[0][1], SCENE_VOCABULARY)
+            assert (chosen, rejected) == (("yes", "no") if asked in held else ("no", "yes"))
+            answers.append(chosen)
+    assert 0.3 < answers.count("yes") / len(answers) < 0.7  # both answers are preferred, neither always
