@@ -39,7 +39,8 @@ PUBLIC = {
     "plot_runs": "(runs: 'Sequence[str]', out_png: 'str') -> 'str'",
 }
 METRICS = ["NORMALIZE_MODES", "normalize_answer", "vqa_accuracy", "vqa_report", "tokenize", "bleu", "rouge_l",
-           "cider_d", "caption_report"]
+           "cider_d", "caption_report", "pope_answer", "pope_scores", "pope_report", "pope_questions", "chair",
+           "mentioned_objects"]
 
 
 def test_public_names_and_signatures_stay_put():
