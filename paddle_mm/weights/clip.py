@@ -7,7 +7,7 @@ Also here: the clip record of `paddle-mm convert` (the vision tower alone, as a 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 from paddle_mm.config import VisionConfig
 from paddle_mm.errors import CheckpointError
@@ -126,43 +126,57 @@ def vision_config_from_folder(folder: str, base: VisionConfig | None = None) -> 
     raise CheckpointError(f"{source}: model_type {kind!r} is not a CLIP vision model (clip, clip_vision_model, llava)")
 
 
-def _prefix_of(names) -> str | None:
-    """Which of LAYOUTS these tensor names hold the vision tower under (the first that fits)."""
-    return next((p for p in LAYOUTS if any(n.startswith(p + "encoder.layers.") for n in names)), None)
+@dataclass(frozen=True)
+class VisionTower:
+    """A ViT-family tower's name table, the prefixes checkpoints hold it under, and what a whole
+    two-tower model holds beside it (under "vision_model."): CLIP's and SigLIP's records."""
+
+    name: str
+    layouts: tuple[str, ...]
+    table: Table
+    model_extras: Table
+
+    def prefix_of(self, names) -> str | None:
+        """Which of the layouts these tensor names hold the tower under (the first that fits)."""
+        return next((p for p in self.layouts if any(n.startswith(p + "encoder.layers.") for n in names)), None)
+
+    def table_under(self, prefix: str, target_prefix: str) -> Table:
+        table = self.table.prefixed(prefix, target_prefix)
+        return table + self.model_extras if prefix == "vision_model." else table
+
+    def table_for(self, names, source: str) -> Table:
+        """The table under the prefix these tensor names use; a CheckpointError naming source if none fits."""
+        prefix = self.prefix_of(names)
+        if prefix is None:
+            sample = ", ".join(sorted(names)[:3])
+            raise CheckpointError(f"{source}: no {self.name} vision tower found (expected encoder.layers.* under "
+                                  f"one of {self.layouts}; found {sample}...)")
+        return self.table_under(prefix, "")
+
+    def load(self, vit, folder: str, strict: bool = True) -> list[str]:
+        """Load the tower from a local Hugging Face folder into paddle_mm's ViT."""
+        tensors = read_tensors(folder)
+        where = {k: path for k, (path, _) in tensor_index(folder).items()}
+        return load_mapped(vit, tensors, self.table_for(tensors, folder), folder, where, strict)
+
+    def family(self, name: str, config) -> Family:
+        """The convert record: the source prefix is the layout; converted names sit under vision_tower."""
+        def layout(names, source: str) -> str:
+            prefix = self.prefix_of(names)
+            if prefix is None:
+                raise CheckpointError(f"{source}: no {self.name} vision tower found under {self.layouts}")
+            return prefix
+
+        return Family(name, layout=layout, table=lambda raw, lay, source: self.table_under(lay, "vision_tower."),
+                      config=config)
 
 
-def _table_under(prefix: str, target_prefix: str) -> Table:
-    table = CLIP_VISION.prefixed(prefix, target_prefix)
-    return table + CLIP_MODEL_EXTRAS if prefix == "vision_model." else table
-
-
-def clip_table(names) -> Table:
-    """The CLIP table under the prefix these tensor names use."""
-    prefix = _prefix_of(names)
-    if prefix is None:
-        sample = ", ".join(sorted(names)[:3])
-        raise CheckpointError(f"no CLIP vision tower found (expected names under one of {LAYOUTS}; found {sample}...)")
-    return _table_under(prefix, "")
+CLIP_TOWER = VisionTower("CLIP", LAYOUTS, CLIP_VISION, CLIP_MODEL_EXTRAS)
 
 
 def load_clip_vision(vit, folder: str, strict: bool = True) -> list[str]:
     """Load a CLIP vision tower from a local Hugging Face folder into paddle_mm's ViT."""
-    tensors = read_tensors(folder)
-    where = {k: path for k, (path, _) in tensor_index(folder).items()}
-    try:
-        table = clip_table(tensors)
-    except CheckpointError as e:
-        raise CheckpointError(f"{folder}: {e}") from None
-    return load_mapped(vit, tensors, table, folder, where, strict)
+    return CLIP_TOWER.load(vit, folder, strict)
 
 
-# ---- the convert record: the source prefix is the layout --------------------------------------
-def _convert_layout(names, source: str) -> str:
-    prefix = _prefix_of(names)
-    if prefix is None:
-        raise CheckpointError(f"{source}: no CLIP vision tower found under {LAYOUTS}")
-    return prefix
-
-
-CLIP = Family("clip", layout=_convert_layout, table=lambda raw, layout, source: _table_under(layout, "vision_tower."),
-              config=lambda src: asdict(vision_config_from_folder(src)))
+CLIP = CLIP_TOWER.family("clip", config=lambda src: asdict(vision_config_from_folder(src)))

@@ -18,9 +18,9 @@ from dataclasses import asdict, replace
 
 from paddle_mm.config import VisionConfig
 from paddle_mm.errors import CheckpointError
-from paddle_mm.weights.clip import HF_TEXT_TOWER, HF_VIT_ATTENTION, HF_VIT_NORMS_AND_MLP
-from paddle_mm.weights.hf import read_config, read_tensors, tensor_index
-from paddle_mm.weights.mapping import Family, Rule, Table, load_mapped, refuse_inexpressible
+from paddle_mm.weights.clip import HF_TEXT_TOWER, HF_VIT_ATTENTION, HF_VIT_NORMS_AND_MLP, VisionTower
+from paddle_mm.weights.hf import read_config
+from paddle_mm.weights.mapping import Rule, Table, refuse_inexpressible
 
 # Source names relative to the tower (SiglipVisionTransformer, "vision_model." in most folders).
 SIGLIP_VISION = Table("siglip-vision", (
@@ -122,35 +122,12 @@ def vision_config_from_folder(folder: str, base: VisionConfig | None = None) -> 
     return vision_config_from_hf(vision, source, base)
 
 
-def _prefix_of(names) -> str | None:
-    """Which of LAYOUTS these tensor names hold the tower under (the first that fits)."""
-    return next((p for p in LAYOUTS if any(n.startswith(p + "encoder.layers.") for n in names)), None)
-
-
-def _table_under(prefix: str, target_prefix: str) -> Table:
-    table = SIGLIP_VISION.prefixed(prefix, target_prefix)
-    return table + SIGLIP_MODEL_EXTRAS if prefix == "vision_model." else table
-
-
-def siglip_table(names) -> Table:
-    """The SigLIP table under the prefix these tensor names use."""
-    prefix = _prefix_of(names)
-    if prefix is None:
-        sample = ", ".join(sorted(names)[:3])
-        raise CheckpointError(f"no SigLIP vision tower found (expected encoder.layers.* under one of {LAYOUTS}; "
-                              f"found {sample}...)")
-    return _table_under(prefix, "")
+SIGLIP_TOWER = VisionTower("SigLIP", LAYOUTS, SIGLIP_VISION, SIGLIP_MODEL_EXTRAS)
 
 
 def load_siglip_vision(vit, folder: str, strict: bool = True) -> list[str]:
     """Load a SigLIP vision tower from a local Hugging Face folder into paddle_mm's ViT."""
-    tensors = read_tensors(folder)
-    where = {k: path for k, (path, _) in tensor_index(folder).items()}
-    try:
-        table = siglip_table(tensors)
-    except CheckpointError as e:
-        raise CheckpointError(f"{folder}: {e}") from None
-    return load_mapped(vit, tensors, table, folder, where, strict)
+    return SIGLIP_TOWER.load(vit, folder, strict)
 
 
 def hf_vision_config(v: VisionConfig, source: str) -> dict:
@@ -170,17 +147,7 @@ def hf_vision_config(v: VisionConfig, source: str) -> dict:
     }
 
 
-# ---- the convert record: the source prefix is the layout --------------------------------------
-def _convert_layout(names, source: str) -> str:
-    prefix = _prefix_of(names)
-    if prefix is None:
-        raise CheckpointError(f"{source}: no SigLIP vision tower found under {LAYOUTS}")
-    return prefix
-
-
 # A converted tower keeps every patch of the last layer (LLaVA-OneVision's selection: layer -1,
 # "full"); a recipe that names the folder sets its own.
-SIGLIP = Family("siglip", layout=_convert_layout,
-                table=lambda raw, layout, source: _table_under(layout, "vision_tower."),
-                config=lambda src: asdict(vision_config_from_folder(
-                    src, VisionConfig(feature_layer=-1, drop_cls_token=False))))
+SIGLIP = SIGLIP_TOWER.family("siglip", config=lambda src: asdict(vision_config_from_folder(
+    src, VisionConfig(feature_layer=-1, drop_cls_token=False))))
