@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from paddle_mm.alignment.text import TextTokenizer
-from paddle_mm.data.dataset import Encoded
+from paddle_mm.data.dataset import Encoded, encode_each
 from paddle_mm.data.image import ImageProcessor
 from paddle_mm.data.readers import Sample
 from paddle_mm.errors import DataError
@@ -29,17 +29,12 @@ class CaptionPairDataset:
     def __init__(self, samples: Sequence[Sample], tokenizer: TextTokenizer, image_processor: ImageProcessor,
                  max_length: int, on_error: str = "raise"):
         self.image_processor = image_processor
-        self.items: list[Encoded] = []
-        self.skipped: list[DataError] = []
-        for sample in samples:
-            try:
-                ids = np.asarray(tokenizer.encode(caption_of(sample), max_length), dtype="int64")
-            except DataError as err:
-                if on_error == "raise":
-                    raise
-                self.skipped.append(err)
-                continue
-            self.items.append(Encoded(sample, ids, ids))
+
+        def encode(sample: Sample) -> Encoded:
+            ids = np.asarray(tokenizer.encode(caption_of(sample), max_length), dtype="int64")
+            return Encoded(sample, ids, ids)
+
+        self.items, self.skipped = encode_each(samples, encode, on_error)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -5,8 +5,9 @@ that leaves nothing to learn is found before the first step, not hours into a ru
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -15,12 +16,29 @@ from paddle_mm.data.readers import Sample
 from paddle_mm.data.tokenizer import IGNORE_INDEX, Tokenizer
 from paddle_mm.errors import DataError
 
+T = TypeVar("T")
+
 
 @dataclass
 class Encoded:
     sample: Sample
     input_ids: np.ndarray  # [L] int64
     labels: np.ndarray  # [L] int64, IGNORE_INDEX outside assistant text
+
+
+def encode_each(samples: Sequence[Sample], encode: Callable[[Sample], T], on_error: str) -> tuple[list[T], list[DataError]]:
+    """(encode(sample) of every sample that encodes, the DataErrors of the others): a bad record
+    stops the run (on_error "raise") or is skipped and counted, in every dataset alike."""
+    items: list[T] = []
+    skipped: list[DataError] = []
+    for sample in samples:
+        try:
+            items.append(encode(sample))
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            skipped.append(err)
+    return items, skipped
 
 
 class ConversationDataset:
@@ -37,15 +55,8 @@ class ConversationDataset:
         system: str = "",
     ):
         self.image_processor = image_processor
-        self.items: list[Encoded] = []
-        self.skipped: list[DataError] = []
-        for sample in samples:
-            try:
-                self.items.append(encode_sample(sample, tokenizer, tokens_per_image, max_length, system))
-            except DataError as err:
-                if on_error == "raise":
-                    raise
-                self.skipped.append(err)
+        self.items, self.skipped = encode_each(
+            samples, lambda s: encode_sample(s, tokenizer, tokens_per_image, max_length, system), on_error)
 
     def __len__(self) -> int:
         return len(self.items)

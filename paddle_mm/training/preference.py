@@ -19,10 +19,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from paddle_mm.config import DPOConfig
-from paddle_mm.data.dataset import Encoded, collate, encode_sample
+from paddle_mm.data.dataset import Encoded, collate, encode_each, encode_sample
 from paddle_mm.data.readers import Sample, pair_turns
 from paddle_mm.data.tokenizer import IGNORE_INDEX
-from paddle_mm.errors import DataError
 
 # The sums over a logging interval that DPOObjective reports (see figures_of).
 FIGURE_SUMS = ("pairs", "reward_margin", "reward_correct", "chosen_logp", "rejected_logp",
@@ -99,18 +98,13 @@ class PairDataset:
     def __init__(self, samples, tokenizer, image_processor, tokens_per_image: int, max_length: int,
                  on_error: str = "raise", system: str = ""):
         self.image_processor = image_processor
-        self.items: list[EncodedPair] = []
-        self.skipped: list[DataError] = []
-        for sample in samples:
-            try:
-                _, rejected_turns = pair_turns(sample)
-                self.items.append(EncodedPair(
-                    sample, encode_sample(sample, tokenizer, tokens_per_image, max_length, system),
-                    _encode_turns(sample, rejected_turns, tokenizer, tokens_per_image, max_length, system)))
-            except DataError as err:
-                if on_error == "raise":
-                    raise
-                self.skipped.append(err)
+
+        def encode(sample) -> EncodedPair:
+            _, rejected_turns = pair_turns(sample)
+            return EncodedPair(sample, encode_sample(sample, tokenizer, tokens_per_image, max_length, system),
+                               _encode_turns(sample, rejected_turns, tokenizer, tokens_per_image, max_length, system))
+
+        self.items, self.skipped = encode_each(samples, encode, on_error)
 
     def __len__(self) -> int:
         return len(self.items)
