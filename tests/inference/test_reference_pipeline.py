@@ -43,6 +43,18 @@ def _without_stop(tokens: np.ndarray, stop_ids) -> list[int]:
     return out[:-1] if out and out[-1] in stop_ids else out
 
 
+def _logits_and_greedy(model, tokenizer, ids: list[int], pixels: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """The model's logits [L, V] of one prompt with its images, and its 16 greedy tokens."""
+    import paddle
+
+    input_ids, pixel_values = paddle.to_tensor([ids]), paddle.to_tensor(pixels)
+    mask = paddle.ones_like(input_ids)
+    with paddle.no_grad():
+        _, logits = model(input_ids, mask, pixel_values)
+    greedy = model.generate(input_ids, mask, pixel_values, max_new_tokens=16, eos_token_id=tokenizer.stop_ids)[0]
+    return logits.numpy()[0], greedy
+
+
 _LOADED: dict = {}
 
 
@@ -60,7 +72,6 @@ def _load(folder: str):
 @pytest.mark.parametrize("tag", TAGS)
 @pytest.mark.parametrize("name", LLAVAS)
 def test_llava_folder_gives_transformers_prompt_pixels_logits_and_greedy_tokens(name, tag):
-    import paddle
 
     folder = _folder(name, tag)
     ref, meta = _reference(folder)
@@ -73,12 +84,8 @@ def test_llava_folder_gives_transformers_prompt_pixels_logits_and_greedy_tokens(
         assert ids == ref[f"{key}.input_ids"].tolist(), key
         pixels = processor([_image(key)])
         assert np.abs(pixels[0] - ref[f"{key}.pixel_values"]).max() <= 1e-5, key
-        input_ids = paddle.to_tensor([ids])
-        with paddle.no_grad():
-            _, logits = model(input_ids, paddle.ones_like(input_ids), paddle.to_tensor(pixels))
-        assert np.abs(logits.numpy()[0] - ref[f"{key}.logits"]).max() <= 1e-4, key
-        greedy = model.generate(input_ids, paddle.ones_like(input_ids), paddle.to_tensor(pixels),
-                                max_new_tokens=16, eos_token_id=tokenizer.stop_ids)[0]
+        logits, greedy = _logits_and_greedy(model, tokenizer, ids, pixels)
+        assert np.abs(logits - ref[f"{key}.logits"]).max() <= 1e-4, key
         assert greedy == _without_stop(ref[f"{key}.greedy"], tokenizer.stop_ids), key
 
 
@@ -100,7 +107,6 @@ def test_paddle_mm_infer_on_the_folder_answers_what_transformers_generates(name,
 
 @pytest.mark.parametrize("name", LLAVAS)
 def test_converted_folder_keeps_the_template_and_the_image_settings(name, tmp_path):
-    import paddle
 
     from paddle_mm.builder import image_processor_for
     from paddle_mm.run_folder import load_run
@@ -115,10 +121,7 @@ def test_converted_folder_keeps_the_template_and_the_image_settings(name, tmp_pa
     assert ids == ref["wide.input_ids"].tolist()
     pixels = image_processor_for(recipe)([_image("wide")])
     assert np.abs(pixels[0] - ref["wide.pixel_values"]).max() <= 1e-5
-    input_ids = paddle.to_tensor([ids])
-    greedy = model.generate(input_ids, paddle.ones_like(input_ids), paddle.to_tensor(pixels), max_new_tokens=16,
-                            eos_token_id=tokenizer.stop_ids)[0]
-    assert greedy == _without_stop(ref["wide.greedy"], tokenizer.stop_ids)
+    assert _logits_and_greedy(model, tokenizer, ids, pixels)[1] == _without_stop(ref["wide.greedy"], tokenizer.stop_ids)
 
 
 @pytest.mark.parametrize("tag", TAGS)
@@ -176,7 +179,6 @@ def test_text_lm_folder_gives_transformers_prompt_logits_greedy_and_labels(name,
 def test_blip2_folder_prompted_as_its_processor_does(tag):
     """BLIP-2 has no chat template: its processor puts the query tokens, then the tokenizer's text
     (OPT's leading </s> included). The fixture is tools/make_blip2_fixtures.py --opt."""
-    import paddle
     from safetensors.numpy import load_file
 
     from paddle_mm.inference.generate import generate_answers
@@ -191,10 +193,8 @@ def test_blip2_folder_prompted_as_its_processor_does(tag):
     assert ids == ref["input_ids"][0].tolist()  # the row without padding
     pixels = processor([os.path.join(folder, "image_0.png")])
     assert np.abs(pixels[0] - ref["pixel_values"][0]).max() <= 1e-5
-    input_ids = paddle.to_tensor([ids])
-    with paddle.no_grad():
-        _, logits = model(input_ids, paddle.ones_like(input_ids), paddle.to_tensor(pixels))
-    assert np.abs(logits.numpy()[0] - ref["logits"][0]).max() <= 1e-4
+    logits, _ = _logits_and_greedy(model, tokenizer, ids, pixels)
+    assert np.abs(logits - ref["logits"][0]).max() <= 1e-4
     # the fixture generated 16 tokens without stopping: compare up to the first stop id
     expected = ref["greedy_tokens"][0].tolist()
     stops = [i for i, t in enumerate(expected) if t in tokenizer.stop_ids]
