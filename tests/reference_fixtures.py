@@ -42,3 +42,26 @@ def snapshot(folder: str) -> dict:
 
 def max_diff(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def llava(folder: str):
+    """A VisionLanguageModel with every weight of a LLaVA folder loaded (none left out), in eval mode."""
+    from paddle_mm.model import VisionLanguageModel
+    from paddle_mm.weights.llava import llava_model_config, load_llava
+
+    model = VisionLanguageModel(llava_model_config(folder))
+    assert load_llava(model, folder) == []
+    model.eval()
+    return model
+
+
+def llava_outputs(model, ref: dict):
+    """(image features, logits, 16 greedy tokens without stopping) of a LLaVA on a reference's inputs."""
+    import paddle
+
+    pixels, ids = paddle.to_tensor(ref["pixel_values"]), paddle.to_tensor(ref["input_ids"])
+    with paddle.no_grad():
+        features = model.image_features(pixels).numpy()
+        _, logits = model(ids, pixel_values=pixels)
+        greedy = model.generate(ids, pixel_values=pixels, max_new_tokens=16, eos_token_id=None)
+    return features, logits.numpy(), greedy

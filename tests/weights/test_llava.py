@@ -4,7 +4,7 @@ import os
 import numpy as np
 import paddle
 import pytest
-from reference_fixtures import checkpoint_copy, folder_of, max_diff, reference, snapshot
+from reference_fixtures import checkpoint_copy, folder_of, llava, llava_outputs, max_diff, reference, snapshot
 from safetensors.numpy import save_file
 
 from paddle_mm import builder
@@ -21,22 +21,6 @@ LEGACY_TO_457 = {  # transformers 4.57's LlavaForConditionalGeneration._checkpoi
     "multi_modal_projector.": "model.multi_modal_projector.",
     "language_model.lm_head.": "lm_head.",
 }
-
-
-def llava(folder: str) -> VisionLanguageModel:
-    model = VisionLanguageModel(llava_model_config(folder))
-    assert load_llava(model, folder) == []
-    model.eval()
-    return model
-
-
-def outputs(model, ref):
-    pixels, ids = paddle.to_tensor(ref["pixel_values"]), paddle.to_tensor(ref["input_ids"])
-    with paddle.no_grad():
-        features = model.image_features(pixels).numpy()
-        _, logits = model(ids, pixel_values=pixels)
-        greedy = model.generate(ids, pixel_values=pixels, max_new_tokens=16, eos_token_id=None)
-    return features, logits.numpy(), greedy
 
 
 def rewrite(folder: str, edit=None, config_edit=None) -> None:
@@ -72,7 +56,7 @@ def test_config_reads_feature_selection_and_both_parts():
 def test_legacy_layout_matches_transformers():
     ref = reference("llava")
     before = snapshot(folder_of("llava"))
-    features, logits, greedy = outputs(llava(folder_of("llava")), ref)
+    features, logits, greedy = llava_outputs(llava(folder_of("llava")), ref)
     assert max_diff(features, ref["image_features"]) <= 1e-4
     assert max_diff(logits, ref["logits"]) <= 1e-4
     assert greedy == ref["greedy"].tolist()
@@ -84,7 +68,7 @@ def test_transformers_457_layout_matches_transformers(tmp_path):
     folder = checkpoint_copy("llava", tmp_path / "new")
     rewrite(folder, to_457_layout)
     assert any(k.startswith("model.language_model.layers.") for k in read_tensors(folder))
-    features, logits, greedy = outputs(llava(folder), ref)
+    features, logits, greedy = llava_outputs(llava(folder), ref)
     assert max_diff(features, ref["image_features"]) <= 1e-4
     assert max_diff(logits, ref["logits"]) <= 1e-4
     assert greedy == ref["greedy"].tolist()
@@ -116,7 +100,7 @@ def test_bf16_checkpoint_loads_the_rounded_values(tmp_path):
     rounded = (fp32["multi_modal_projector.linear_1.weight"].view(np.uint32) & 0xFFFF0000).view(np.float32)
     np.testing.assert_array_equal(model.multi_modal_projector.linear_1.weight.numpy(), rounded.T)
     ref = reference("llava")
-    _, logits, _ = outputs(model, ref)
+    _, logits, _ = llava_outputs(model, ref)
     assert 0 < max_diff(logits, ref["logits"]) < 0.5  # bf16 rounding moves the logits a little, not far
 
 
@@ -147,7 +131,7 @@ def test_recipe_model_path_builds_the_checkpoint_with_its_tokenizer():
     model = builder.build_model(cfg, tokenizer)
     model.eval()
     ref = reference("llava")
-    assert max_diff(outputs(model, ref)[1], ref["logits"]) <= 1e-4
+    assert max_diff(llava_outputs(model, ref)[1], ref["logits"]) <= 1e-4
     recipe.model.lm.path = folder_of("llama")
     with pytest.raises(RecipeError, match="cannot be combined"):
         builder.model_config_for(recipe, tokenizer)

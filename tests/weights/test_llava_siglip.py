@@ -7,35 +7,18 @@ from dataclasses import replace
 import numpy as np
 import paddle
 import pytest
-from reference_fixtures import checkpoint_copy, folder_of, max_diff, reference, snapshot
+from reference_fixtures import checkpoint_copy, folder_of, llava, llava_outputs, max_diff, reference, snapshot
 from safetensors.numpy import save_file
 
 from paddle_mm import builder
 from paddle_mm.config import Recipe
 from paddle_mm.errors import CheckpointError
-from paddle_mm.model import VisionLanguageModel
 from paddle_mm.run_folder import load_run
 from paddle_mm.weights.convert import CONVERSION_FILE, convert, export
 from paddle_mm.weights.hf import read_tensors
-from paddle_mm.weights.llava import layout_of, llava_model_config, load_llava
+from paddle_mm.weights.llava import layout_of, llava_model_config
 
 TAGS = ("hf457", "hf5")
-
-
-def llava(folder: str) -> VisionLanguageModel:
-    model = VisionLanguageModel(llava_model_config(folder))
-    assert load_llava(model, folder) == []
-    model.eval()
-    return model
-
-
-def outputs(model, ref):
-    pixels, ids = paddle.to_tensor(ref["pixel_values"]), paddle.to_tensor(ref["input_ids"])
-    with paddle.no_grad():
-        features = model.image_features(pixels).numpy()
-        _, logits = model(ids, pixel_values=pixels)
-        greedy = model.generate(ids, pixel_values=pixels, max_new_tokens=16, eos_token_id=None)
-    return features, logits.numpy(), greedy
 
 
 def edit_config(folder: str, edit) -> None:
@@ -64,7 +47,7 @@ def test_logits_and_greedy_tokens_match_transformers(tag, layout):
     ref = reference(f"llava_siglip/{tag}")
     before = snapshot(folder)
     assert layout_of(read_tensors(folder), folder) == layout
-    features, logits, greedy = outputs(llava(folder), ref)
+    features, logits, greedy = llava_outputs(llava(folder), ref)
     assert max_diff(features, ref["image_features"]) <= 1e-4
     assert max_diff(logits, ref["logits"]) <= 1e-4
     assert greedy == ref["greedy"].tolist()
@@ -91,7 +74,7 @@ def test_the_pooling_head_of_the_tower_is_ignored_by_name(tmp_path):
     tensors["vision_tower.vision_model.head.attention.in_proj_weight"] = np.zeros((96, 32), np.float32)
     save_file(tensors, os.path.join(folder, "model.safetensors"))
     ref = reference("llava_siglip/hf457")
-    assert max_diff(outputs(llava(folder), ref)[1], ref["logits"]) <= 1e-4
+    assert max_diff(llava_outputs(llava(folder), ref)[1], ref["logits"]) <= 1e-4
 
 
 def test_recipe_model_path_builds_the_checkpoint_with_its_tokenizer():
@@ -103,7 +86,7 @@ def test_recipe_model_path_builds_the_checkpoint_with_its_tokenizer():
     model = builder.build_model(cfg, tokenizer)
     model.eval()
     ref = reference("llava_siglip/hf5")
-    assert max_diff(outputs(model, ref)[1], ref["logits"]) <= 1e-4
+    assert max_diff(llava_outputs(model, ref)[1], ref["logits"]) <= 1e-4
 
 
 @pytest.mark.parametrize("tag", TAGS)
