@@ -65,3 +65,14 @@ def llava_outputs(model, ref: dict):
         _, logits = model(ids, pixel_values=pixels)
         greedy = model.generate(ids, pixel_values=pixels, max_new_tokens=16, eos_token_id=None)
     return features, logits.numpy(), greedy
+
+
+def rewrite_tensors(folder: str, edit) -> None:
+    """Read a folder's tensors, let edit(tensors) change the dict in place, write model.safetensors back."""
+    from safetensors.numpy import save_file
+
+    from paddle_mm.weights.hf import read_tensors
+
+    tensors = read_tensors(folder)
+    edit(tensors)
+    save_file(tensors, os.path.join(folder, "model.safetensors"))

@@ -4,14 +4,12 @@ from dataclasses import replace
 import numpy as np
 import paddle
 import pytest
-from reference_fixtures import checkpoint_copy, folder_of, max_diff, reference, snapshot
-from safetensors.numpy import save_file
+from reference_fixtures import checkpoint_copy, folder_of, max_diff, reference, rewrite_tensors, snapshot
 
 from paddle_mm.config import VisionConfig
 from paddle_mm.errors import CheckpointError
 from paddle_mm.vision.vit import VisionTransformer
 from paddle_mm.weights.clip import load_clip_vision, vision_config_from_folder
-from paddle_mm.weights.hf import read_tensors
 
 
 def clip_vit(folder: str, **selection) -> VisionTransformer:
@@ -51,12 +49,6 @@ def test_llava_selection_penultimate_layer_without_class_token():
     assert max_diff(features, ref["hidden_states.2"][:, 1:]) <= 1e-4
 
 
-def _rewrite(folder: str, edit) -> None:
-    tensors = read_tensors(folder)
-    edit(tensors)
-    save_file(tensors, f"{folder}/model.safetensors")
-
-
 def test_vision_tower_layout_and_clip_vision_config(tmp_path):
     """A tower saved out of a LLaVA model: vision_tower.vision_model.*, clip_vision_model config."""
     folder = checkpoint_copy("clip", tmp_path / "tower")
@@ -69,7 +61,7 @@ def test_vision_tower_layout_and_clip_vision_config(tmp_path):
             if name.startswith("vision_model."):
                 tensors["vision_tower." + name] = array
 
-    _rewrite(folder, tower_only)
+    rewrite_tensors(folder, tower_only)
     ref = reference("clip")
     vit = clip_vit(folder, feature_layer=-1, drop_cls_token=False, post_norm=False)
     with paddle.no_grad():
@@ -78,18 +70,18 @@ def test_vision_tower_layout_and_clip_vision_config(tmp_path):
 
 def test_position_ids_buffer_is_ignored_by_name(tmp_path):
     folder = checkpoint_copy("clip", tmp_path / "old")
-    _rewrite(folder, lambda t: t.update({"vision_model.embeddings.position_ids": np.arange(17)[None]}))
+    rewrite_tensors(folder, lambda t: t.update({"vision_model.embeddings.position_ids": np.arange(17)[None]}))
     clip_vit(folder)
 
 
 def test_unexpected_missing_and_misshaped_tensors_are_listed(tmp_path):
     folder = checkpoint_copy("clip", tmp_path / "extra")
-    _rewrite(folder, lambda t: t.update({"vision_model.encoder.layers.0.self_attn.rope.weight": np.zeros(2, np.float32)}))
+    rewrite_tensors(folder, lambda t: t.update({"vision_model.encoder.layers.0.self_attn.rope.weight": np.zeros(2, np.float32)}))
     with pytest.raises(CheckpointError, match="unexpected 1: vision_model.encoder.layers.0.self_attn.rope.weight"):
         clip_vit(folder)
 
     folder = checkpoint_copy("clip", tmp_path / "missing")
-    _rewrite(folder, lambda t: t.pop("vision_model.encoder.layers.1.mlp.fc2.bias"))
+    rewrite_tensors(folder, lambda t: t.pop("vision_model.encoder.layers.1.mlp.fc2.bias"))
     cfg = vision_config_from_folder(folder)
     with pytest.raises(CheckpointError, match=r"missing 1: blocks\.1\.mlp\.fc2\.bias"):
         load_clip_vision(VisionTransformer(cfg), folder)

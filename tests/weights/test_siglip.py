@@ -4,8 +4,7 @@ from dataclasses import replace
 import numpy as np
 import paddle
 import pytest
-from reference_fixtures import checkpoint_copy, folder_of, max_diff, reference, snapshot
-from safetensors.numpy import save_file
+from reference_fixtures import checkpoint_copy, folder_of, max_diff, reference, rewrite_tensors, snapshot
 
 from paddle_mm import builder
 from paddle_mm.config import Recipe, VisionConfig
@@ -96,19 +95,13 @@ def test_recipe_vision_path_names_a_siglip_folder():
     assert max_diff(run(model.vision_tower, ref).numpy(), ref["hidden_states.2"]) <= 1e-4
 
 
-def _rewrite(folder: str, edit) -> None:
-    tensors = read_tensors(folder)
-    edit(tensors)
-    save_file(tensors, f"{folder}/model.safetensors")
-
-
 def test_unknown_and_misshaped_tensors_are_named(tmp_path):
     folder = checkpoint_copy("siglip/hf457", tmp_path / "extra")
-    _rewrite(folder, lambda t: t.update({"vision_model.head.extra": np.zeros(2, np.float32)}))
+    rewrite_tensors(folder, lambda t: t.update({"vision_model.head.extra": np.zeros(2, np.float32)}))
     with pytest.raises(CheckpointError, match="unexpected 1: vision_model.head.extra"):
         siglip_vit(folder)
     folder = checkpoint_copy("siglip/hf5", tmp_path / "missing")
-    _rewrite(folder, lambda t: t.pop("embeddings.patch_embedding.bias"))
+    rewrite_tensors(folder, lambda t: t.pop("embeddings.patch_embedding.bias"))
     with pytest.raises(CheckpointError, match=r"missing 1: patch_embedding\.bias \(embeddings\.patch_embedding\.bias\)"):
         siglip_vit(folder)
     folder = checkpoint_copy("siglip/hf5", tmp_path / "clip-sized")
