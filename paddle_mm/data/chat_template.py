@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from paddle_mm.errors import CheckpointError, DataError
+from paddle_mm.fileio import read_json_object
 
 TEMPLATE_FILE = "chat_template.jinja"
 _JSON_TEMPLATE_FILE = "chat_template.json"
@@ -31,14 +32,7 @@ _IMAGE = "<image>"
 
 
 def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, lambda reason: CheckpointError(f"{path}: {reason}"))
 
 
 def _pick(value, source: str) -> str | None:

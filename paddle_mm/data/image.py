@@ -5,7 +5,6 @@ crop; or exact), rescale, normalize. A checkpoint folder's settings are read by
 entry of processor_config.json (5.x)."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Sequence, Union
@@ -14,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from paddle_mm.errors import DataError, ImageTooLargeError
+from paddle_mm.fileio import read_json_object
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -90,8 +90,9 @@ def image_config_from_folder(folder: str) -> ImageProcessorConfig | None:
         raw, source = _read_json(path), path
     else:
         path = os.path.join(folder, "processor_config.json")
-        if os.path.isfile(path) and isinstance(_read_json(path).get("image_processor"), dict):
-            raw, source = _read_json(path)["image_processor"], path
+        nested = _read_json(path).get("image_processor") if os.path.isfile(path) else None
+        if isinstance(nested, dict):
+            raw, source = nested, path
     if raw is None:
         return None
     kind = str(raw.get("image_processor_type", ""))
@@ -130,14 +131,7 @@ def image_config_from_folder(folder: str) -> ImageProcessorConfig | None:
 
 
 def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(path, f"cannot read: {e}") from None
-    if not isinstance(data, dict):
-        raise DataError(path, "expected a JSON object")
-    return data
+    return read_json_object(path, lambda reason: DataError(path, reason))
 
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]

@@ -17,13 +17,12 @@ labelled through the tokens' offsets.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections.abc import Iterable, Sequence
 
 from paddle_mm.data.chat_template import TEMPLATE_FILE, ChatTemplate, special_token_strings
 from paddle_mm.errors import CheckpointError, DataError
-from paddle_mm.fileio import write_json_atomic, write_text_atomic
+from paddle_mm.fileio import read_json_object, write_json_atomic, write_text_atomic
 
 IGNORE_INDEX = -100
 TOKENIZER_FILE = "tokenizer.json"
@@ -270,11 +269,7 @@ def _stop_ids(folder: str) -> list[int]:
     path = os.path.join(folder, GENERATION_CONFIG_FILE)
     if not os.path.isfile(path):
         return []
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f).get("eos_token_id")
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: cannot read: {e}") from None
+    value = read_json_object(path, lambda reason: CheckpointError(f"{path}: {reason}")).get("eos_token_id")
     values = value if isinstance(value, list) else [value]
     return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
 
