@@ -161,6 +161,12 @@ def _pixel_summary(prefix: str, pixels) -> dict:
             f"{prefix}.sample": flat[idx]}
 
 
+def _visual(inner, pixels, grid):
+    """The merged vision features (5.x returns them as the pooler output, 4.57 as the tensor)."""
+    out = inner.visual(pixels, grid_thw=grid)
+    return getattr(out, "pooler_output", out)
+
+
 def _greedy(model, **inputs):
     import torch
 
@@ -216,29 +222,42 @@ def make_model(tf, name: str, tag: str) -> None:
                 extra["second_per_grid_ts"] = torch.tensor([2 / VIDEO_FPS])
             refs.update(_pixel_summary(f"{case}.pixel_values_videos", pv))
             refs[f"{case}.video_grid_thw"] = vgrid
-        inputs = processor(images=images or None, text=text, return_tensors="pt")
+        if video and tag == "hf5":  # 5.x's processor refuses video pads without its video processor
+            inputs = dict(ip(images=images, return_tensors="pt")) if images else {}
+            for grid in inputs.get("image_grid_thw", []):
+                text = text.replace("<|image_pad|>", "<|placeholder|>" * int(grid.prod() // 4), 1)
+            inputs.update(tok(text.replace("<|placeholder|>", "<|image_pad|>"), return_tensors="pt"))
+        else:
+            inputs = processor(images=images or None, text=text, return_tensors="pt")
         inputs = {**dict(inputs), **extra}
+        if tag == "hf5":  # 5.x's M-RoPE reads the modality of each token (text 0, image 1, video 2)
+            ids = inputs["input_ids"]
+            inputs["mm_token_type_ids"] = ((ids == config.image_token_id).int()
+                                           + 2 * (ids == config.video_token_id).int())
         if images:
             refs.update(_pixel_summary(f"{case}.pixel_values", inputs["pixel_values"]))
             refs[f"{case}.image_grid_thw"] = inputs["image_grid_thw"]
         rope_kw = {"second_per_grid_ts": extra["second_per_grid_ts"]} if "second_per_grid_ts" in extra else {}
+        if "mm_token_type_ids" in inputs:
+            rope_kw["mm_token_type_ids"] = inputs["mm_token_type_ids"]
         with torch.no_grad():
-            positions, delta = inner.get_rope_index(inputs["input_ids"], inputs.get("image_grid_thw"),
-                                                    inputs.get("video_grid_thw"), attention_mask=inputs["attention_mask"],
-                                                    **rope_kw)
+            positions, delta = inner.get_rope_index(inputs["input_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+                                                    video_grid_thw=inputs.get("video_grid_thw"),
+                                                    attention_mask=inputs["attention_mask"], **rope_kw)
             logits = model(**inputs).logits[0]
-            visual = inner.visual
             if images:
-                refs[f"{case}.image_features"] = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+                refs[f"{case}.image_features"] = _visual(inner, inputs["pixel_values"], inputs["image_grid_thw"])
             if video:
-                refs[f"{case}.video_features"] = visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"])
+                refs[f"{case}.video_features"] = _visual(inner, inputs["pixel_values_videos"], inputs["video_grid_thw"])
         rows = torch.tensor(sorted(set(range(0, logits.shape[0], 16)) | {logits.shape[0] - 1}))
         print(f"  {name} {tag} {case}: {inputs['input_ids'].shape[1]} tokens")
         refs.update({f"{case}.input_ids": inputs["input_ids"][0], f"{case}.position_ids": positions[:, 0],
                      f"{case}.rope_delta": delta.reshape(-1), f"{case}.logit_rows": rows,
                      f"{case}.logits": logits[rows], f"{case}.greedy": _greedy(model, **inputs)})
     model.to(torch.bfloat16).save_pretrained(folder)
-    processor.attributes = ["image_processor", "tokenizer"]  # there is no video processor to save
+    # there is no video processor to save (4.57 reads `attributes`, 5.x `get_attributes()`)
+    processor.attributes = ["image_processor", "tokenizer"]
+    processor.get_attributes = lambda: ["image_processor", "tokenizer"]
     processor.save_pretrained(folder)
     save_reference(folder, refs)
     with open(os.path.join(folder, "reference.json"), "w", encoding="utf-8") as f:
