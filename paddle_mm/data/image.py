@@ -26,6 +26,28 @@ _RESAMPLE = {
 _RESAMPLE_BY_CODE = {int(v): k for k, v in _RESAMPLE.items()}  # PIL's codes, as preprocessor configs store them
 
 
+def resample_name(value, source: str) -> str:
+    """A filter's name ("bicubic") from its name or the PIL code a preprocessor config stores (3)."""
+    if isinstance(value, str) and value in _RESAMPLE:
+        return value
+    if not isinstance(value, bool) and value in _RESAMPLE_BY_CODE:
+        return _RESAMPLE_BY_CODE[value]
+    raise DataError(source, f"resample {value!r} is not a PIL filter name or code")
+
+
+def pil_filter(name: str):
+    return _RESAMPLE[name]
+
+
+def normalized_hwc(image: Image.Image, rescale_factor: float, mean, std, normalize: bool = True) -> np.ndarray:
+    """An RGB picture as float32 HWC: rescaled in float64 and narrowed, then (x - mean) / std in
+    float32, the order and precision of transformers' rescale and normalize."""
+    arr = (np.asarray(image, dtype=np.float64) * rescale_factor).astype(np.float32)
+    if normalize:
+        arr = (arr - np.asarray(mean, np.float32).reshape(1, 1, 3)) / np.asarray(std, np.float32).reshape(1, 1, 3)
+    return arr
+
+
 @dataclass
 class ImageProcessorConfig:
     size: int = 224  # output is size x size
@@ -113,16 +135,14 @@ def image_config_from_folder(folder: str) -> ImageProcessorConfig | None:
         if cropped and _size_of(raw.get("crop_size", size), "shortest_edge", source) != _size_of(size, "", source):
             raise DataError(source, "a centre crop after an exact resize is not supported")
         shortest, crop, resize = 0, _size_of(size, "", source), "exact"
-    code = raw.get("resample", 3)
-    if code not in _RESAMPLE_BY_CODE:
-        raise DataError(source, f"resample {code!r} is not a PIL filter code")
+    resample = resample_name(raw.get("resample", 3), source)
     normalize = bool(raw.get("do_normalize", True))
     try:
         return ImageProcessorConfig(
             size=crop, resize=resize, shortest_edge=shortest if shortest != crop else 0,
             mean=tuple(raw.get("image_mean", ImageProcessorConfig.mean)),
             std=tuple(raw.get("image_std", ImageProcessorConfig.std)),
-            resample=_RESAMPLE_BY_CODE[code], pad_to_square=bool(raw.get("do_pad", False)) and base == "LlavaImageProcessor",
+            resample=resample, pad_to_square=bool(raw.get("do_pad", False)) and base == "LlavaImageProcessor",
             rescale_factor=float(raw.get("rescale_factor", 1 / 255)) if raw.get("do_rescale", True) else 1.0,
             normalize=normalize,
         )
@@ -172,8 +192,6 @@ class ImageProcessor:
 
     def __init__(self, config: ImageProcessorConfig | None = None):
         self.config = config or ImageProcessorConfig()
-        self._mean = np.asarray(self.config.mean, dtype=np.float32).reshape(1, 1, 3)
-        self._std = np.asarray(self.config.std, dtype=np.float32).reshape(1, 1, 3)
 
     def load(self, path) -> Image.Image:
         """Open and fully decode ``path`` as RGB; a DataError naming the path if that fails."""
@@ -215,9 +233,8 @@ class ImageProcessor:
             image = image.convert("RGB")
         if self.config.pad_to_square:
             image = self._pad(image)
-        arr = (np.asarray(self._resize(image), dtype=np.float64) * self.config.rescale_factor).astype(np.float32)
-        if self.config.normalize:
-            arr = (arr - self._mean) / self._std
+        c = self.config
+        arr = normalized_hwc(self._resize(image), c.rescale_factor, c.mean, c.std, c.normalize)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
     def __call__(self, images: Sequence[ImageInput]) -> np.ndarray:

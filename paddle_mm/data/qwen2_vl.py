@@ -1,0 +1,293 @@
+"""Qwen2-VL's inputs: images and video frames at their own resolution, their patches in the
+order the encoder reads, and the prompt's vision pads and 3-row (M-RoPE) positions.
+
+Computed as transformers' PIL processor does (Qwen2VLImageProcessor in 4.57,
+Qwen2VLImageProcessorPil in 5.x):
+- smart resize: each side rounded to a multiple of patch * merge (28), then scaled as a whole
+  into [min_pixels, max_pixels] (the checkpoint's preprocessor_config.json / processor_config.json);
+  bicubic through PIL, rescale and normalize as data/image.py does.
+- patches: an image is one frame repeated to the temporal patch (2); a video's frames go in
+  pairs (the last repeated when their count is odd). Rows run over (t, h / merge, w / merge,
+  merge row, merge column), so each 2 x 2 block the merger joins is 4 consecutive rows;
+  columns over (channel, frame of the pair, patch row, patch column): one Conv3D input.
+- each image gives grid t*h*w / merge^2 LM tokens: its <|image_pad|> is widened to that many.
+- positions (`rope_index`): text counts on by one in all three rows; a vision block gets
+  (t, row, column) offsets from the position after the text before it, and the text after it
+  continues from the block's largest position + 1 (transformers 5.x: from the block's start +
+  max(rows, columns); RopeTokens.advance). Qwen2.5-VL spaces a video's t by tokens_per_second *
+  seconds per temporal patch. Decoding continues at cache length + delta.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from paddle_mm.data.image import ImageInput, normalized_hwc, open_image, pil_filter, resample_name
+from paddle_mm.errors import DataError
+from paddle_mm.fileio import read_json_object
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class Qwen2VLImageSettings:
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resample: str = "bicubic"
+    rescale_factor: float = 1 / 255
+    normalize: bool = True
+    # video frames: their own pixel bounds (the video processor's), sampled at fps when a clip has more
+    video_min_pixels: int = 0
+    video_max_pixels: int = 0
+    fps: float = 2.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) as multiples of factor, the area within [min_pixels, max_pixels], the aspect kept."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"an image of {width}x{height} is more than 200 times as long as it is wide")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def settings_from_folder(folder: str) -> Qwen2VLImageSettings:
+    """The image settings a Qwen2-VL folder ships (4.57: preprocessor_config.json; 5.x: the
+    "image_processor" entry of processor_config.json); the defaults when it has none."""
+    raw, source = {}, folder
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            found = read_json_object(path, lambda reason, p=path: DataError(p, reason))
+            found = found.get(key) if key else found
+            if isinstance(found, dict):
+                raw, source = found, path
+                break
+    video = _video_settings(folder)
+    kind = str(raw.get("image_processor_type", "Qwen2VLImageProcessor"))
+    if not kind.startswith(("Qwen2VLImageProcessor", "Qwen2_5_VLImageProcessor")):
+        raise DataError(source, f"image processor {kind!r} is not Qwen2-VL's")
+    size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
+    defaults = Qwen2VLImageSettings()
+    try:
+        return Qwen2VLImageSettings(
+            patch_size=int(raw.get("patch_size", 14)), temporal_patch_size=int(raw.get("temporal_patch_size", 2)),
+            merge_size=int(raw.get("merge_size", 2)),
+            # 4.57 writes min_pixels / max_pixels beside size; size wins when both are there, as in transformers
+            min_pixels=int(size.get("shortest_edge", raw.get("min_pixels", defaults.min_pixels))),
+            max_pixels=int(size.get("longest_edge", raw.get("max_pixels", defaults.max_pixels))),
+            mean=tuple(float(m) for m in raw.get("image_mean", OPENAI_CLIP_MEAN)),
+            std=tuple(float(s) for s in raw.get("image_std", OPENAI_CLIP_STD)),
+            resample=resample_name(raw.get("resample", 3), source),
+            rescale_factor=float(raw.get("rescale_factor", 1 / 255)) if raw.get("do_rescale", True) else 1.0,
+            normalize=bool(raw.get("do_normalize", True)),
+            video_min_pixels=int(video.get("shortest_edge", 0)), video_max_pixels=int(video.get("longest_edge", 0)),
+        )
+    except (TypeError, ValueError) as e:
+        raise DataError(source, f"cannot read the Qwen2-VL image settings: {e}") from None
+
+
+def _video_settings(folder: str) -> dict:
+    """The video processor's size bounds, where the folder has them (video_preprocessor_config.json)."""
+    path = os.path.join(folder, "video_preprocessor_config.json")
+    if not os.path.isfile(path):
+        return {}
+    raw = read_json_object(path, lambda reason: DataError(path, reason))
+    size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
+    return {"shortest_edge": size.get("shortest_edge", raw.get("min_pixels", 0)),
+            "longest_edge": size.get("longest_edge", raw.get("max_pixels", 0))}
+
+
+def sample_frame_indices(total: int, source_fps: float = 0.0, fps: float = 0.0, num_frames: int = 0,
+                         temporal_patch_size: int = 2) -> list[int]:
+    """Which of a clip's `total` frames to keep: num_frames of them, or as many as `fps` gives for
+    a clip recorded at source_fps; evenly spaced, a multiple of the temporal patch (at least one pair)."""
+    if total <= 0:
+        return []
+    if not num_frames:
+        num_frames = int(total / source_fps * fps) if source_fps > 0 and fps > 0 else total
+    num_frames = min(max(num_frames, temporal_patch_size), total)
+    num_frames = max(temporal_patch_size, num_frames // temporal_patch_size * temporal_patch_size)
+    if num_frames > total:  # fewer frames than one temporal patch: the last is repeated by patchify
+        return list(range(total))
+    return [int(i * total / num_frames) for i in range(num_frames)]
+
+
+class Qwen2VLProcessor:
+    """Images and videos -> (pixel rows [N, C*T*p*p] float32, grid [n, 3] int64 of (t, h, w) patches)."""
+
+    def __init__(self, settings: Qwen2VLImageSettings | None = None):
+        self.settings = settings or Qwen2VLImageSettings()
+
+    def _frame(self, image: ImageInput, size: tuple[int, int] | None, bounds: tuple[int, int]) -> np.ndarray:
+        """One picture as float32 CHW at the smart-resized size (or the given one)."""
+        s = self.settings
+        if not isinstance(image, Image.Image):
+            path = os.fspath(image)
+            if not os.path.isfile(path):
+                raise DataError(path, "cannot read image: file not found", reason="image_missing")
+            image = open_image(path, path)
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        w, h = image.size
+        nh, nw = size or smart_resize(h, w, s.factor, *bounds)
+        if (nw, nh) != (w, h):
+            image = image.resize((nw, nh), pil_filter(s.resample))
+        arr = normalized_hwc(image, s.rescale_factor, s.mean, s.std, s.normalize)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+    def patchify(self, frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """[F, C, H, W] frames of one image or clip -> (patch rows, (t, h, w))."""
+        s = self.settings
+        tp, p, m = s.temporal_patch_size, s.patch_size, s.merge_size
+        if frames.shape[0] % tp:
+            frames = np.concatenate([frames, np.repeat(frames[-1:], tp - frames.shape[0] % tp, axis=0)])
+        f, c, height, width = frames.shape
+        t, gh, gw = f // tp, height // p, width // p
+        x = frames.reshape(t, tp, c, gh // m, m, p, gw // m, m, p)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, bh, bw, mh, mw | c, tp, ph, pw
+        return np.ascontiguousarray(x.reshape(t * gh * gw, c * tp * p * p)), (t, gh, gw)
+
+    def images(self, images: list[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
+        s = self.settings
+        rows, grids = [], []
+        for image in images:
+            patches, grid = self.patchify(self._frame(image, None, (s.min_pixels, s.max_pixels))[None])
+            rows.append(patches)
+            grids.append(grid)
+        return self._stack(rows, grids)
+
+    def video(self, frames: list[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
+        """One clip (its frames, already sampled) -> (pixel rows, grid [1, 3]); every frame takes the
+        size smart resize gives the first."""
+        s = self.settings
+        if not frames:
+            raise ValueError("a video needs at least one frame")
+        bounds = (s.video_min_pixels or s.min_pixels, s.video_max_pixels or s.max_pixels)
+        first = self._frame(frames[0], None, bounds)
+        size = first.shape[1:]
+        stack = np.stack([first] + [self._frame(f, size, bounds) for f in frames[1:]])
+        patches, grid = self.patchify(stack)
+        return self._stack([patches], [grid])
+
+    def _stack(self, rows, grids) -> tuple[np.ndarray, np.ndarray]:
+        s = self.settings
+        width = 3 * s.temporal_patch_size * s.patch_size ** 2
+        pixels = np.concatenate(rows) if rows else np.zeros((0, width), np.float32)
+        return pixels, np.asarray(grids, dtype=np.int64).reshape(-1, 3)
+
+    def token_counts(self, grid: np.ndarray) -> list[int]:
+        """LM tokens per image or video of a grid [n, 3]."""
+        return [int(np.prod(g)) // self.settings.merge_size ** 2 for g in np.asarray(grid).reshape(-1, 3)]
+
+
+def expand_pads(ids: list[int], labels: list[int], pads: dict[int, list[int]], ignore: int) -> tuple[list[int], list[int]]:
+    """Widen each pad token (pads: token id -> the token count of each of its images or videos, in
+    order) to that many copies, labelled `ignore`; a count mismatch is a ValueError naming both."""
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    seen = {pad: 0 for pad in pads}
+    for token, label in zip(ids, labels):
+        if token not in pads:
+            out_ids.append(token)
+            out_labels.append(label)
+            continue
+        counts = pads[token]
+        if seen[token] >= len(counts):
+            raise ValueError(f"the prompt has more than {len(counts)} vision pads of token {token}, "
+                             f"but {len(counts)} images/videos were given")
+        out_ids += [token] * counts[seen[token]]
+        out_labels += [ignore] * counts[seen[token]]
+        seen[token] += 1
+    for pad, counts in pads.items():
+        if seen[pad] != len(counts):
+            raise ValueError(f"the prompt has {seen[pad]} vision pads of token {pad}, but {len(counts)} "
+                             f"images/videos were given")
+    return out_ids, out_labels
+
+
+@dataclass(frozen=True)
+class RopeTokens:
+    """What rope_index needs to know of a checkpoint: its vision token ids and merge size."""
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    merge_size: int = 2
+    tokens_per_second: float = 0.0  # Qwen2.5-VL: a video's temporal positions per second; 0: Qwen2-VL
+    # Where the text after a vision block goes on: "max", its largest position + 1 (transformers 4.57
+    # and Qwen's own code; seconds per temporal patch truncated to whole seconds, as 4.57 does);
+    # "extent", the block's start + max(rows, columns) (transformers 5.x, whatever t is).
+    advance: str = "max"
+
+
+def rope_index(ids: list[int], image_grids: np.ndarray, video_grids: np.ndarray, tokens: RopeTokens,
+               seconds_per_grid: list[float] | None = None) -> tuple[np.ndarray, int]:
+    """M-RoPE positions [3, L] of one unpadded sequence, and its delta (next position - L).
+
+    A vision block is found where a pad token follows <|vision_start|>; its grid is the next
+    image's or video's, in reading order.
+    """
+    image_grids = np.asarray(image_grids if image_grids is not None else [], np.int64).reshape(-1, 3)
+    video_grids = np.asarray(video_grids if video_grids is not None else [], np.int64).reshape(-1, 3)
+    m = tokens.merge_size
+    parts: list[np.ndarray] = []
+    next_pos = 0
+    k = 0
+    n_image = n_video = 0
+    length = len(ids)
+    while k < length:
+        is_block = k > 0 and ids[k - 1] == tokens.vision_start_token_id and ids[k] in (
+            tokens.image_token_id, tokens.video_token_id)
+        if not is_block:
+            start = k
+            k += 1
+            while k < length and not (ids[k - 1] == tokens.vision_start_token_id
+                                      and ids[k] in (tokens.image_token_id, tokens.video_token_id)):
+                k += 1
+            parts.append(np.tile(np.arange(next_pos, next_pos + k - start), (3, 1)))
+            next_pos += k - start
+            continue
+        video = ids[k] == tokens.video_token_id
+        grids, index = (video_grids, n_video) if video else (image_grids, n_image)
+        if index >= len(grids):
+            kind = "video" if video else "image"
+            raise ValueError(f"the prompt has more {kind} blocks than the {len(grids)} {kind} grids given")
+        t, h, w = int(grids[index][0]), int(grids[index][1]) // m, int(grids[index][2]) // m
+        step = 1.0
+        if video:
+            n_video += 1
+            if tokens.tokens_per_second:
+                seconds = (seconds_per_grid or [])[index] if index < len(seconds_per_grid or []) else 1.0
+                step = (int(seconds) if tokens.advance == "max" else seconds) * tokens.tokens_per_second
+        else:
+            n_image += 1
+        t_index = (np.arange(t) * step).astype(np.int64) if video and tokens.tokens_per_second else np.arange(t)
+        block = np.stack([np.repeat(t_index, h * w), np.tile(np.repeat(np.arange(h), w), t),
+                          np.tile(np.arange(w), t * h)]) + next_pos
+        parts.append(block)
+        next_pos = int(block.max()) + 1 if tokens.advance == "max" else next_pos + max(h, w)
+        k += t * h * w
+    positions = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.int64)
+    return positions[:, :length], (next_pos - length)
