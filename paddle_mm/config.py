@@ -121,7 +121,9 @@ class LMConfig:
     equals num_heads, and rope_theta / rms_norm_eps are unused (learned positions, LayerNorm
     with eps 1e-5, a ReLU MLP: fixed by the family)."""
 
-    family: Literal["qwen2", "llama", "qwen3", "opt"] = "qwen2"
+    # "qwen2_vl": the Qwen2 decoder with multimodal rotary positions (Qwen2-VL's and Qwen2.5-VL's text
+    # model, lm/mrope.py), whose positions are 3 rows (temporal, height, width) split by mrope_section.
+    family: Literal["qwen2", "llama", "qwen3", "opt", "qwen2_vl"] = "qwen2"
     path: str = ""  # a local folder with config.json and weights; empty: build from the fields below
     vocab_size: int = 32000
     hidden_size: int = 256
@@ -135,6 +137,49 @@ class LMConfig:
     tie_word_embeddings: bool = False
     # "flashmask" (GPU): PaddleFormers' variable-length kernel, so packed samples need no L x L mask.
     attn_implementation: Literal["eager", "sdpa", "flashmask"] = "sdpa"
+    # family qwen2_vl: how many rotary frequency pairs take the temporal, height and width position
+    # (they sum to head_dim / 2; Qwen2-VL-7B: 16, 24, 24).
+    mrope_section: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Qwen2VLVisionConfig:
+    """Qwen2-VL's vision encoder (variant qwen2_vl: LayerNorm, a GELU MLP, full attention within
+    each image) or Qwen2.5-VL's (qwen2_5_vl: RMSNorm, SwiGLU, attention within windows of
+    window_size pixels except in the blocks fullatt_block_indexes names). Patches are 3-D
+    (temporal_patch_size frames x patch_size^2 pixels); the merger joins spatial_merge_size^2
+    neighbours into one LM token of out_hidden_size."""
+
+    variant: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
+    depth: int = 32
+    hidden_size: int = 1280  # Qwen2-VL's config calls it embed_dim
+    intermediate_size: int = 5120  # Qwen2-VL: embed_dim * mlp_ratio
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    hidden_act: str = "quick_gelu"
+    out_hidden_size: int = 3584  # the LM's hidden size
+    window_size: int = 112
+    fullatt_block_indexes: list[int] = field(default_factory=list)
+    tokens_per_second: float = 0.0  # qwen2_5_vl: a video's temporal positions per second
+
+
+@dataclass
+class Qwen2VLModelConfig:
+    """A Qwen2-VL / Qwen2.5-VL model: its vision encoder and merger, its M-RoPE LM (family
+    qwen2_vl) and the token ids its prompts and positions use."""
+
+    vision: Qwen2VLVisionConfig = field(default_factory=Qwen2VLVisionConfig)
+    lm: LMConfig = field(default_factory=lambda: LMConfig(family="qwen2_vl", mrope_section=[16, 24, 24]))
+    image_token_id: int = -1
+    video_token_id: int = -1
+    vision_start_token_id: int = -1
+    # M-RoPE's position for the text after a vision block: "max" (transformers 4.57 and Qwen's own
+    # code) or "extent" (transformers 5.x); data/qwen2_vl.py's RopeTokens says how they differ.
+    mrope_advance: Literal["max", "extent"] = "max"
+    path: str = ""  # the Hugging Face folder it was read from
 
 
 @dataclass

@@ -131,3 +131,130 @@ def causal_lm_loss(logits, labels, reduction: str = "mean"):
     per_token = paddle.where(keep, per_token, paddle.zeros_like(per_token))
     total = per_token.sum() + 0.0 * flat.sum()
     return total if reduction == "sum" else total / paddle.clip(keep.astype("float32").sum(), min=1.0)
+
+
+class Qwen2VLModel(nn.Layer):
+    """Qwen2-VL / Qwen2.5-VL: vision_tower (vision/qwen2_vl.py) -> multi_modal_projector (the patch
+    merger) -> language_model (the M-RoPE decoder, lm/mrope.py).
+
+    Images and videos come as the processor's pixel rows and grids (data/qwen2_vl.py), so each has
+    its own token count: the features of all images are one [total, D] sequence in reading order,
+    written where input_ids == image_token_id (videos: video_token_id). Positions are 3 rows,
+    computed from the ids and grids as transformers' get_rope_index does.
+    """
+
+    def __init__(self, cfg, special_ids: dict[str, int] | None = None):
+        super().__init__()
+        from paddle_mm.projectors.patch_merger import PatchMerger
+        from paddle_mm.vision.qwen2_vl import Qwen2VLVisionEncoder
+
+        v = cfg.vision
+        if v.out_hidden_size != cfg.lm.hidden_size:
+            raise ValueError(f"vision.out_hidden_size {v.out_hidden_size} is not the LM's hidden size {cfg.lm.hidden_size}")
+        self.config = cfg
+        self.vision_tower = Qwen2VLVisionEncoder(v)
+        self.multi_modal_projector = PatchMerger(v.hidden_size, v.out_hidden_size, v.spatial_merge_size,
+                                                 rms_norm=v.variant == "qwen2_5_vl")
+        self.language_model = build_language_model(cfg.lm, special_ids)
+
+    def vision_features(self, pixel_values, grid_thw):  # [N, C*T*p*p] -> [N / merge^2, D]
+        return self.multi_modal_projector(self.vision_tower(pixel_values, grid_thw))
+
+    def rope_tokens(self):
+        from paddle_mm.data.qwen2_vl import RopeTokens
+
+        c = self.config
+        return RopeTokens(c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision.spatial_merge_size,
+                          c.vision.tokens_per_second if c.vision.variant == "qwen2_5_vl" else 0.0, c.mrope_advance)
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
+        embed_tokens = self.language_model.get_input_embeddings()
+        c = self.config
+        vision = [(c.image_token_id, "image", pixel_values, image_grid_thw),
+                  (c.video_token_id, "video", pixel_values_videos, video_grid_thw)]
+        is_vision = paddle.zeros_like(input_ids, dtype="bool")
+        for token, _, _, _ in vision:
+            is_vision = is_vision | (input_ids == token)
+        embeds = embed_tokens(paddle.where(is_vision, paddle.zeros_like(input_ids), input_ids))
+        for token, kind, pixels, grid in vision:
+            at = input_ids == token
+            positions = int(at.astype("int64").sum())
+            features = None if pixels is None else self.vision_features(pixels, grid).astype(embeds.dtype)
+            count = 0 if features is None else features.shape[0]
+            if positions != count:
+                raise ValueError(f"{kind} token count mismatch: the text has {positions} {kind} token positions, "
+                                 f"but the {kind}s give {count} features")
+            if count == 0:
+                continue
+            order = paddle.clip(paddle.cumsum(at.flatten().astype("int64")) - 1, min=0)
+            gathered = paddle.gather(features, order).reshape(embeds.shape)
+            embeds = paddle.where(at.unsqueeze(-1), gathered, embeds)
+        return embeds
+
+    def rope_positions(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+                       second_per_grid_ts=None):
+        """(positions [3, B, L] int64, deltas [B]: a new token at column j takes j + delta).
+
+        Each row's images and videos are the next ones in reading order; padding gets position 1,
+        as in transformers."""
+        import numpy as np
+
+        from paddle_mm.data.qwen2_vl import rope_index
+
+        ids = input_ids.numpy()
+        mask = np.ones_like(ids) if attention_mask is None else attention_mask.numpy()
+        grids = {k: np.zeros((0, 3), np.int64) if g is None else np.asarray(
+            g.numpy() if isinstance(g, paddle.Tensor) else g).reshape(-1, 3)
+            for k, g in (("image", image_grid_thw), ("video", video_grid_thw))}
+        seconds = [] if second_per_grid_ts is None else [float(s) for s in np.asarray(second_per_grid_ts).reshape(-1)]
+        tokens = self.rope_tokens()
+        out = np.ones((3,) + ids.shape, np.int64)
+        deltas = []
+        used = {"image": 0, "video": 0}
+        for row in range(ids.shape[0]):
+            seq = ids[row][mask[row] == 1].tolist()
+            starts = [k for k in range(1, len(seq)) if seq[k - 1] == tokens.vision_start_token_id]
+            n_img = sum(seq[k] == tokens.image_token_id for k in starts)
+            n_vid = sum(seq[k] == tokens.video_token_id for k in starts)
+            img = grids["image"][used["image"]:used["image"] + n_img]
+            vid = grids["video"][used["video"]:used["video"] + n_vid]
+            pos, delta = rope_index(seq, img, vid, tokens, seconds[used["video"]:used["video"] + n_vid])
+            used["image"] += n_img
+            used["video"] += n_vid
+            out[:, row, mask[row] == 1] = pos
+            deltas.append(int(pos.max()) + 1 - ids.shape[1] if pos.size else delta)
+        return paddle.to_tensor(out), paddle.to_tensor(np.asarray(deltas, np.int64))
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, labels=None,
+                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None):
+        """Return (loss or None, logits [B, L, V])."""
+        embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        if position_ids is None:
+            position_ids, _ = self.rope_positions(input_ids, attention_mask, image_grid_thw, video_grid_thw,
+                                                  second_per_grid_ts)
+        logits, _ = run_language_model(self.language_model, embeds, attention_mask, position_ids=position_ids)
+        return (None if labels is None else causal_lm_loss(logits, labels)), logits
+
+    @paddle.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, max_new_tokens: int = 32,
+                 eos_token_id=None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 num_beams: int = 1, use_cache: bool = True, on_token=None) -> list[list[int]]:
+        """Decode new tokens for a left-padded batch: the prompt at its M-RoPE positions, each new
+        token at its column + the row's delta (transformers' rope_deltas)."""
+        if num_beams > 1:
+            raise ValueError("beam search is not implemented for Qwen2-VL; use num_beams=1")
+        if attention_mask is None:
+            attention_mask = paddle.ones_like(input_ids)
+        embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        prompt, deltas = self.rope_positions(input_ids, attention_mask, image_grid_thw, video_grid_thw,
+                                             second_per_grid_ts)
+        length = input_ids.shape[1]
+
+        def positions(start: int, n: int):
+            cols = paddle.arange(max(start, length), start + n, dtype="int64")
+            later = (cols.unsqueeze(0) + deltas.unsqueeze(-1)).unsqueeze(0).expand([3, -1, -1])
+            return paddle.concat([prompt[:, :, start:length], later], axis=-1) if start < length else later
+
+        return decode(self.language_model, embeds, attention_mask, max_new_tokens, eos_token_id, do_sample,
+                      temperature, top_p, use_cache, on_token, positions=positions)

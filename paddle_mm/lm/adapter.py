@@ -1,4 +1,5 @@
-"""The one adapter over the causal LMs: PaddleFormers' Qwen2, Llama, Qwen3, and our own OPT (lm/opt.py).
+"""The one adapter over the causal LMs: PaddleFormers' Qwen2, Llama, Qwen3, its M-RoPE Qwen2 text model
+(lm/mrope.py, Qwen2-VL's), and our own OPT (lm/opt.py).
 
 Everything family-specific about building and running the backbone lives here: which classes
 build it, how its config fields are named, and how its forward is called. OPT, which
@@ -66,6 +67,10 @@ def build_language_model(cfg: LMConfig, special_ids: dict[str, int] | None = Non
         from paddle_mm.lm.opt import build_opt
 
         return build_opt(cfg, special_ids)
+    if cfg.family == "qwen2_vl":
+        from paddle_mm.lm.mrope import build_mrope_lm
+
+        return build_mrope_lm(cfg, special_ids)
     _, model_cls = _classes(cfg.family)
     return model_cls(backbone_config(cfg, special_ids))
 

@@ -22,11 +22,13 @@ def stop_set(eos_token_id) -> frozenset:
 
 def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id, do_sample: bool = False,
            temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True,
-           on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+           on_token: Callable[[int, int], None] | None = None, positions=None) -> list[list[int]]:
     """Greedy or sampled decoding; returns the new ids of each row, cut at eos.
 
     on_token(row, token id) is called as each kept token is chosen (streaming); an exception
-    it raises stops decoding and propagates.
+    it raises stops decoding and propagates. positions(start, length): the position ids of
+    columns start..start+length, for an LM whose positions are not the mask's count (M-RoPE);
+    None: the positions that skip padding.
     """
     embed_tokens = lm.get_input_embeddings()
     stops = stop_set(eos_token_id)
@@ -36,10 +38,13 @@ def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id, do_sample: bool 
     cache = None
     step_embeds = embeds
     for _ in range(max_new_tokens):
+        start = mask.shape[1] - step_embeds.shape[1]
+        pos = None if positions is None else positions(start, step_embeds.shape[1])
         if use_cache:
-            logits, cache = run_language_model(lm, step_embeds, mask, cache, use_cache=True, last_only=True)
+            logits, cache = run_language_model(lm, step_embeds, mask, cache, use_cache=True, last_only=True,
+                                               position_ids=pos)
         else:  # recompute the whole sequence each step: the reference the cache must match
-            logits, _ = run_language_model(lm, step_embeds, mask)
+            logits, _ = run_language_model(lm, step_embeds, mask, position_ids=pos)
         next_ids = pick(logits[:, -1].astype("float32"), do_sample, temperature, top_p)
         for i, t in enumerate(next_ids.tolist()):
             if not done[i]:
