@@ -61,6 +61,8 @@ def load_checkpoint_folder(folder: str, model_type: str = "llava"):
     """(recipe, model config, tokenizer, model) of a Hugging Face LLaVA or BLIP-2 folder as
     downloaded, in eval mode: its weights, tokenizer, chat template and image processor settings.
     BLIP-2 has no chat template: it is prompted with its images' tokens and the text (PLAIN)."""
+    if model_type in QWEN2_VL_TYPES:
+        return _load_qwen2_vl_folder(folder)
     recipe = Recipe(model=ModelConfig(path=folder))
     recipe.train.output_dir = folder
     if model_type == "blip-2":
@@ -77,6 +79,27 @@ def load_checkpoint_folder(folder: str, model_type: str = "llava"):
     tokenizer = load_tokenizer(recipe, folder)
     cfg = model_config_for(recipe, tokenizer)
     model = build_model(cfg, tokenizer)
+    model.eval()
+    return recipe, cfg, tokenizer, model
+
+
+QWEN2_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def _load_qwen2_vl_folder(folder: str):
+    """A Qwen2-VL / Qwen2.5-VL folder: (recipe naming it as train.init_from, its model config, tokenizer
+    with the folder's chat template, the model). image_processor_for(recipe) gives its processor."""
+    from paddle_mm.model import Qwen2VLModel
+    from paddle_mm.weights.qwen2_vl import load_qwen2_vl, qwen2_vl_model_config
+
+    recipe = Recipe()
+    recipe.train.output_dir = folder
+    recipe.train.init_from = folder
+    recipe.data.image_from_checkpoint = False  # its settings are not an ImageProcessorConfig's
+    tokenizer = Tokenizer.load(folder)
+    cfg = qwen2_vl_model_config(folder)
+    model = Qwen2VLModel(cfg, tokenizer.special_ids())
+    load_qwen2_vl(model, folder)
     model.eval()
     return recipe, cfg, tokenizer, model
 
@@ -121,7 +144,15 @@ def with_image_settings(recipe: Recipe) -> Recipe:
     return replace(recipe, data=replace(recipe.data, image=image_config_for(recipe), image_from_checkpoint=False))
 
 
-def image_processor_for(recipe: Recipe) -> ImageProcessor:
+def image_processor_for(recipe: Recipe):
+    """The recipe's ImageProcessor, or a Qwen2-VL folder's own processor (images at their own size)."""
+    from paddle_mm.weights.hf import whole_model_type
+
+    init = recipe.train.init_from
+    if init and whole_model_type(init) in QWEN2_VL_TYPES:
+        from paddle_mm.data.qwen2_vl import Qwen2VLProcessor, settings_from_folder
+
+        return Qwen2VLProcessor(settings_from_folder(init))
     return ImageProcessor(image_config_for(recipe))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -29,6 +30,7 @@ TEMPLATE_FILE = "chat_template.jinja"
 _JSON_TEMPLATE_FILE = "chat_template.json"
 _CONFIG_FILES = ("tokenizer_config.json", "processor_config.json")
 _IMAGE = "<image>"
+_VIDEO = "<video>"  # one video part (Qwen2-VL's templates render it as <|vision_start|><|video_pad|>...)
 
 
 def _read_json(path: str) -> dict:
@@ -155,10 +157,10 @@ class ChatTemplate:
         if not self.parts:
             return {"role": role, "content": text}
         content = []
-        for i, piece in enumerate(text.split(_IMAGE)):
-            if i:
-                content.append({"type": "image"})
-            if piece.strip():
+        for i, piece in enumerate(re.split(f"({_IMAGE}|{_VIDEO})", text)):
+            if i % 2:
+                content.append({"type": "image" if piece == _IMAGE else "video"})
+            elif piece.strip():
                 content.append({"type": "text", "text": piece.strip("\n")})
         return {"role": role, "content": content}
 

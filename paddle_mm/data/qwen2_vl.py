@@ -291,3 +291,59 @@ def rope_index(ids: list[int], image_grids: np.ndarray, video_grids: np.ndarray,
         k += t * h * w
     positions = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.int64)
     return positions[:, :length], (next_pos - length)
+
+
+VIDEO_TAG = "<video>"
+
+
+def _clip_tags(turns, images: list, videos: list[tuple[int, int]]):
+    """The turns with each clip's frame tags (consecutive <image> tags, readers' Sample.videos:
+    (first frame's index in images, frame count)) turned into one <video> tag, and the images and
+    clips apart, in reading order."""
+    from paddle_mm.data.tokenizer import IMAGE_TOKEN
+
+    first = {start: count for start, count in videos}
+    in_clip = {start + k for start, count in videos for k in range(count)}
+    stills = [im for i, im in enumerate(images) if i not in in_clip]
+    clips = [images[start:start + count] for start, count in sorted(videos)]
+    out, index = [], 0
+    for role, text in turns:
+        pieces = text.split(IMAGE_TOKEN)
+        rebuilt = pieces[0]
+        for piece in pieces[1:]:
+            if index in first:
+                rebuilt += VIDEO_TAG
+            elif index not in in_clip:
+                rebuilt += IMAGE_TOKEN
+            # a clip's later frames: their tag goes, with the newline that followed it
+            elif piece.startswith("\n"):
+                piece = piece[1:]
+            rebuilt += piece
+            index += 1
+        out.append((role, rebuilt))
+    return out, stills, clips
+
+
+def encode_conversation(tokenizer, processor: Qwen2VLProcessor, turns, images: list, videos=(), *,
+                        image_pad_id: int, video_pad_id: int, system: str = "",
+                        add_generation_prompt: bool = False, ignore_index: int = -100) -> dict:
+    """A conversation with its images and clips as Qwen2-VL reads it: the checkpoint's chat template
+    rendered (data/chat_template.py), each <|image_pad|> / <|video_pad|> widened to its picture's
+    token count. Returns input_ids, labels, pixel_values + image_grid_thw, pixel_values_videos +
+    video_grid_thw (None where there are none), second_per_grid_ts (one per clip)."""
+    turns, stills, clips = _clip_tags(turns, list(images), list(videos))
+    ids, labels = tokenizer.encode_chat(turns, 1, system=system, add_generation_prompt=add_generation_prompt)
+    out = {"pixel_values": None, "image_grid_thw": None, "pixel_values_videos": None, "video_grid_thw": None}
+    pads = {image_pad_id: [], video_pad_id: []}
+    if stills:
+        out["pixel_values"], out["image_grid_thw"] = processor.images(stills)
+        pads[image_pad_id] = processor.token_counts(out["image_grid_thw"])
+    if clips:
+        parts = [processor.video(frames) for frames in clips]
+        out["pixel_values_videos"] = np.concatenate([p for p, _ in parts])
+        out["video_grid_thw"] = np.concatenate([g for _, g in parts])
+        pads[video_pad_id] = processor.token_counts(out["video_grid_thw"])
+    # the frames are taken as sampled at the processor's fps (Qwen2.5-VL's temporal positions read it)
+    out["second_per_grid_ts"] = [processor.settings.temporal_patch_size / processor.settings.fps] * len(clips)
+    out["input_ids"], out["labels"] = expand_pads(ids, labels, pads, ignore_index)
+    return out

@@ -40,6 +40,10 @@ def generate_answers(
     """
     import paddle
 
+    from paddle_mm.data.qwen2_vl import Qwen2VLProcessor
+
+    if isinstance(image_processor, Qwen2VLProcessor):
+        return _native_resolution_answers(model, tokenizer, samples, image_processor, infer, blind, system, on_token)
     answers: dict[str, str] = {}
     tpi = model.tokens_per_image
     for start in range(0, len(samples), infer.batch_size):
@@ -69,4 +73,30 @@ def generate_answers(
         )
         for sid, out in zip(batch["ids"], outs):
             answers[sid] = tokenizer.decode(out).strip()
+    return answers
+
+
+def _native_resolution_answers(model, tokenizer, samples, processor, infer, blind, system, on_token):
+    """generate_answers for Qwen2-VL (model.Qwen2VLModel): every image and clip at its own size and
+    token count. One sample at a time: each brings its own grids."""
+    import paddle
+
+    from paddle_mm.data.qwen2_vl import encode_conversation
+
+    if blind:
+        raise ValueError("blind (blanked-image) answers are not implemented for Qwen2-VL models")
+    cfg = model.config
+    answers: dict[str, str] = {}
+    for s in samples:
+        enc = encode_conversation(tokenizer, processor, prompt_turns(s), s.images, getattr(s, "videos", []),
+                                  image_pad_id=cfg.image_token_id, video_pad_id=cfg.video_token_id, system=system,
+                                  add_generation_prompt=True)
+        tensors = {k: paddle.to_tensor(enc[k]) for k in ("pixel_values", "pixel_values_videos") if enc[k] is not None}
+        out = model.generate(
+            paddle.to_tensor([enc["input_ids"]]), image_grid_thw=enc["image_grid_thw"],
+            video_grid_thw=enc["video_grid_thw"], second_per_grid_ts=enc["second_per_grid_ts"] or None,
+            max_new_tokens=infer.max_new_tokens, eos_token_id=tokenizer.stop_ids, do_sample=infer.do_sample,
+            temperature=infer.temperature, top_p=infer.top_p, num_beams=infer.num_beams,
+            on_token=None if on_token is None else (lambda row, t, sid=s.id: on_token(sid, t)), **tensors)[0]
+        answers[s.id] = tokenizer.decode(out).strip()
     return answers

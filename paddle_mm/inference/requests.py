@@ -28,7 +28,7 @@ def request_to_sample(req: dict, infer: InferConfig, source: str = "<request>", 
     if task not in TASKS:
         raise DataError(source, f"unknown task {task!r}; expected one of {TASKS}", index)
     image = req.get("image")
-    images = [image] if image else []
+    images = req.get("images") or ([image] if image else [])
     for path in images:
         if not isinstance(path, str) or not os.path.isfile(path):
             raise DataError(source, f"image not found: {path!r}", index)
@@ -44,8 +44,11 @@ def request_to_sample(req: dict, infer: InferConfig, source: str = "<request>", 
     tags = sum(text.count(IMAGE_TOKEN) for _, text in turns)
     if images and tags == 0:
         role, text = turns[0]
-        turns[0] = (role, f"{IMAGE_TOKEN}\n{text}")
-        tags = 1
+        turns[0] = (role, f"{IMAGE_TOKEN}\n" * len(images) + text)
+        tags = len(images)
+    if task != "chat" and tags == 1 < len(images):  # a one-image prompt template: one tag per image
+        turns = [(r, t.replace(IMAGE_TOKEN, "\n".join([IMAGE_TOKEN] * len(images)), 1)) for r, t in turns]
+        tags = len(images)
     if tags != len(images):
         raise DataError(source, f"{tags} {IMAGE_TOKEN} tags but {len(images)} images", index)
     return Sample(id=str(req.get("id", index)), images=images, turns=turns, source=source, index=index)

@@ -8,10 +8,11 @@ from paddle_mm.weights.clip import CLIP
 from paddle_mm.weights.llava import LLAVA
 from paddle_mm.weights.llm import LLAMA, QWEN2
 from paddle_mm.weights.mapping import Family
+from paddle_mm.weights.qwen2_vl import QWEN2_VL
 from paddle_mm.weights.siglip import SIGLIP
 
 # In the order messages (and the CLI's choices) list them.
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAVA, CLIP, SIGLIP, QWEN2, LLAMA, BLIP2)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAVA, CLIP, SIGLIP, QWEN2, LLAMA, BLIP2, QWEN2_VL)}
 
 
 def family(name: str) -> Family:

@@ -41,11 +41,11 @@ def read_config(folder: str) -> dict:
 
 
 # The whole models a Hugging Face folder as downloaded can be run as (paddle-mm infer FOLDER).
-WHOLE_MODEL_TYPES = ("llava", "blip-2")
+WHOLE_MODEL_TYPES = ("llava", "blip-2", "qwen2_vl", "qwen2_5_vl")
 
 
 def whole_model_type(folder: str) -> str | None:
-    """"llava" or "blip-2" for a Hugging Face LLaVA / BLIP-2 folder (its config.json's model_type);
+    """"llava", "blip-2", "qwen2_vl" or "qwen2_5_vl" for a Hugging Face folder of that model (its config.json's model_type);
     None for anything else, paddle_mm's own folders included (their config.json has no model_type)."""
     try:
         raw = read_config(folder) if os.path.isdir(folder) else None
