@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="a folder that does not exist yet")
     p.add_argument("--from", dest="source_format", choices=["hf", "paddlemix"], default="hf")
     # the names of weights/families.FAMILIES (importing it here would load paddle for --help)
-    p.add_argument("--family", required=True, choices=["llava", "clip", "siglip", "qwen2", "llama", "blip2"])
+    p.add_argument("--family", required=True, choices=["llava", "clip", "siglip", "qwen2", "llama", "blip2", "qwen2-vl"])
     p.add_argument("--pdparams", action="store_true",
                    help="PaddleMIX only: read model_state.pdparams, a pickle (only from a source you trust)")
     p.add_argument("--vision", default="", help="PaddleMIX only: the CLIP folder, if mm_vision_tower is not local")

@@ -76,3 +76,37 @@ def rewrite_tensors(folder: str, edit) -> None:
     tensors = read_tensors(folder)
     edit(tensors)
     save_file(tensors, os.path.join(folder, "model.safetensors"))
+
+
+# ---- Qwen2-VL / Qwen2.5-VL (tools/make_qwen2_vl_fixtures.py) ---------------------------------------
+QWEN2_VL_MEDIA = os.path.join(REFERENCE, "qwen2_vl", "images")
+# (model, transformers tag) of every folder, and the M-RoPE rule of that transformers version
+QWEN2_VL_FOLDERS = [("qwen2_vl", "hf457"), ("qwen2_vl", "hf5"), ("qwen2_5_vl", "hf457"), ("qwen2_5_vl", "hf5")]
+MROPE_RULE = {"hf457": "max", "hf5": "extent"}
+
+
+def qwen2_vl_folder(model: str, tag: str) -> str:
+    return folder_of(f"qwen2_vl/{model}/{tag}")
+
+
+def qwen2_vl_cases(model: str, tag: str) -> dict:
+    """{case: {"images": [paths], "frames": [paths] or [], "question": text}} of a folder's reference.json."""
+    import json
+
+    with open(os.path.join(qwen2_vl_folder(model, tag), "reference.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    frames = [os.path.join(QWEN2_VL_MEDIA, f"frame{k}.png") for k in range(4)]
+    return {case: {"images": [os.path.join(QWEN2_VL_MEDIA, n) for n in c["images"]],
+                   "frames": frames if c["video"] else [], "question": c["question"]}
+            for case, c in meta["cases"].items()}
+
+
+def pixel_summary_error(pixels, ref: dict, prefix: str) -> float:
+    """The largest difference between pixel rows and the fixture's summary of them (shape, per-row and
+    per-column means, sampled values)."""
+    pixels = np.asarray(pixels, dtype=np.float64)
+    assert list(pixels.shape) == ref[f"{prefix}.shape"].tolist()
+    rows, cols = pixels.shape
+    return max(max_diff(pixels.sum(1) / cols, ref[f"{prefix}.row_sums"] / cols),
+               max_diff(pixels.sum(0) / rows, ref[f"{prefix}.col_sums"] / rows),
+               max_diff(pixels.reshape(-1)[ref[f"{prefix}.sample_index"]], ref[f"{prefix}.sample"]))
