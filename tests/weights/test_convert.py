@@ -25,7 +25,9 @@ FIXTURES = [("clip", "clip"), ("qwen2", "qwen2"), ("qwen2", "qwen2/bf16"), ("lla
             ("llava", "pipeline/llava_llama/hf457"), ("llava", "pipeline/llava_llama/hf5"),
             ("llava", "pipeline/llava_qwen2/hf5"), ("qwen2", "pipeline/qwen2/hf5"), ("llama", "pipeline/llama/hf5"),
             ("siglip", "siglip/hf457"), ("siglip", "siglip/hf5"), ("siglip", "siglip_model/hf457"),
-            ("siglip", "siglip_model/hf5"), ("llava", "llava_siglip/hf457"), ("llava", "llava_siglip/hf5")]
+            ("siglip", "siglip_model/hf5"), ("llava", "llava_siglip/hf457"), ("llava", "llava_siglip/hf5"),
+            ("qwen2-vl", "qwen2_vl/qwen2_vl/hf457"), ("qwen2-vl", "qwen2_vl/qwen2_vl/hf5"),
+            ("qwen2-vl", "qwen2_vl/qwen2_5_vl/hf457"), ("qwen2-vl", "qwen2_vl/qwen2_5_vl/hf5")]
 
 
 def assert_same_tensors(a: str, b: str) -> None:
