@@ -199,7 +199,7 @@ class Qwen2VLModel(nn.Layer):
         as in transformers."""
         import numpy as np
 
-        from paddle_mm.data.qwen2_vl import rope_index
+        from paddle_mm.data.qwen2_vl import rope_index, vision_blocks
 
         ids = input_ids.numpy()
         mask = np.ones_like(ids) if attention_mask is None else attention_mask.numpy()
@@ -213,9 +213,9 @@ class Qwen2VLModel(nn.Layer):
         used = {"image": 0, "video": 0}
         for row in range(ids.shape[0]):
             seq = ids[row][mask[row] == 1].tolist()
-            starts = [k for k in range(1, len(seq)) if seq[k - 1] == tokens.vision_start_token_id]
-            n_img = sum(seq[k] == tokens.image_token_id for k in starts)
-            n_vid = sum(seq[k] == tokens.video_token_id for k in starts)
+            blocks = vision_blocks(seq, tokens, grids["image"][used["image"]:], grids["video"][used["video"]:])
+            n_vid = sum(video for _, video, _ in blocks)
+            n_img = len(blocks) - n_vid
             img = grids["image"][used["image"]:used["image"] + n_img]
             vid = grids["video"][used["video"]:used["video"] + n_vid]
             pos, delta = rope_index(seq, img, vid, tokens, seconds[used["video"]:used["video"] + n_vid])

@@ -242,56 +242,59 @@ class RopeTokens:
     advance: str = "max"
 
 
-def rope_index(ids: list[int], image_grids: np.ndarray, video_grids: np.ndarray, tokens: RopeTokens,
-               seconds_per_grid: list[float] | None = None) -> tuple[np.ndarray, int]:
-    """M-RoPE positions [3, L] of one unpadded sequence, and its delta (next position - L).
+def vision_blocks(ids: list[int], tokens: RopeTokens, image_grids: np.ndarray, video_grids: np.ndarray):
+    """(start, is video, grid) of each vision block of one sequence, in reading order.
 
-    A vision block is found where a pad token follows <|vision_start|>; its grid is the next
-    image's or video's, in reading order.
-    """
-    image_grids = np.asarray(image_grids if image_grids is not None else [], np.int64).reshape(-1, 3)
-    video_grids = np.asarray(video_grids if video_grids is not None else [], np.int64).reshape(-1, 3)
-    m = tokens.merge_size
-    parts: list[np.ndarray] = []
-    next_pos = 0
-    k = 0
-    n_image = n_video = 0
-    length = len(ids)
-    while k < length:
-        is_block = k > 0 and ids[k - 1] == tokens.vision_start_token_id and ids[k] in (
-            tokens.image_token_id, tokens.video_token_id)
-        if not is_block:
-            start = k
+    A block is found where a pad token follows <|vision_start|> (without one, vision_start_token_id
+    -1 as in ChatML models built here: where a pad token begins); it covers t*h*w / merge^2 tokens
+    and takes the next image's or video's grid."""
+    grids = {False: np.asarray(image_grids if image_grids is not None else [], np.int64).reshape(-1, 3),
+             True: np.asarray(video_grids if video_grids is not None else [], np.int64).reshape(-1, 3)}
+    used = {False: 0, True: 0}
+    pads = (tokens.image_token_id, tokens.video_token_id)
+    blocks, k = [], 0
+    while k < len(ids):
+        starts = ids[k] in pads and (tokens.vision_start_token_id < 0 or (k > 0 and ids[k - 1] == tokens.vision_start_token_id))
+        if not starts:
             k += 1
-            while k < length and not (ids[k - 1] == tokens.vision_start_token_id
-                                      and ids[k] in (tokens.image_token_id, tokens.video_token_id)):
-                k += 1
-            parts.append(np.tile(np.arange(next_pos, next_pos + k - start), (3, 1)))
-            next_pos += k - start
             continue
         video = ids[k] == tokens.video_token_id
-        grids, index = (video_grids, n_video) if video else (image_grids, n_image)
-        if index >= len(grids):
+        if used[video] >= len(grids[video]):
             kind = "video" if video else "image"
-            raise ValueError(f"the prompt has more {kind} blocks than the {len(grids)} {kind} grids given")
-        t, h, w = int(grids[index][0]), int(grids[index][1]) // m, int(grids[index][2]) // m
-        step = 1.0
-        if video:
-            n_video += 1
-            if tokens.tokens_per_second:
-                seconds = (seconds_per_grid or [])[index] if index < len(seconds_per_grid or []) else 1.0
-                step = (int(seconds) if tokens.advance == "max" else seconds) * tokens.tokens_per_second
-        else:
-            n_image += 1
-        t_index = (np.arange(t) * step).astype(np.int64) if video and tokens.tokens_per_second else np.arange(t)
+            raise ValueError(f"the prompt has more {kind} blocks than the {len(grids[video])} {kind} grids given")
+        grid = grids[video][used[video]]
+        used[video] += 1
+        blocks.append((k, video, grid))
+        k += int(np.prod(grid)) // tokens.merge_size ** 2
+    return blocks
+
+
+def rope_index(ids: list[int], image_grids: np.ndarray, video_grids: np.ndarray, tokens: RopeTokens,
+               seconds_per_grid: list[float] | None = None) -> tuple[np.ndarray, int]:
+    """M-RoPE positions [3, L] of one unpadded sequence, and its delta (next position - L)."""
+    m = tokens.merge_size
+    seconds = list(seconds_per_grid or [])
+    parts: list[np.ndarray] = []
+    next_pos = done = n_video = 0
+    for start, video, grid in vision_blocks(ids, tokens, image_grids, video_grids):
+        parts.append(np.tile(np.arange(next_pos, next_pos + start - done), (3, 1)))  # the text before it
+        next_pos += start - done
+        t, h, w = int(grid[0]), int(grid[1]) // m, int(grid[2]) // m
+        t_index = np.arange(t)
+        if video and tokens.tokens_per_second:
+            sec = seconds[n_video] if n_video < len(seconds) else 1.0
+            step = (int(sec) if tokens.advance == "max" else sec) * tokens.tokens_per_second
+            t_index = (t_index * step).astype(np.int64)
+        n_video += video
         block = np.stack([np.repeat(t_index, h * w), np.tile(np.repeat(np.arange(h), w), t),
                           np.tile(np.arange(w), t * h)]) + next_pos
         parts.append(block)
         next_pos = int(block.max()) + 1 if tokens.advance == "max" else next_pos + max(h, w)
-        k += t * h * w
-    positions = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.int64)
-    return positions[:, :length], (next_pos - length)
-
+        done = start + t * h * w
+    parts.append(np.tile(np.arange(next_pos, next_pos + len(ids) - done), (3, 1)))
+    next_pos += len(ids) - done
+    positions = np.concatenate(parts, axis=1)
+    return positions[:, :len(ids)], next_pos - len(ids)
 
 VIDEO_TAG = "<video>"
 
