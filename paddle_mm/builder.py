@@ -49,12 +49,40 @@ def model_config_for(recipe: Recipe, tokenizer: Tokenizer) -> ModelConfig:
 
 def build_model(cfg: ModelConfig, tokenizer: Tokenizer):
     """The model, with the weights of the checkpoint folders the config names."""
-    from paddle_mm.model import VisionLanguageModel
+    from paddle_mm.model import Qwen2VLModel, VisionLanguageModel
     from paddle_mm.weights.pretrained import load_pretrained_parts
+
+    if cfg.family == "qwen2_vl":
+        return Qwen2VLModel(qwen2_vl_config(cfg, tokenizer), tokenizer.special_ids())
 
     model = VisionLanguageModel(cfg, tokenizer.special_ids())
     load_pretrained_parts(model, cfg)
     return model
+
+
+def qwen2_vl_config(cfg: ModelConfig, tokenizer: Tokenizer):
+    """The Qwen2VLModelConfig of a recipe's model.family qwen2_vl (built from scratch): its vision
+    section, the LM with M-RoPE, and the tokenizer's vision tokens (<|vision_start|> and
+    <|video_pad|> where it has them; a ChatML tokenizer has neither, and its <image> runs are the
+    blocks)."""
+    from paddle_mm.config import Qwen2VLModelConfig
+
+    if cfg.path or cfg.vision.path or cfg.lm.path:
+        raise RecipeError("model.family qwen2_vl builds from scratch: model.path, vision.path and lm.path must "
+                          "be empty (a Qwen2-VL folder is loaded as it is: paddle-mm infer FOLDER)")
+    lm = cfg.lm
+    section = list(lm.mrope_section)
+    if not section:
+        half = lm.hidden_size // lm.num_heads // 2
+        t = half // 4
+        section = [t, (half - t) // 2, half - t - (half - t) // 2]
+    vision_id = tokenizer.token_to_id("<|vision_start|>")
+    video_id = tokenizer.token_to_id("<|video_pad|>")
+    return Qwen2VLModelConfig(
+        vision=replace(cfg.qwen2_vl_vision, out_hidden_size=lm.hidden_size),
+        lm=replace(lm, family="qwen2_vl", mrope_section=section), image_token_id=tokenizer.image_token_id,
+        video_token_id=-1 if video_id is None else video_id,
+        vision_start_token_id=-1 if vision_id is None else vision_id)
 
 
 def load_checkpoint_folder(folder: str, model_type: str = "llava"):

@@ -210,6 +210,11 @@ class ModelConfig:
     # A whole LLaVA checkpoint folder (Hugging Face layout): its config.json replaces the
     # vision, projector and lm fields and its weights are loaded into all three parts.
     path: str = ""
+    # "qwen2_vl": a Qwen2-VL model built from scratch (model.Qwen2VLModel): the qwen2_vl_vision encoder
+    # and patch merger instead of vision and projector, images at their own size, and the LM with
+    # M-RoPE positions (lm.mrope_section; empty: Qwen's 1 : 1.5 : 1.5 split of the rotary pairs).
+    family: Literal["llava", "qwen2_vl"] = "llava"
+    qwen2_vl_vision: Qwen2VLVisionConfig = field(default_factory=Qwen2VLVisionConfig)
 
     def validate(self) -> None:
         grid = self.vision.image_size // self.vision.patch_size

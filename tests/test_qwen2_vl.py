@@ -119,3 +119,41 @@ def test_paddle_mm_infer_answers_over_two_images_as_transformers(model, tag, cap
     greedy = reference(f"qwen2_vl/{model}/{tag}")["two_images.greedy"].tolist()
     stop = next((k for k, t in enumerate(greedy) if t in tokenizer.stop_ids), len(greedy))
     assert capsys.readouterr().out.rstrip("\n") == tokenizer.decode(greedy[:stop]).strip()
+
+
+def test_a_recipe_builds_a_tiny_qwen2_vl_from_scratch_that_trains(tmp_path):
+    """model.family qwen2_vl with a ChatML tokenizer: its <image> runs are the vision blocks; the loss
+    reaches the encoder, the merger and the LM."""
+    from paddle_mm.builder import build_model, model_config_for
+    from paddle_mm.config import Recipe
+    from paddle_mm.data.qwen2_vl import Qwen2VLImageSettings
+    from paddle_mm.recipe import load_recipe
+
+    (tmp_path / "r.yaml").write_text(
+        "model:\n  family: qwen2_vl\n"
+        "  qwen2_vl_vision: {variant: qwen2_5_vl, depth: 2, hidden_size: 16, intermediate_size: 32, num_heads: 2,"
+        " hidden_act: silu, window_size: 56, fullatt_block_indexes: [1]}\n"
+        "  lm: {hidden_size: 32, intermediate_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1}\n")
+    recipe = load_recipe(str(tmp_path / "r.yaml"), Recipe)
+    tok = Tokenizer.word_level("which image is wider the left one".split())
+    paddle.seed(0)
+    model = build_model(model_config_for(recipe, tok), tok)
+    assert model.config.lm.mrope_section == [2, 3, 3] and model.config.vision.out_hidden_size == 32
+    proc = Qwen2VLProcessor(Qwen2VLImageSettings(min_pixels=3136, max_pixels=9408))
+    images = qwen2_vl_cases("qwen2_vl", "hf457")["two_images"]["images"]
+    enc = encode_conversation(tok, proc, [("user", f"{IMAGE_TOKEN}\n{IMAGE_TOKEN}\nwhich image is wider"),
+                                          ("assistant", "the left one")], images,
+                              image_pad_id=tok.image_token_id, video_pad_id=-1)
+    assert enc["input_ids"].count(tok.image_token_id) == 10 + 6  # 4 x 10 and 12 x 2 patches, merged 2 x 2
+    x = paddle.to_tensor([enc["input_ids"]])
+    positions, _ = model.rope_positions(x, None, enc["image_grid_thw"])
+    first = enc["input_ids"].index(tok.image_token_id)
+    block = positions.numpy()[:, 0, first:first + 10] - first  # the block starts after `first` text tokens
+    assert block.tolist() == [[0] * 10, [0] * 5 + [1] * 5, list(range(5)) * 2]  # (t, row, column) of 2 x 5 tokens
+    loss, _ = model(x, pixel_values=paddle.to_tensor(enc["pixel_values"]), image_grid_thw=enc["image_grid_thw"],
+                    labels=paddle.to_tensor([enc["labels"]]))
+    loss.backward()
+    assert np.isfinite(float(loss))
+    for part in (model.vision_tower.blocks[0].attn.qkv.weight, model.multi_modal_projector.fc2.weight,
+                 model.language_model.model.layers[0].mlp.up_proj.weight):
+        assert float(part.grad.abs().sum()) > 0

@@ -116,6 +116,7 @@ def hf_llava_config(cfg: ModelConfig, source: str) -> dict:
         (v.class_token and v.hidden_act == "gelu_tanh", "vision hidden_act gelu_tanh with a class token (CLIP's "
                                                         "is quick_gelu or gelu)"),
         (lm.family not in ("llama", "qwen2"), f"LM family {lm.family!r}"),
+        (cfg.family != "llava", f"model.family {cfg.family!r} (a Qwen2-VL model is not a LLaVA)"),
     ))
     return {
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
