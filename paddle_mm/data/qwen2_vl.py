@@ -122,18 +122,23 @@ def _video_settings(folder: str) -> dict:
 
 
 def sample_frame_indices(total: int, source_fps: float = 0.0, fps: float = 0.0, num_frames: int = 0,
-                         temporal_patch_size: int = 2) -> list[int]:
-    """Which of a clip's `total` frames to keep: num_frames of them, or as many as `fps` gives for
-    a clip recorded at source_fps; evenly spaced, a multiple of the temporal patch (at least one pair)."""
-    if total <= 0:
-        return []
-    if not num_frames:
-        num_frames = int(total / source_fps * fps) if source_fps > 0 and fps > 0 else total
-    num_frames = min(max(num_frames, temporal_patch_size), total)
-    num_frames = max(temporal_patch_size, num_frames // temporal_patch_size * temporal_patch_size)
-    if num_frames > total:  # fewer frames than one temporal patch: the last is repeated by patchify
+                         temporal_patch_size: int = 2, min_frames: int = 4, max_frames: int = 768) -> list[int]:
+    """Which of a clip's `total` frames to keep, as transformers' Qwen2-VL video processor samples:
+    num_frames of them (rounded to whole temporal patches), or as many as `fps` gives for a clip
+    recorded at source_fps (within [min_frames, max_frames], whole patches); evenly spaced. Neither:
+    every frame."""
+    tp = temporal_patch_size
+    if num_frames:
+        n = round(num_frames / tp) * tp
+    elif fps > 0 and source_fps > 0:
+        most = math.floor(min(max_frames, total) / tp) * tp
+        n = math.floor(min(max(total / source_fps * fps, min_frames), most, total) / tp) * tp
+    else:
         return list(range(total))
-    return [int(i * total / num_frames) for i in range(num_frames)]
+    if not 0 < n <= total:
+        raise ValueError(f"cannot sample {n} frames of a clip of {total} (temporal patches of {tp})")
+    # torch.arange(0, total, total / n) in float32, as transformers computes it
+    return [int(i) for i in np.arange(0, total, np.float32(total / n), dtype=np.float32)]
 
 
 class Qwen2VLProcessor:

@@ -84,12 +84,15 @@ def test_patch_rows_put_each_merge_group_of_four_together():
     np.testing.assert_array_equal(rows[:, 0], rows[:, 1])
 
 
-def test_frame_sampling_keeps_whole_temporal_patches():
+def test_frame_sampling_is_the_video_processors():
     assert sample_frame_indices(10, num_frames=4) == [0, 2, 5, 7]
-    assert sample_frame_indices(30, source_fps=30, fps=2) == [0, 15]  # one second at 2 fps: one pair
-    assert sample_frame_indices(7) == [0, 1, 2, 3, 4, 5]  # odd counts drop to a multiple of 2
-    assert sample_frame_indices(1) == [0]  # the processor repeats a lone frame
-    assert sample_frame_indices(0) == []
+    assert sample_frame_indices(10, num_frames=5) == [0, 2, 5, 7]  # rounded to whole temporal patches
+    # 2 fps of a 1 s clip at 30 fps would be 2 frames; transformers keeps at least min_frames (4)
+    assert sample_frame_indices(30, source_fps=30, fps=2) == [0, 7, 15, 22]
+    assert sample_frame_indices(300, source_fps=30, fps=2) == list(range(0, 300, 15))  # 20 frames, 10 s
+    assert sample_frame_indices(7) == list(range(7))  # no rule: every frame (the processor repeats the last)
+    with pytest.raises(ValueError, match="cannot sample 0 frames"):
+        sample_frame_indices(1, num_frames=1)
 
 
 def test_pad_expansion_names_both_counts_on_a_mismatch():
