@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -46,11 +46,11 @@ class Qwen2VLImageSettings:
     resample: str = "bicubic"
     rescale_factor: float = 1 / 255
     normalize: bool = True
-    # video frames: their own pixel bounds (the video processor's), sampled at fps when a clip has more
+    # video frames: their own pixel bounds (the video processor's; 0: the images'), taken as sampled
+    # at fps (Qwen2.5-VL's temporal positions count seconds)
     video_min_pixels: int = 0
     video_max_pixels: int = 0
     fps: float = 2.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def factor(self) -> int:
@@ -104,21 +104,28 @@ def settings_from_folder(folder: str) -> Qwen2VLImageSettings:
             resample=resample_name(raw.get("resample", 3), source),
             rescale_factor=float(raw.get("rescale_factor", 1 / 255)) if raw.get("do_rescale", True) else 1.0,
             normalize=bool(raw.get("do_normalize", True)),
-            video_min_pixels=int(video.get("shortest_edge", 0)), video_max_pixels=int(video.get("longest_edge", 0)),
+            video_min_pixels=int(video["shortest_edge"] or 0), video_max_pixels=int(video["longest_edge"] or 0),
+            fps=float(video["fps"]),
         )
     except (TypeError, ValueError) as e:
         raise DataError(source, f"cannot read the Qwen2-VL image settings: {e}") from None
 
 
 def _video_settings(folder: str) -> dict:
-    """The video processor's size bounds, where the folder has them (video_preprocessor_config.json)."""
-    path = os.path.join(folder, "video_preprocessor_config.json")
-    if not os.path.isfile(path):
-        return {}
-    raw = read_json_object(path, lambda reason: DataError(path, reason))
+    """The video processor's size bounds and fps, where the folder has them (4.57:
+    video_preprocessor_config.json; 5.x: the "video_processor" entry of processor_config.json)."""
+    raw = {}
+    for name, key in (("video_preprocessor_config.json", None), ("processor_config.json", "video_processor")):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            found = read_json_object(path, lambda reason, p=path: DataError(p, reason))
+            found = found.get(key) if key else found
+            if isinstance(found, dict):
+                raw = found
+                break
     size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
     return {"shortest_edge": size.get("shortest_edge", raw.get("min_pixels", 0)),
-            "longest_edge": size.get("longest_edge", raw.get("max_pixels", 0))}
+            "longest_edge": size.get("longest_edge", raw.get("max_pixels", 0)), "fps": raw.get("fps") or 2.0}
 
 
 def sample_frame_indices(total: int, source_fps: float = 0.0, fps: float = 0.0, num_frames: int = 0,

@@ -148,3 +148,16 @@ def test_the_two_transformers_rules_differ_only_where_a_block_is_deeper_than_wid
         block_end = ids.index(raw["video_token_id"]) + 12
         after[rule] = int(pos[0, block_end] - pos[0, block_end - 12])
     assert after == {"max": 5, "extent": 3}
+
+
+def test_the_video_processors_bounds_and_fps_are_read_where_the_folder_has_them(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "Qwen2VLImageProcessor",
+                                                                   "min_pixels": 3136, "max_pixels": 9408}))
+    assert settings_from_folder(str(tmp_path)).video_max_pixels == 0  # none: the images' bounds serve
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 784, "longest_edge": 3136}, "fps": 1.0}))
+    s = settings_from_folder(str(tmp_path))
+    assert (s.video_min_pixels, s.video_max_pixels, s.fps, s.max_pixels) == (784, 3136, 1.0, 9408)
+    # a 84 x 56 frame is 4704 pixels: within the image bounds it stays, under the video's it shrinks
+    frame = qwen2_vl_cases("qwen2_vl", "hf457")["video"]["frames"]
+    assert Qwen2VLProcessor(s).video(frame)[1].tolist() == [[2, 2, 4]]
