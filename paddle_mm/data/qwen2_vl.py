@@ -74,58 +74,53 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h, w
 
 
-def settings_from_folder(folder: str) -> Qwen2VLImageSettings:
-    """The image settings a Qwen2-VL folder ships (4.57: preprocessor_config.json; 5.x: the
-    "image_processor" entry of processor_config.json); the defaults when it has none."""
-    raw, source = {}, folder
-    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+def _section(folder: str, own_file: str, key: str) -> tuple[dict, str]:
+    """(settings, the file they came from) of one of a folder's processors: transformers 4.57's own
+    file, or 5.x's entry `key` of processor_config.json; ({}, folder) when neither is there."""
+    for name, entry in ((own_file, None), ("processor_config.json", key)):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             found = read_json_object(path, lambda reason, p=path: DataError(p, reason))
-            found = found.get(key) if key else found
+            found = found.get(entry) if entry else found
             if isinstance(found, dict):
-                raw, source = found, path
-                break
-    video = _video_settings(folder)
+                return found, path
+    return {}, folder
+
+
+def _pixel_bounds(raw: dict, default_min: int, default_max: int) -> tuple[int, int]:
+    """min_pixels / max_pixels, which override size's shortest_edge / longest_edge (as transformers'
+    constructors apply them)."""
+    size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
+    low = raw.get("min_pixels") or size.get("shortest_edge") or default_min
+    high = raw.get("max_pixels") or size.get("longest_edge") or default_max
+    return int(low), int(high)
+
+
+def settings_from_folder(folder: str) -> Qwen2VLImageSettings:
+    """The image (and video) settings a Qwen2-VL folder ships (4.57: preprocessor_config.json and
+    video_preprocessor_config.json; 5.x: their entries in processor_config.json); the defaults
+    where it has none."""
+    raw, source = _section(folder, "preprocessor_config.json", "image_processor")
+    video, _ = _section(folder, "video_preprocessor_config.json", "video_processor")
     kind = str(raw.get("image_processor_type", "Qwen2VLImageProcessor"))
     if not kind.startswith(("Qwen2VLImageProcessor", "Qwen2_5_VLImageProcessor")):
         raise DataError(source, f"image processor {kind!r} is not Qwen2-VL's")
-    size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
     defaults = Qwen2VLImageSettings()
     try:
+        low, high = _pixel_bounds(raw, defaults.min_pixels, defaults.max_pixels)
+        video_low, video_high = _pixel_bounds(video, 0, 0)
         return Qwen2VLImageSettings(
             patch_size=int(raw.get("patch_size", 14)), temporal_patch_size=int(raw.get("temporal_patch_size", 2)),
-            merge_size=int(raw.get("merge_size", 2)),
-            # 4.57 writes min_pixels / max_pixels beside size; size wins when both are there, as in transformers
-            min_pixels=int(size.get("shortest_edge", raw.get("min_pixels", defaults.min_pixels))),
-            max_pixels=int(size.get("longest_edge", raw.get("max_pixels", defaults.max_pixels))),
+            merge_size=int(raw.get("merge_size", 2)), min_pixels=low, max_pixels=high,
             mean=tuple(float(m) for m in raw.get("image_mean", OPENAI_CLIP_MEAN)),
             std=tuple(float(s) for s in raw.get("image_std", OPENAI_CLIP_STD)),
             resample=resample_name(raw.get("resample", 3), source),
             rescale_factor=float(raw.get("rescale_factor", 1 / 255)) if raw.get("do_rescale", True) else 1.0,
             normalize=bool(raw.get("do_normalize", True)),
-            video_min_pixels=int(video["shortest_edge"] or 0), video_max_pixels=int(video["longest_edge"] or 0),
-            fps=float(video["fps"]),
+            video_min_pixels=video_low, video_max_pixels=video_high, fps=float(video.get("fps") or 2.0),
         )
     except (TypeError, ValueError) as e:
         raise DataError(source, f"cannot read the Qwen2-VL image settings: {e}") from None
-
-
-def _video_settings(folder: str) -> dict:
-    """The video processor's size bounds and fps, where the folder has them (4.57:
-    video_preprocessor_config.json; 5.x: the "video_processor" entry of processor_config.json)."""
-    raw = {}
-    for name, key in (("video_preprocessor_config.json", None), ("processor_config.json", "video_processor")):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            found = read_json_object(path, lambda reason, p=path: DataError(p, reason))
-            found = found.get(key) if key else found
-            if isinstance(found, dict):
-                raw = found
-                break
-    size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
-    return {"shortest_edge": size.get("shortest_edge", raw.get("min_pixels", 0)),
-            "longest_edge": size.get("longest_edge", raw.get("max_pixels", 0)), "fps": raw.get("fps") or 2.0}
 
 
 def sample_frame_indices(total: int, source_fps: float = 0.0, fps: float = 0.0, num_frames: int = 0,

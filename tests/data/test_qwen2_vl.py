@@ -161,3 +161,12 @@ def test_the_video_processors_bounds_and_fps_are_read_where_the_folder_has_them(
     # a 84 x 56 frame is 4704 pixels: within the image bounds it stays, under the video's it shrinks
     frame = qwen2_vl_cases("qwen2_vl", "hf457")["video"]["frames"]
     assert Qwen2VLProcessor(s).video(frame)[1].tolist() == [[2, 2, 4]]
+
+
+def test_min_and_max_pixels_override_the_size_entry(tmp_path):
+    """As transformers' constructors apply them: min_pixels / max_pixels replace size's edges."""
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "size": {"shortest_edge": 100, "longest_edge": 200},
+        "min_pixels": 3136, "max_pixels": 9408}))
+    s = settings_from_folder(str(tmp_path))
+    assert (s.min_pixels, s.max_pixels) == (3136, 9408)
