@@ -111,7 +111,7 @@ def load_checkpoint_folder(folder: str, model_type: str = "llava"):
     return recipe, cfg, tokenizer, model
 
 
-QWEN2_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+QWEN2_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def _load_qwen2_vl_folder(folder: str):

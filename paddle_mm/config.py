@@ -123,7 +123,8 @@ class LMConfig:
 
     # "qwen2_vl": the Qwen2 decoder with multimodal rotary positions (Qwen2-VL's and Qwen2.5-VL's text
     # model, lm/mrope.py), whose positions are 3 rows (temporal, height, width) split by mrope_section.
-    family: Literal["qwen2", "llama", "qwen3", "opt", "qwen2_vl"] = "qwen2"
+    # "qwen3_vl": Qwen3-VL's, the Qwen3 decoder with M-RoPE's rows interleaved and DeepStack inputs.
+    family: Literal["qwen2", "llama", "qwen3", "opt", "qwen2_vl", "qwen3_vl"] = "qwen2"
     path: str = ""  # a local folder with config.json and weights; empty: build from the fields below
     vocab_size: int = 32000
     hidden_size: int = 256
@@ -146,11 +147,13 @@ class LMConfig:
 class Qwen2VLVisionConfig:
     """Qwen2-VL's vision encoder (variant qwen2_vl: LayerNorm, a GELU MLP, full attention within
     each image) or Qwen2.5-VL's (qwen2_5_vl: RMSNorm, SwiGLU, attention within windows of
-    window_size pixels except in the blocks fullatt_block_indexes names). Patches are 3-D
+    window_size pixels except in the blocks fullatt_block_indexes names) or Qwen3-VL's (qwen3_vl:
+    LayerNorm, a tanh-GELU MLP, learned positions interpolated to each grid, DeepStack features of
+    the blocks deepstack_visual_indexes names for the LM's first layers). Patches are 3-D
     (temporal_patch_size frames x patch_size^2 pixels); the merger joins spatial_merge_size^2
     neighbours into one LM token of out_hidden_size."""
 
-    variant: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
+    variant: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen2_vl"
     depth: int = 32
     hidden_size: int = 1280  # Qwen2-VL's config calls it embed_dim
     intermediate_size: int = 5120  # Qwen2-VL: embed_dim * mlp_ratio
@@ -164,6 +167,8 @@ class Qwen2VLVisionConfig:
     window_size: int = 112
     fullatt_block_indexes: list[int] = field(default_factory=list)
     tokens_per_second: float = 0.0  # qwen2_5_vl: a video's temporal positions per second
+    num_position_embeddings: int = 2304  # qwen3_vl: a sqrt(n) x sqrt(n) table of learned positions
+    deepstack_visual_indexes: list[int] = field(default_factory=list)  # qwen3_vl
 
 
 @dataclass

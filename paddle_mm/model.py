@@ -134,8 +134,8 @@ def causal_lm_loss(logits, labels, reduction: str = "mean"):
 
 
 class Qwen2VLModel(nn.Layer):
-    """Qwen2-VL / Qwen2.5-VL: vision_tower (vision/qwen2_vl.py) -> multi_modal_projector (the patch
-    merger) -> language_model (the M-RoPE decoder, lm/mrope.py).
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: vision_tower (vision/qwen2_vl.py) -> multi_modal_projector (the
+    patch merger; Qwen3-VL also deepstack_projectors) -> language_model (the M-RoPE decoder, lm/mrope.py).
 
     Images and videos come as the processor's pixel rows and grids (data/qwen2_vl.py), so each has
     its own token count: the features of all images are one [total, D] sequence in reading order,
@@ -155,10 +155,19 @@ class Qwen2VLModel(nn.Layer):
         self.vision_tower = Qwen2VLVisionEncoder(v)
         self.multi_modal_projector = PatchMerger(v.hidden_size, v.out_hidden_size, v.spatial_merge_size,
                                                  rms_norm=v.variant == "qwen2_5_vl")
+        # Qwen3-VL: one merger per DeepStack block, its tokens added to the LM's first layers' states
+        self.deepstack_projectors = nn.LayerList([
+            PatchMerger(v.hidden_size, v.out_hidden_size, v.spatial_merge_size, norm_after_join=True)
+            for _ in v.deepstack_visual_indexes])
         self.language_model = build_language_model(cfg.lm, special_ids)
 
     def vision_features(self, pixel_values, grid_thw):  # [N, C*T*p*p] -> [N / merge^2, D]
-        return self.multi_modal_projector(self.vision_tower(pixel_values, grid_thw))
+        return self._vision(pixel_values, grid_thw)[0]
+
+    def _vision(self, pixel_values, grid_thw):
+        """(merged features, the DeepStack mergers' features, one [N / merge^2, D] each)."""
+        hidden, deep = self.vision_tower.encode(pixel_values, grid_thw)
+        return self.multi_modal_projector(hidden), [m(h) for m, h in zip(self.deepstack_projectors, deep)]
 
     def rope_tokens(self):
         from paddle_mm.data.qwen2_vl import RopeTokens
@@ -168,6 +177,10 @@ class Qwen2VLModel(nn.Layer):
                           c.vision.tokens_per_second if c.vision.variant == "qwen2_5_vl" else 0.0, c.mrope_advance)
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
+        return self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)[0]
+
+    def _embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
+        """(embeddings [B, L, D], the LM's DeepStack inputs: {} unless Qwen3-VL has vision tokens)."""
         embed_tokens = self.language_model.get_input_embeddings()
         c = self.config
         vision = [(c.image_token_id, "image", pixel_values, image_grid_thw),
@@ -176,10 +189,11 @@ class Qwen2VLModel(nn.Layer):
         for token, _, _, _ in vision:
             is_vision = is_vision | (input_ids == token)
         embeds = embed_tokens(paddle.where(is_vision, paddle.zeros_like(input_ids), input_ids))
+        deep = [paddle.zeros_like(embeds) for _ in self.deepstack_projectors]
         for token, kind, pixels, grid in vision:
             at = input_ids == token
             positions = int(at.astype("int64").sum())
-            features = None if pixels is None else self.vision_features(pixels, grid).astype(embeds.dtype)
+            features, deep_features = (None, []) if pixels is None else self._vision(pixels, grid)
             count = 0 if features is None else features.shape[0]
             if positions != count:
                 raise ValueError(f"{kind} token count mismatch: the text has {positions} {kind} token positions, "
@@ -187,9 +201,19 @@ class Qwen2VLModel(nn.Layer):
             if count == 0:
                 continue
             order = paddle.clip(paddle.cumsum(at.flatten().astype("int64")) - 1, min=0)
-            gathered = paddle.gather(features, order).reshape(embeds.shape)
-            embeds = paddle.where(at.unsqueeze(-1), gathered, embeds)
-        return embeds
+
+            def placed(rows, into):  # the k-th position of this kind takes the k-th row
+                return paddle.where(at.unsqueeze(-1), paddle.gather(rows.astype(into.dtype), order).reshape(into.shape),
+                                    into)
+
+            embeds = placed(features, embeds)
+            deep = [placed(rows, into) for rows, into in zip(deep_features, deep)]
+        if not deep or not bool(is_vision.any()):
+            return embeds, {}
+        where = paddle.nonzero(is_vision.flatten()).flatten()
+        d = embeds.shape[-1]
+        return embeds, {"visual_pos_masks": is_vision,
+                        "deepstack_visual_embeds": [paddle.gather(x.reshape([-1, d]), where) for x in deep]}
 
     def rope_positions(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
                        second_per_grid_ts=None):
@@ -228,11 +252,12 @@ class Qwen2VLModel(nn.Layer):
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, labels=None,
                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None):
         """Return (loss or None, logits [B, L, V])."""
-        embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        embeds, deepstack = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if position_ids is None:
             position_ids, _ = self.rope_positions(input_ids, attention_mask, image_grid_thw, video_grid_thw,
                                                   second_per_grid_ts)
-        logits, _ = run_language_model(self.language_model, embeds, attention_mask, position_ids=position_ids)
+        logits, _ = run_language_model(self.language_model, embeds, attention_mask, position_ids=position_ids,
+                                       **deepstack)
         return (None if labels is None else causal_lm_loss(logits, labels)), logits
 
     @paddle.no_grad()
@@ -246,7 +271,7 @@ class Qwen2VLModel(nn.Layer):
             raise ValueError("beam search is not implemented for Qwen2-VL; use num_beams=1")
         if attention_mask is None:
             attention_mask = paddle.ones_like(input_ids)
-        embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        embeds, deepstack = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         prompt, deltas = self.rope_positions(input_ids, attention_mask, image_grid_thw, video_grid_thw,
                                              second_per_grid_ts)
         length = input_ids.shape[1]
@@ -256,5 +281,13 @@ class Qwen2VLModel(nn.Layer):
             later = (cols.unsqueeze(0) + deltas.unsqueeze(-1)).unsqueeze(0).expand([3, -1, -1])
             return paddle.concat([prompt[:, :, start:length], later], axis=-1) if start < length else later
 
+        def prefill(n: int):  # the DeepStack inputs of a step over the prompt (and n - length new columns)
+            if not deepstack:
+                return {}
+            mask = deepstack["visual_pos_masks"]
+            if n > length:
+                mask = paddle.concat([mask, paddle.zeros([mask.shape[0], n - length], dtype=mask.dtype)], axis=1)
+            return {**deepstack, "visual_pos_masks": mask}
+
         return decode(self.language_model, embeds, attention_mask, max_new_tokens, eos_token_id, do_sample,
-                      temperature, top_p, use_cache, on_token, positions=positions)
+                      temperature, top_p, use_cache, on_token, positions=positions, prefill=prefill)

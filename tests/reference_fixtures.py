@@ -81,7 +81,8 @@ def rewrite_tensors(folder: str, edit) -> None:
 # ---- Qwen2-VL / Qwen2.5-VL (tools/make_qwen2_vl_fixtures.py) ---------------------------------------
 QWEN2_VL_MEDIA = os.path.join(REFERENCE, "qwen2_vl", "images")
 # (model, transformers tag) of every folder, and the M-RoPE rule of that transformers version
-QWEN2_VL_FOLDERS = [("qwen2_vl", "hf457"), ("qwen2_vl", "hf5"), ("qwen2_5_vl", "hf457"), ("qwen2_5_vl", "hf5")]
+QWEN2_VL_FOLDERS = [("qwen2_vl", "hf457"), ("qwen2_vl", "hf5"), ("qwen2_5_vl", "hf457"), ("qwen2_5_vl", "hf5"),
+                    ("qwen3_vl", "hf457"), ("qwen3_vl", "hf5")]  # Qwen3-VL: images only
 MROPE_RULE = {"hf457": "max", "hf5": "extent"}
 
 

@@ -4,6 +4,8 @@ Run by hand, once with each transformers version, each in its own venv with torc
 import neither):
     python tools/make_qwen2_vl_fixtures.py --tag hf457   # transformers 4.57
     python tools/make_qwen2_vl_fixtures.py --tag hf5     # transformers 5.x
+Models: qwen2_vl, qwen2_5_vl, and qwen3_vl (16-pixel patches, learned positions, DeepStack,
+interleaved M-RoPE; images only: its video prompts carry timestamps this project does not write).
 Each model gets tests/fixtures/reference/qwen2_vl/<model>/<tag>/: the folder (weights in bf16,
 config, tokenizer, chat template, image processor settings) and reference.safetensors +
 reference.json with, for each case (a wide image, a tall image, two images, a 4-frame video,
@@ -92,7 +94,15 @@ def _configs(tf, name: str, tok):
                 rms_norm_eps=1e-6, tie_word_embeddings=True, initializer_range=0.2,
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                 rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-    if name == "qwen2_vl":
+    if name == "qwen3_vl":  # the Qwen3 decoder (per-head q/k norms), interleaved M-RoPE, DeepStack
+        text.update(head_dim=16, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                               "mrope_interleaved": True})
+        # a 4 x 4 table of learned positions, interpolated to each image's grid; DeepStack after block 0
+        vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, in_channels=3, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=16,
+                      deepstack_visual_indexes=[0], hidden_act="gelu_pytorch_tanh", initializer_range=0.2)
+        cls = tf.Qwen3VLConfig
+    elif name == "qwen2_vl":
         vision = dict(depth=2, embed_dim=16, hidden_size=32, mlp_ratio=2, num_heads=2, in_channels=3, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu", initializer_range=0.2)
         cls = tf.Qwen2VLConfig
@@ -107,12 +117,15 @@ def _configs(tf, name: str, tok):
                vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
 
 
-def _image_processor(tf):
+def _image_processor(tf, name: str):
     cls = getattr(tf, "Qwen2VLImageProcessorPil", None) or tf.Qwen2VLImageProcessor
+    if name == "qwen3_vl":  # 16-pixel patches (a factor of 32), mean and std 0.5
+        return cls(patch_size=16, min_pixels=MIN_PIXELS * 32 * 32 // 28 // 28, max_pixels=32 * 32 * 12,
+                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return cls(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
 
 
-def _processor(tf, ip, tok):
+def _processor(tf, ip, tok, cls):
     """A Qwen2VLProcessor without a video processor (torchvision, see the module docstring): the
     processor's class check is skipped for that one argument."""
     check = tf.ProcessorMixin.check_argument_for_proper_class
@@ -122,8 +135,7 @@ def _processor(tf, ip, tok):
 
     tf.ProcessorMixin.check_argument_for_proper_class = lenient
     try:
-        return tf.Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=None,
-                                   chat_template=QWEN2_VL_TEMPLATE)
+        return cls(image_processor=ip, tokenizer=tok, video_processor=None, chat_template=QWEN2_VL_TEMPLATE)
     finally:
         tf.ProcessorMixin.check_argument_for_proper_class = check
 
@@ -161,10 +173,20 @@ def _pixel_summary(prefix: str, pixels) -> dict:
             f"{prefix}.sample": flat[idx]}
 
 
-def _visual(inner, pixels, grid):
-    """The merged vision features (5.x returns them as the pooler output, 4.57 as the tensor)."""
+def _visual(refs: dict, key: str, inner, pixels, grid) -> None:
+    """The merged vision features (5.x returns them as the pooler output, 4.57 as the tensor; Qwen3-VL
+    also its DeepStack features, one [tokens, D] per layer)."""
+    import torch
+
     out = inner.visual(pixels, grid_thw=grid)
-    return getattr(out, "pooler_output", out)
+    deepstack = None
+    if isinstance(out, tuple):  # Qwen3-VL in 4.57: (features, DeepStack list)
+        out, deepstack = out
+    elif getattr(out, "deepstack_features", None) is not None:
+        deepstack = out.deepstack_features
+    refs[f"{key}_features"] = getattr(out, "pooler_output", out)
+    if deepstack is not None:
+        refs[f"{key}_deepstack"] = torch.stack(list(deepstack))
 
 
 def _greedy(model, **inputs):
@@ -191,7 +213,8 @@ def make_model(tf, name: str, tag: str) -> None:
     tok.chat_template = QWEN2_VL_TEMPLATE
     config = _configs(tf, name, tok)
     torch.manual_seed(0)
-    cls = tf.Qwen2VLForConditionalGeneration if name == "qwen2_vl" else tf.Qwen2_5_VLForConditionalGeneration
+    cls = {"qwen2_vl": tf.Qwen2VLForConditionalGeneration, "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
+           "qwen3_vl": tf.Qwen3VLForConditionalGeneration}[name]
     model = cls(config).eval()
     perturb_(model, seed=14, scale=0.15)
     with torch.no_grad():  # weights a bf16 file holds exactly, so the fp32 references are the saved model's
@@ -199,14 +222,15 @@ def make_model(tf, name: str, tag: str) -> None:
             p.copy_(p.bfloat16().float())
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    ip = _image_processor(tf)
-    processor = _processor(tf, ip, tok)
+    ip = _image_processor(tf, name)
+    processor = _processor(tf, ip, tok, tf.Qwen3VLProcessor if name == "qwen3_vl" else tf.Qwen2VLProcessor)
     media = os.path.join(ROOT, "images")
     frames = [Image.open(os.path.join(media, f"frame{k}.png")).convert("RGB") for k in range(FRAMES)]
     inner = model.model if hasattr(model.model, "get_rope_index") else model
 
     refs, prompts = {}, {}
-    for case, (image_names, video, question) in CASES.items():
+    cases = {c: v for c, v in CASES.items() if not (name == "qwen3_vl" and v[1])}  # Qwen3-VL: images only
+    for case, (image_names, video, question) in cases.items():
         images = [Image.open(os.path.join(media, n)).convert("RGB") for n in image_names]
         content = [{"type": "image"} for _ in images] + ([{"type": "video"}] if video else [])
         messages = [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
@@ -246,9 +270,9 @@ def make_model(tf, name: str, tag: str) -> None:
                                                     attention_mask=inputs["attention_mask"], **rope_kw)
             logits = model(**inputs).logits[0]
             if images:
-                refs[f"{case}.image_features"] = _visual(inner, inputs["pixel_values"], inputs["image_grid_thw"])
+                _visual(refs, f"{case}.image", inner, inputs["pixel_values"], inputs["image_grid_thw"])
             if video:
-                refs[f"{case}.video_features"] = _visual(inner, inputs["pixel_values_videos"], inputs["video_grid_thw"])
+                _visual(refs, f"{case}.video", inner, inputs["pixel_values_videos"], inputs["video_grid_thw"])
         rows = torch.tensor(sorted(set(range(0, logits.shape[0], 16)) | {logits.shape[0] - 1}))
         print(f"  {name} {tag} {case}: {inputs['input_ids'].shape[1]} tokens")
         refs.update({f"{case}.input_ids": inputs["input_ids"][0], f"{case}.position_ids": positions[:, 0],
@@ -262,16 +286,17 @@ def make_model(tf, name: str, tag: str) -> None:
     save_reference(folder, refs)
     with open(os.path.join(folder, "reference.json"), "w", encoding="utf-8") as f:
         json.dump({"transformers": tf.__version__, "prompts": prompts, "video_fps": VIDEO_FPS,
-                   "cases": {c: {"images": i, "video": v, "question": q} for c, (i, v, q) in CASES.items()}}, f, indent=1)
+                   "cases": {c: {"images": i, "video": v, "question": q} for c, (i, v, q) in cases.items()}}, f, indent=1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tag", required=True, help="hf457 or hf5: the subfolder each model is written to")
+    parser.add_argument("models", nargs="*", default=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
     args = parser.parse_args()
     tf = transformers_module()
     make_media()
-    for name in ("qwen2_vl", "qwen2_5_vl"):
+    for name in args.models:
         make_model(tf, name, args.tag)
 
 

@@ -1,4 +1,4 @@
-"""The parity table of the Qwen2-VL and Qwen2.5-VL folders transformers 4.57 and 5.x wrote
+"""The parity table of the Qwen2-VL, Qwen2.5-VL and Qwen3-VL (images only) folders transformers 4.57 and 5.x wrote
 (tools/make_qwen2_vl_fixtures.py): for each case, prompt ids, pixels, vision features, M-RoPE
 positions, logits and 16 greedy tokens against transformers', as Markdown.
 
@@ -16,7 +16,8 @@ import numpy as np
 from safetensors.numpy import load_file
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "reference", "qwen2_vl")
-FOLDERS = [("qwen2_vl", "hf457"), ("qwen2_vl", "hf5"), ("qwen2_5_vl", "hf457"), ("qwen2_5_vl", "hf5")]
+FOLDERS = [("qwen2_vl", "hf457"), ("qwen2_vl", "hf5"), ("qwen2_5_vl", "hf457"), ("qwen2_5_vl", "hf5"),
+           ("qwen3_vl", "hf457"), ("qwen3_vl", "hf5")]
 MROPE_RULE = {"hf457": "max", "hf5": "extent"}  # transformers 4.57's and 5.x's (data/qwen2_vl.RopeTokens)
 
 

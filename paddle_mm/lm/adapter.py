@@ -67,7 +67,7 @@ def build_language_model(cfg: LMConfig, special_ids: dict[str, int] | None = Non
         from paddle_mm.lm.opt import build_opt
 
         return build_opt(cfg, special_ids)
-    if cfg.family == "qwen2_vl":
+    if cfg.family in ("qwen2_vl", "qwen3_vl"):
         from paddle_mm.lm.mrope import build_mrope_lm
 
         return build_mrope_lm(cfg, special_ids)
@@ -108,7 +108,7 @@ def dense_mask_from_row_indices(row_indices: paddle.Tensor) -> paddle.Tensor:
 
 
 def run_language_model(lm, inputs_embeds, attention_mask=None, past_key_values=None, use_cache=False,
-                       position_ids=None, attn_mask_startend_row_indices=None, last_only: bool = False):
+                       position_ids=None, attn_mask_startend_row_indices=None, last_only: bool = False, **extra):
     """Forward the backbone on embeddings; returns (logits [B, L, V], cache or None).
 
     attention_mask covers the cached and the new positions ([B, past + L]). Packed rows pass
@@ -119,10 +119,11 @@ def run_language_model(lm, inputs_embeds, attention_mask=None, past_key_values=N
 
     last_only: logits of the last position only ([B, 1, V]), what decoding reads. The vocabulary
     projection of a whole 265-token prompt was a third of 32 greedy steps (profiled).
+    extra: further inputs of the backbone's forward (Qwen3-VL's DeepStack features).
     """
     b, length = inputs_embeds.shape[:2]
     past = past_key_values.get_seq_length() if past_key_values is not None else 0
-    kwargs = {}
+    kwargs = dict(extra)
     if attn_mask_startend_row_indices is not None:
         if lm.config._attn_implementation == "flashmask":
             kwargs["attn_mask_startend_row_indices"] = attn_mask_startend_row_indices

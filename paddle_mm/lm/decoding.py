@@ -22,13 +22,14 @@ def stop_set(eos_token_id) -> frozenset:
 
 def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id, do_sample: bool = False,
            temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True,
-           on_token: Callable[[int, int], None] | None = None, positions=None) -> list[list[int]]:
+           on_token: Callable[[int, int], None] | None = None, positions=None, prefill=None) -> list[list[int]]:
     """Greedy or sampled decoding; returns the new ids of each row, cut at eos.
 
     on_token(row, token id) is called as each kept token is chosen (streaming); an exception
     it raises stops decoding and propagates. positions(start, length): the position ids of
     columns start..start+length, for an LM whose positions are not the mask's count (M-RoPE);
-    None: the positions that skip padding.
+    None: the positions that skip padding. prefill(length): further inputs of a step that runs the
+    prompt's columns and `length` in all (Qwen3-VL's DeepStack features); None: none.
     """
     embed_tokens = lm.get_input_embeddings()
     stops = stop_set(eos_token_id)
@@ -40,11 +41,12 @@ def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id, do_sample: bool 
     for _ in range(max_new_tokens):
         start = mask.shape[1] - step_embeds.shape[1]
         pos = None if positions is None else positions(start, step_embeds.shape[1])
+        extra = prefill(step_embeds.shape[1]) if prefill is not None and start == 0 else {}
         if use_cache:
             logits, cache = run_language_model(lm, step_embeds, mask, cache, use_cache=True, last_only=True,
-                                               position_ids=pos)
+                                               position_ids=pos, **extra)
         else:  # recompute the whole sequence each step: the reference the cache must match
-            logits, _ = run_language_model(lm, step_embeds, mask, position_ids=pos)
+            logits, _ = run_language_model(lm, step_embeds, mask, position_ids=pos, **extra)
         next_ids = pick(logits[:, -1].astype("float32"), do_sample, temperature, top_p)
         for i, t in enumerate(next_ids.tolist()):
             if not done[i]:

@@ -1,8 +1,9 @@
 """Qwen2-VL's patch merger: each merge x merge group of neighbouring patches (4 consecutive rows
 of the vision encoder's output, data/qwen2_vl.py orders them so) becomes one LM token.
 
-norm (LayerNorm for Qwen2-VL, RMSNorm for Qwen2.5-VL, per patch), the group's features
-concatenated (4 D), then Linear(4 D, 4 D) -> exact GELU -> Linear(4 D, out).
+norm (LayerNorm for Qwen2-VL and Qwen3-VL, RMSNorm for Qwen2.5-VL, per patch; Qwen3-VL's
+DeepStack mergers normalize the joined group instead), the group's features concatenated
+(4 D), then Linear(4 D, 4 D) -> exact GELU -> Linear(4 D, out).
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ NORM_EPS = 1e-6
 
 
 class PatchMerger(nn.Layer):
-    def __init__(self, dim: int, out_dim: int, merge: int = 2, rms_norm: bool = False):
+    def __init__(self, dim: int, out_dim: int, merge: int = 2, rms_norm: bool = False, norm_after_join: bool = False):
         super().__init__()
         self.group = dim * merge * merge
         self.rms_norm = rms_norm
-        self.ln_q = nn.LayerNorm(dim, epsilon=NORM_EPS)
+        self.norm_after_join = norm_after_join
+        self.ln_q = nn.LayerNorm(self.group if norm_after_join else dim, epsilon=NORM_EPS)
         if rms_norm:  # the same weight, no bias
             self.ln_q.bias = None
         self.fc1 = nn.Linear(self.group, self.group)
@@ -32,4 +34,5 @@ class PatchMerger(nn.Layer):
         return self.ln_q.weight * h.astype(x.dtype)
 
     def forward(self, x):  # [N, dim] -> [N / merge^2, out_dim]
-        return self.fc2(F.gelu(self.fc1(self._norm(x).reshape([-1, self.group]))))
+        joined = self._norm(x.reshape([-1, self.group])) if self.norm_after_join else self._norm(x).reshape([-1, self.group])
+        return self.fc2(F.gelu(self.fc1(joined)))

@@ -14,8 +14,13 @@ patch_merger.py) turns each 2 x 2 group of consecutive rows into one LM token.
   windows of window_size pixels, except in the blocks fullatt_block_indexes names: its rows are
   put in window order for the blocks and back in picture order at the end.
 - Qwen2-VL: LayerNorm and a fc1/fc2 MLP; Qwen2.5-VL: RMSNorm and SwiGLU (gate/up/down, biases).
+- Qwen3-VL: Qwen2-VL's blocks (a tanh GELU), a bias on the patch embedding, and learned
+  positions: a sqrt(n) x sqrt(n) table, bilinearly interpolated to each picture's grid, added to
+  the patches. `encode` also returns the hidden states after the DeepStack blocks.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import paddle
@@ -156,11 +161,34 @@ class PatchEmbed(nn.Layer):
     def __init__(self, cfg: Qwen2VLVisionConfig):
         super().__init__()
         kernel = [cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size]
-        self.proj = nn.Conv3D(cfg.in_channels, cfg.hidden_size, kernel, stride=kernel, bias_attr=False)
+        bias = None if cfg.variant == "qwen3_vl" else False  # Qwen3-VL's has a bias
+        self.proj = nn.Conv3D(cfg.in_channels, cfg.hidden_size, kernel, stride=kernel, bias_attr=bias)
 
     def forward(self, rows):
         w = self.proj.weight  # [D, C, T, p, p]
-        return paddle.matmul(rows.astype(w.dtype), w.reshape([w.shape[0], -1]), transpose_y=True)
+        out = paddle.matmul(rows.astype(w.dtype), w.reshape([w.shape[0], -1]), transpose_y=True)
+        return out if self.proj.bias is None else out + self.proj.bias
+
+
+def interpolated_positions(grids: np.ndarray, side: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen3-VL's learned positions at each patch row: (table indices [4, N], weights [4, N]) of the
+    four corners of a bilinear interpolation of the side x side table onto each grid (its corners
+    on the table's corners, float32 as transformers computes them), in the rows' merge order."""
+    idx_out, w_out = [], []
+    for t, h, w in np.asarray(grids).reshape(-1, 3):
+        hs = np.linspace(0, side - 1, int(h), dtype=np.float32)
+        ws = np.linspace(0, side - 1, int(w), dtype=np.float32)
+        h0, w0 = hs.astype(np.int64), ws.astype(np.int64)
+        h1, w1 = np.minimum(h0 + 1, side - 1), np.minimum(w0 + 1, side - 1)
+        dh, dw = (hs - h0).astype(np.float32), (ws - w0).astype(np.float32)
+        idx = [(a[:, None] * side + b[None]).reshape(-1) for a, b in ((h0, w0), (h0, w1), (h1, w0), (h1, w1))]
+        wts = [(a[:, None] * b[None]).reshape(-1) for a, b in ((1 - dh, 1 - dw), (1 - dh, dw), (dh, 1 - dw), (dh, dw))]
+        # raster order -> merge order (blocks of merge x merge), repeated for every temporal patch
+        order = np.arange(h * w).reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
+        order = np.tile(order, int(t))
+        idx_out.append(np.stack(idx)[:, order])
+        w_out.append(np.stack(wts)[:, order])
+    return np.concatenate(idx_out, axis=1), np.concatenate(w_out, axis=1).astype(np.float32)
 
 
 class Qwen2VLVisionEncoder(nn.Layer):
@@ -169,6 +197,8 @@ class Qwen2VLVisionEncoder(nn.Layer):
         self.config = cfg
         c = cfg
         self.patch_embed = PatchEmbed(c)
+        if c.variant == "qwen3_vl":
+            self.pos_embed = nn.Embedding(c.num_position_embeddings, c.hidden_size)
         self.blocks = nn.LayerList([VisionBlock(c) for _ in range(c.depth)])
         head_dim = c.hidden_size // c.num_heads
         rot = head_dim // 2  # the rotary dimension of each axis pair (row, column)
@@ -185,9 +215,22 @@ class Qwen2VLVisionEncoder(nn.Layer):
 
     def forward(self, pixel_values, grid_thw):
         """pixel_values [N, C*T*p*p], grid_thw [n, 3] (array or tensor) -> [N, D]."""
+        return self.encode(pixel_values, grid_thw)[0]
+
+    def _learned_positions(self, grids):
+        idx, weights = interpolated_positions(grids, math.isqrt(self.config.num_position_embeddings),
+                                              self.config.spatial_merge_size)
+        table = self.pos_embed(paddle.to_tensor(idx))  # [4, N, D]
+        scaled = table * paddle.to_tensor(weights).unsqueeze(-1).astype(table.dtype)
+        return scaled[0] + scaled[1] + scaled[2] + scaled[3]
+
+    def encode(self, pixel_values, grid_thw):
+        """(features [N, D], the hidden states [N, D] after each block deepstack_visual_indexes names)."""
         c = self.config
         grids = np.asarray(grid_thw.numpy() if isinstance(grid_thw, paddle.Tensor) else grid_thw).reshape(-1, 3)
         x = self.patch_embed(pixel_values)
+        if c.variant == "qwen3_vl":
+            x = x + self._learned_positions(grids)
         cos, sin = self._rotary(grids)
         full = frame_segments(grids)
         windowed = c.variant == "qwen2_5_vl"
@@ -196,9 +239,12 @@ class Qwen2VLVisionEncoder(nn.Layer):
             order, windows = window_order(grids, c.spatial_merge_size, c.window_size // c.spatial_merge_size // c.patch_size)
             rows = paddle.to_tensor((order[:, None] * unit + np.arange(unit)).reshape(-1))
             x, cos, sin = (paddle.gather(t, rows) for t in (x, cos, sin))
+        deepstack = []
         for i, block in enumerate(self.blocks):
             # full attention is per frame: in window order a frame's rows are still contiguous
             x = block(x, cos, sin, windows if windowed and i not in c.fullatt_block_indexes else full)
+            if i in c.deepstack_visual_indexes:
+                deepstack.append(x)
         if windowed:
             x = paddle.scatter(paddle.zeros_like(x), rows, x)  # back to picture order
-        return x
+        return x, deepstack

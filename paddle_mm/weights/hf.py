@@ -41,7 +41,7 @@ def read_config(folder: str) -> dict:
 
 
 # The whole models a Hugging Face folder as downloaded can be run as (paddle-mm infer FOLDER).
-WHOLE_MODEL_TYPES = ("llava", "blip-2", "qwen2_vl", "qwen2_5_vl")
+WHOLE_MODEL_TYPES = ("llava", "blip-2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def whole_model_type(folder: str) -> str | None:

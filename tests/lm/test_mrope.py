@@ -61,6 +61,27 @@ def test_rows_that_differ_change_the_logits_and_the_cache_follows_them():
     assert float((cached - full[:, 4:]).abs().max()) <= 1e-5
 
 
+def test_qwen3_vl_text_model_decodes_through_the_cache_as_at_once():
+    """Qwen3-VL's decoder (interleaved rows), with DeepStack features added at two positions."""
+    paddle.seed(0)
+    lm = build_language_model(_config("qwen3_vl", mrope_section=[2, 3, 3]))
+    lm.eval()
+    x = _embeds(6)
+    pos = paddle.to_tensor([[[0, 1, 1, 1, 3, 4]], [[0, 1, 1, 2, 3, 4]], [[0, 1, 2, 1, 3, 4]]])
+    mask = paddle.to_tensor([[False, True, True, True, False, False]])
+    deep = {"visual_pos_masks": mask, "deepstack_visual_embeds": [paddle.ones([3, HIDDEN])]}
+    with paddle.no_grad():
+        full, _ = run_language_model(lm, x, position_ids=pos, **deep)
+        plain, _ = run_language_model(lm, x, position_ids=pos)
+        assert float((full - plain)[:, 1:].abs().max()) > 1e-3  # the features reach the states
+        first, cache = run_language_model(lm, x[:, :5], paddle.ones([1, 5], dtype="int64"), use_cache=True,
+                                          position_ids=pos[:, :, :5],
+                                          **{**deep, "visual_pos_masks": mask[:, :5]})
+        last, _ = run_language_model(lm, x[:, 5:], paddle.ones([1, 6], dtype="int64"), cache, use_cache=True,
+                                     position_ids=pos[:, :, 5:])
+    assert float((last[:, -1] - full[:, -1]).abs().max()) <= 1e-5
+
+
 def test_a_section_that_does_not_cover_the_head_is_refused():
     with pytest.raises(ValueError, match="mrope_section"):
         build_language_model(_config("qwen2_vl", mrope_section=[2, 2, 2]))

@@ -5,7 +5,7 @@ import pytest
 from reference_fixtures import QWEN2_VL_FOLDERS, max_diff, qwen2_vl_cases, qwen2_vl_folder, reference
 
 from paddle_mm.data.qwen2_vl import Qwen2VLProcessor, settings_from_folder
-from paddle_mm.vision.qwen2_vl import frame_segments, patch_positions, window_order
+from paddle_mm.vision.qwen2_vl import frame_segments, interpolated_positions, patch_positions, window_order
 
 
 def _model(model, tag):
@@ -27,8 +27,10 @@ def test_vision_features_match_transformers(model, tag):
         with paddle.no_grad():
             if c["images"]:
                 pixels, grid = proc.images(c["images"])
-                got = m.vision_features(paddle.to_tensor(pixels), grid).numpy()
-                assert max_diff(got, ref[f"{case}.image_features"]) <= 1e-4, case
+                got, deepstack = m._vision(paddle.to_tensor(pixels), grid)
+                assert max_diff(got.numpy(), ref[f"{case}.image_features"]) <= 1e-4, case
+                if model == "qwen3_vl":  # the DeepStack mergers' features too, one set per DeepStack block
+                    assert max_diff(np.stack([d.numpy() for d in deepstack]), ref[f"{case}.image_deepstack"]) <= 1e-4
             if c["frames"]:
                 pixels, grid = proc.video(c["frames"])
                 got = m.vision_features(paddle.to_tensor(pixels), grid).numpy()
@@ -50,3 +52,17 @@ def test_rotary_positions_follow_the_merge_groups():
     pos = patch_positions(np.array([[1, 2, 4]]), merge=2)
     assert pos.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]]
     assert frame_segments(np.array([[2, 2, 4], [1, 4, 2]])) == [8, 8, 8]
+
+
+def test_learned_positions_interpolate_the_table_corner_to_corner():
+    """A 2 x 2 table onto a grid of 2 x 4 patches: rows take the table's rows, columns mix its two
+    columns by 0, 1/3, 2/3, 1; the rows come in the merge order of the patches."""
+    idx, weights = interpolated_positions(np.array([[1, 2, 4]]), side=2, merge=2)
+    assert idx.shape == weights.shape == (4, 8)
+    np.testing.assert_allclose(weights.sum(0), 1.0, rtol=1e-6)
+    # the first merge group: patches (0, 0), (0, 1), (1, 0), (1, 1); patch (0, 1) is 1/3 of the way to column 1
+    np.testing.assert_allclose(weights[:, 1], [2 / 3, 1 / 3, 0, 0], rtol=1e-6)
+    assert idx[:, 1].tolist() == [0, 1, 2, 3]
+    # patch (1, 0) sits on the table's entry (1, 0): all its weight on the first corner, index 1 * 2 + 0
+    np.testing.assert_allclose(weights[:, 2], [1, 0, 0, 0], atol=1e-7)
+    assert idx[0, 2] == 2

@@ -27,7 +27,8 @@ FIXTURES = [("clip", "clip"), ("qwen2", "qwen2"), ("qwen2", "qwen2/bf16"), ("lla
             ("siglip", "siglip/hf457"), ("siglip", "siglip/hf5"), ("siglip", "siglip_model/hf457"),
             ("siglip", "siglip_model/hf5"), ("llava", "llava_siglip/hf457"), ("llava", "llava_siglip/hf5"),
             ("qwen2-vl", "qwen2_vl/qwen2_vl/hf457"), ("qwen2-vl", "qwen2_vl/qwen2_vl/hf5"),
-            ("qwen2-vl", "qwen2_vl/qwen2_5_vl/hf457"), ("qwen2-vl", "qwen2_vl/qwen2_5_vl/hf5")]
+            ("qwen2-vl", "qwen2_vl/qwen2_5_vl/hf457"), ("qwen2-vl", "qwen2_vl/qwen2_5_vl/hf5"),
+            ("qwen2-vl", "qwen2_vl/qwen3_vl/hf457"), ("qwen2-vl", "qwen2_vl/qwen3_vl/hf5")]
 
 
 def assert_same_tensors(a: str, b: str) -> None:
