@@ -161,6 +161,12 @@ class Qwen2VLModel(nn.Layer):
             for _ in v.deepstack_visual_indexes])
         self.language_model = build_language_model(cfg.lm, special_ids)
 
+    @property
+    def tokens_per_image(self) -> int:
+        """There is no one count: say so where code written for fixed-size images asks (the server)."""
+        raise ValueError("a Qwen2-VL model gives each image its own token count (grid t*h*w / merge^2); this "
+                         "path expects one count for every image and does not serve it yet")
+
     def vision_features(self, pixel_values, grid_thw):  # [N, C*T*p*p] -> [N / merge^2, D]
         return self._vision(pixel_values, grid_thw)[0]
 

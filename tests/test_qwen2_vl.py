@@ -157,3 +157,13 @@ def test_a_recipe_builds_a_tiny_qwen2_vl_from_scratch_that_trains(tmp_path):
     for part in (model.vision_tower.blocks[0].attn.qkv.weight, model.multi_modal_projector.fc2.weight,
                  model.language_model.model.layers[0].mlp.up_proj.weight):
         assert float(part.grad.abs().sum()) > 0
+
+
+def test_paths_written_for_one_count_per_image_refuse_the_family_by_name():
+    from paddle_mm.config import ModelConfig
+    from paddle_mm.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="model.family qwen2_vl gives each image its own token count"):
+        ModelConfig(family="qwen2_vl").tokens_per_image
+    with pytest.raises(ValueError, match="its own token count"):
+        _loaded("qwen2_vl", "hf457")[0].tokens_per_image
