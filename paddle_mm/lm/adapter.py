@@ -4,7 +4,7 @@ Everything family-specific about building and running the backbone lives here: w
 build it, how its config fields are named, and how its forward is called. OPT, which
 PaddleFormers 1.0 lacks, is built by lm/opt.py with the same forward and the same pieces, so
 the running code below is shared. The rest of paddle_mm
-only calls `build_language_model` and `run_language_model`. This module only builds: reading a
+only calls `build_language_model`, `run_backbone` and `run_language_model`. This module only builds: reading a
 checkpoint folder's config.json and weights is weights/llm.py's (lm/ imports nothing from weights/).
 """
 from __future__ import annotations
@@ -102,18 +102,15 @@ def dense_mask_from_row_indices(row_indices: paddle.Tensor) -> paddle.Tensor:
     return (cols <= rows) & (rows < row_indices.reshape([-1, 1, 1, length]))
 
 
-def run_language_model(lm, inputs_embeds, attention_mask=None, past_key_values=None, use_cache=False,
-                       position_ids=None, attn_mask_startend_row_indices=None, last_only: bool = False):
-    """Forward the backbone on embeddings; returns (logits [B, L, V], cache or None).
+def run_backbone(lm, inputs_embeds, attention_mask=None, past_key_values=None, use_cache=False,
+                 position_ids=None, attn_mask_startend_row_indices=None):
+    """Forward the backbone on embeddings, without the LM head; returns (hidden [B, L, D], cache or None).
 
     attention_mask covers the cached and the new positions ([B, past + L]). Packed rows pass
     attn_mask_startend_row_indices ([B, 1, L, 1]: for each key column, the first query row
     that may not see it) and their own position_ids instead; with attn_implementation
     "flashmask" (GPU) the backbone's variable-length kernel reads them directly, with the
     others they become a dense [B, 1, L, L] mask here.
-
-    last_only: logits of the last position only ([B, 1, V]), what decoding reads. The vocabulary
-    projection of a whole 265-token prompt was a third of 32 greedy steps (profiled).
     """
     b, length = inputs_embeds.shape[:2]
     past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -127,7 +124,12 @@ def run_language_model(lm, inputs_embeds, attention_mask=None, past_key_values=N
         attention_mask = paddle.ones([b, past + length], dtype="int64")
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask, past)
-    out = (lm.model if last_only else lm)(
+    if attention_mask.ndim == 2 and past == 0 and length > 1 and lm.config._attn_implementation == "sdpa" \
+            and bool(attention_mask.astype("bool").all()):
+        # No padding: on CPU, Paddle 3.3.1's sdpa builds a [B, H, L, L] triu mask in every layer
+        # for a causal call without a mask (profiled); one causal mask per length does instead.
+        attention_mask = causal_mask(length)
+    out = lm.model(
         input_ids=None,
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
@@ -137,5 +139,30 @@ def run_language_model(lm, inputs_embeds, attention_mask=None, past_key_values=N
         return_dict=True,
         **kwargs,
     )
-    logits = lm.lm_head(out.last_hidden_state[:, -1:]) if last_only else out.logits
-    return logits, (out.past_key_values if use_cache else None)
+    return out.last_hidden_state, (out.past_key_values if use_cache else None)
+
+
+_CAUSAL_MASKS: dict[int, paddle.Tensor] = {}
+
+
+def causal_mask(length: int) -> paddle.Tensor:
+    """A boolean [1, 1, L, L] lower-triangular mask (True: may attend), built once per length."""
+    if length not in _CAUSAL_MASKS:
+        if len(_CAUSAL_MASKS) > 64:  # lengths vary from batch to batch: keep the cache small
+            _CAUSAL_MASKS.clear()
+        rows = paddle.arange(length, dtype="int32").reshape([1, 1, length, 1])
+        cols = paddle.arange(length, dtype="int32").reshape([1, 1, 1, length])
+        _CAUSAL_MASKS[length] = cols <= rows
+    return _CAUSAL_MASKS[length]
+
+
+def run_language_model(lm, inputs_embeds, attention_mask=None, past_key_values=None, use_cache=False,
+                       position_ids=None, attn_mask_startend_row_indices=None, last_only: bool = False):
+    """run_backbone, then the LM head; returns (logits [B, L, V], cache or None).
+
+    last_only: logits of the last position only ([B, 1, V]), what decoding reads. The vocabulary
+    projection of a whole 265-token prompt was a third of 32 greedy steps (profiled).
+    """
+    hidden, cache = run_backbone(lm, inputs_embeds, attention_mask, past_key_values, use_cache, position_ids,
+                                 attn_mask_startend_row_indices)
+    return lm.lm_head(hidden[:, -1:] if last_only else hidden), cache
