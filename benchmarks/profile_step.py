@@ -73,7 +73,7 @@ def main() -> None:
     configure_cpu(args.threads)
     run = workload(args.what)
     run()  # warm-up
-    prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU])
+    prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU], on_trace_ready=lambda _: None)  # no trace file
     prof.start()
     for _ in range(args.steps):
         run()

@@ -95,8 +95,8 @@ class VisionLanguageModel(nn.Layer):
     ) -> list[list[int]]:
         """Decode new tokens for a left-padded batch; returns the new ids per row (eos cut).
 
-        on_token(row, token id) sees each token as it is chosen (not with beam search, whose
-        hypotheses are only final at the end).
+        on_token(row, token id) sees each token as it is chosen, and ends the row by returning True
+        (not with beam search, whose hypotheses are only final at the end).
         """
         if attention_mask is None:
             attention_mask = paddle.ones_like(input_ids)
