@@ -6,8 +6,9 @@ For each client count it starts the server on 127.0.0.1 with a port of its own, 
 requests (about the run's test images, VQA questions and caption requests in turn; every
 k-th one deliberately bad: an image_url without data), after a warm-up, and prints latency p50/p95, throughput, and how many requests were
 answered (200), refused (a JSON error with a 4xx/5xx status) or failed (no usable answer:
-connection error, timeout, garbage). The server answers one request at a time, so latency
-grows with the queue while throughput stays that of one model.
+connection error, timeout, garbage). The server answers the requests waiting together in one
+batched generation, so throughput grows with the clients while a batch step costs little more
+than one row's.
 """
 from __future__ import annotations
 
