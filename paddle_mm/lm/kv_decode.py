@@ -24,6 +24,8 @@ from __future__ import annotations
 import paddle
 import paddle.nn.functional as F
 
+from paddle_mm.lm.adapter import PACKED_SDPA
+
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -32,7 +34,7 @@ def supports(lm) -> bool:
     config = lm.config
     if config.__class__.__name__ not in ("Qwen2Config", "LlamaConfig", "Qwen3Config"):
         return False
-    if config._attn_implementation not in ("sdpa", "eager") or getattr(config, "fuse_attention_qkv", False) \
+    if config._attn_implementation not in (PACKED_SDPA, "sdpa", "eager") or getattr(config, "fuse_attention_qkv", False) \
             or getattr(config, "fuse_attention_ffn", False):
         return False
     if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
