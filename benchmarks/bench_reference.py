@@ -69,20 +69,13 @@ def mixed_lengths(rng, n: int) -> list[int]:
 
 
 # ---- the paddle_mm side ----------------------------------------------------------------------
-def run_paddle(args) -> dict:
-    if args.raw:
-        # Paddle's own defaults: one OpenMP thread (set on import) and no MKL CPU-type hint.
-        os.environ["MKL_DEBUG_CPU_TYPE"] = ""
+def paddle_model():
+    """The benchmark's model on the paddle_mm side, from seed 0 (also what benchmarks/profile_step.py profiles)."""
     import paddle
 
     from paddle_mm.config import LMConfig, ModelConfig, ProjectorConfig, VisionConfig
-    from paddle_mm.data.packing import pack
     from paddle_mm.model import VisionLanguageModel
-    from paddle_mm.runtime import configure_cpu
-    from paddle_mm.training.batches import batch_inputs
 
-    if not args.raw:
-        configure_cpu(args.threads)
     paddle.seed(0)
     cfg = ModelConfig(
         vision=VisionConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=HIDDEN, intermediate_size=FFN_VIT,
@@ -92,7 +85,23 @@ def run_paddle(args) -> dict:
                     num_heads=HEADS, num_kv_heads=HEADS),
         image_token_id=IMAGE_ID,
     )
-    model = VisionLanguageModel(cfg, {"eos": 0, "pad": 0, "bos": 0})
+    return VisionLanguageModel(cfg, {"eos": 0, "pad": 0, "bos": 0})
+
+
+def run_paddle(args) -> dict:
+    if args.raw:
+        # Paddle's own defaults: one OpenMP thread (set on import) and no MKL CPU-type hint.
+        os.environ["MKL_DEBUG_CPU_TYPE"] = ""
+    import paddle
+
+    from paddle_mm.data.packing import pack
+    from paddle_mm.model import mean_nll
+    from paddle_mm.runtime import configure_cpu
+    from paddle_mm.training.batches import batch_inputs
+
+    if not args.raw:
+        configure_cpu(args.threads)
+    model = paddle_model()
     opt = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.parameters())
     rng = np.random.default_rng(0)
     out = {}
@@ -102,8 +111,8 @@ def run_paddle(args) -> dict:
     mask = paddle.ones_like(t_ids)
 
     def step():
-        loss, _ = model(t_ids, mask, t_pix, t_labels)
-        loss.backward()
+        token_nll, _ = model(t_ids, mask, t_pix, t_labels)
+        mean_nll(token_nll, t_labels).backward()  # the mean over labelled tokens, as the PyTorch side's
         opt.step()
         opt.clear_grad()
 
@@ -131,8 +140,9 @@ def run_paddle(args) -> dict:
 
     def epoch(batches):
         for batch in batches:
-            loss, _ = model(**batch_inputs(batch), labels=paddle.to_tensor(batch["labels"]))
-            loss.backward()
+            labels = paddle.to_tensor(batch["labels"])
+            token_nll, _ = model(**batch_inputs(batch), labels=labels)
+            mean_nll(token_nll, labels).backward()
             lm_opt.step()
             lm_opt.clear_grad()
 

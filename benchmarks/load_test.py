@@ -1,13 +1,14 @@
 """A bounded load test of `paddle-mm serve` on loopback: N clients share a fixed number of requests.
 
-    python benchmarks/load_test.py RUN_DIR [--clients 1 4 8] [--requests 40] [--bad-every 5]
+    python benchmarks/load_test.py RUN_DIR [--clients 1 4 8] [--max-batch 1 8] [--requests 40] [--bad-every 5]
 
 For each client count it starts the server on 127.0.0.1 with a port of its own, sends the
 requests (about the run's test images, VQA questions and caption requests in turn; every
 k-th one deliberately bad: an image_url without data), after a warm-up, and prints latency p50/p95, throughput, and how many requests were
 answered (200), refused (a JSON error with a 4xx/5xx status) or failed (no usable answer:
-connection error, timeout, garbage). The server answers one request at a time, so latency
-grows with the queue while throughput stays that of one model.
+connection error, timeout, garbage). The server answers the requests waiting together in one
+batched generation, so throughput grows with the clients while a batch step costs little more
+than one row's.
 """
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--bad-every", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="the model's CPU threads (0: every core)")
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[1, 8],
+                        help="the server's batch limits to compare (1: one request at a time, the reference)")
     args = parser.parse_args()
 
     from paddle_mm.serving.server import ChatServer, Engine
@@ -135,19 +138,23 @@ def main() -> None:
     run_load(server.url, bodies, 2)
     server.shutdown()
     server.server_close()
-    print(f"{'clients':>7} {'answered':>8} {'refused':>7} {'failed':>6} {'lost':>4} {'p50 s':>7} {'p95 s':>7} "
-          f"{'req/s':>6} {'tok/s':>6} {'wall s':>7}")
-    for clients in args.clients:
-        server = ChatServer(engine, "127.0.0.1", 0)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            r = run_load(server.url, bodies, clients)
-        finally:
-            server.shutdown()
-            server.server_close()
-        print(f"{r['clients']:>7} {r['answered']:>8} {r['refused']:>7} {r['failed']:>6} {r['lost']:>4} "
-              f"{r['p50_s']:>7.3f} {r['p95_s']:>7.3f} {r['requests_per_s']:>6.2f} {r['tokens_per_s']:>6.1f} "
-              f"{r['wall_s']:>7.1f}")
+    print(f"{'batch':>5} {'clients':>7} {'answered':>8} {'refused':>7} {'failed':>6} {'lost':>4} {'p50 s':>7} "
+          f"{'p95 s':>7} {'req/s':>6} {'tok/s':>6} {'wall s':>7} {'x 1 client':>10}")
+    for max_batch in args.max_batch:
+        engine.max_batch = max_batch
+        single = None
+        for clients in args.clients:
+            server = ChatServer(engine, "127.0.0.1", 0)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            try:
+                r = run_load(server.url, bodies, clients)
+            finally:
+                server.shutdown()
+                server.server_close()
+            single = single or r["requests_per_s"]
+            print(f"{max_batch:>5} {r['clients']:>7} {r['answered']:>8} {r['refused']:>7} {r['failed']:>6} "
+                  f"{r['lost']:>4} {r['p50_s']:>7.3f} {r['p95_s']:>7.3f} {r['requests_per_s']:>6.2f} "
+                  f"{r['tokens_per_s']:>6.1f} {r['wall_s']:>7.1f} {r['requests_per_s'] / single:>9.2f}x")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import paddle.nn.functional as F
 
 from paddle_mm.config import ModelConfig
 from paddle_mm.data.tokenizer import IGNORE_INDEX
-from paddle_mm.lm.adapter import build_language_model, run_language_model
+from paddle_mm.lm.adapter import build_language_model, run_backbone
 from paddle_mm.lm.decoding import beam_search, decode
 from paddle_mm.projectors import build_projector
 from paddle_mm.vision.vit import VisionTransformer
@@ -64,18 +64,18 @@ class VisionLanguageModel(nn.Layer):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, position_ids=None,
                 attn_mask_startend_row_indices=None):
-        """Return (loss or None, logits [B, L, V]).
+        """Without labels: (None, logits [B, L, V]). With labels: (token_nll [B, L], None), see
+        next_token_nll: only the labelled positions are projected onto the vocabulary.
 
         Packed rows (paddle_mm.data.packing) pass position_ids and attn_mask_startend_row_indices
         instead of attention_mask.
         """
         embeds = self.embed(input_ids, pixel_values)
-        logits, _ = run_language_model(self.language_model, embeds, attention_mask, position_ids=position_ids,
-                                       attn_mask_startend_row_indices=attn_mask_startend_row_indices)
-        loss = None
+        hidden, _ = run_backbone(self.language_model, embeds, attention_mask, position_ids=position_ids,
+                                 attn_mask_startend_row_indices=attn_mask_startend_row_indices)
         if labels is not None:
-            loss = causal_lm_loss(logits, labels)
-        return loss, logits
+            return next_token_nll(hidden, labels, self.language_model.lm_head), None
+        return None, self.language_model.lm_head(hidden)
 
     # generation ---------------------------------------------------------------------------
     @paddle.no_grad()
@@ -95,8 +95,8 @@ class VisionLanguageModel(nn.Layer):
     ) -> list[list[int]]:
         """Decode new tokens for a left-padded batch; returns the new ids per row (eos cut).
 
-        on_token(row, token id) sees each token as it is chosen (not with beam search, whose
-        hypotheses are only final at the end).
+        on_token(row, token id) sees each token as it is chosen, and ends the row by returning True
+        (not with beam search, whose hypotheses are only final at the end).
         """
         if attention_mask is None:
             attention_mask = paddle.ones_like(input_ids)
@@ -109,28 +109,51 @@ class VisionLanguageModel(nn.Layer):
                       do_sample, temperature, top_p, use_cache, on_token)
 
 
-def causal_lm_loss(logits, labels, reduction: str = "mean"):
-    """Next-token cross-entropy over the positions whose label is not IGNORE_INDEX: their mean,
-    or their sum (training divides the sum by the labelled-token count of the whole global batch).
+def next_token_nll(hidden, labels, head=None):
+    """[B, L] float32: at each position j whose label is a target (labels[:, j] != IGNORE_INDEX, j >= 1),
+    -log p(labels[:, j]) as predicted from position j - 1; zero elsewhere.
+
+    hidden [B, L, D] goes through head (the LM head; None: hidden already holds the logits) only
+    at the positions that predict a label: the labels are shifted, not the logits, so neither a
+    [B, L, V] projection nor the backward of a slice of it is paid for unlabelled positions
+    (together a third of the benchmark's training step, profiled).
+
+    On CPU, Paddle 3.3.1's cross_entropy turns a row holding NaN or inf into a finite loss,
+    which would hide a diverged model: a zero times the (detached) sum of the logits makes every
+    term NaN instead, without a backward over the vocabulary. (log_softmax + gather would
+    propagate NaN by itself, but Paddle 3.3.1's CPU log_softmax took 68 s for a [640, 32000]
+    input, against 0.14 s for cross_entropy: measured.)
+    """
+    b, length = labels.shape
+    targets = paddle.concat([labels[:, 1:], paddle.full([b, 1], IGNORE_INDEX, dtype=labels.dtype)], axis=1)
+    targets = targets.reshape([-1])  # the label each position predicts
+    where = paddle.nonzero(targets != IGNORE_INDEX).reshape([-1])  # [K] flat positions
+    if where.shape[0] == 0:
+        return paddle.zeros([b, length], dtype="float32") + 0.0 * hidden.astype("float32").sum()
+    rows = paddle.gather(hidden.reshape([b * length, -1]), where)  # [K, D]
+    logits = (rows if head is None else head(rows.unsqueeze(0)).squeeze(0)).astype("float32")  # [K, V]
+    nll = F.cross_entropy(logits, paddle.gather(targets, where).unsqueeze(-1), reduction="none").reshape([-1])
+    nll = nll + 0.0 * logits.detach().sum()
+    # Position j - 1 predicts label j; the last column predicts nothing, so j stays in its row.
+    return paddle.scatter(paddle.zeros([b * length], dtype="float32"), where + 1, nll).reshape([b, length])
+
+
+def mean_nll(token_nll, labels):
+    """The mean next-token NLL over the labelled targets (not a mean of per-row means).
 
     Summed and divided by the count by hand: Paddle 3.3's cross_entropy with reduction="mean"
     divides by every position when ignore_index is negative, so padding and prompt length
-    would shrink the loss. On CPU, for vocabularies of 64 and more, Paddle 3.3.1's
-    cross_entropy turns a row of NaN logits into the finite loss log(V), which would hide a
-    diverged model: a zero-weighted sum of the logits carries any NaN or inf into the loss.
-    (log_softmax + gather would propagate NaN by itself, but Paddle 3.3.1's CPU log_softmax
-    took 68 s for a [640, 32000] input, against 0.14 s for cross_entropy: measured.)
+    would shrink the loss.
     """
-    shift_logits = logits[:, :-1].astype("float32")
-    shift_labels = labels[:, 1:].reshape([-1])
-    v = shift_logits.shape[-1]
-    flat = shift_logits.reshape([-1, v])
-    keep = shift_labels != IGNORE_INDEX
-    targets = paddle.where(keep, shift_labels, paddle.zeros_like(shift_labels)).unsqueeze(-1)
-    per_token = F.cross_entropy(flat, targets, reduction="none").reshape([-1])
-    per_token = paddle.where(keep, per_token, paddle.zeros_like(per_token))
-    total = per_token.sum() + 0.0 * flat.sum()
-    return total if reduction == "sum" else total / paddle.clip(keep.astype("float32").sum(), min=1.0)
+    return token_nll.sum() / paddle.clip((labels[:, 1:] != IGNORE_INDEX).astype("float32").sum(), min=1.0)
+
+
+def causal_lm_loss(logits, labels, reduction: str = "mean"):
+    """Next-token cross-entropy of logits [B, L, V] over the positions whose label is not
+    IGNORE_INDEX: their mean, or their sum (training divides the sum by the labelled-token count
+    of the whole global batch). For a model that has the logits already (the Q-Former's text side)."""
+    nll = next_token_nll(logits, labels)
+    return nll.sum() if reduction == "sum" else mean_nll(nll, labels)
 
 
 class Qwen2VLModel(nn.Layer):
@@ -257,14 +280,16 @@ class Qwen2VLModel(nn.Layer):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, labels=None,
                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None):
-        """Return (loss or None, logits [B, L, V])."""
+        """As VisionLanguageModel.forward: without labels (None, logits [B, L, V]); with labels
+        (token_nll [B, L], None), only the labelled positions projected onto the vocabulary."""
         embeds, deepstack = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if position_ids is None:
             position_ids, _ = self.rope_positions(input_ids, attention_mask, image_grid_thw, video_grid_thw,
                                                   second_per_grid_ts)
-        logits, _ = run_language_model(self.language_model, embeds, attention_mask, position_ids=position_ids,
-                                       **deepstack)
-        return (None if labels is None else causal_lm_loss(logits, labels)), logits
+        hidden, _ = run_backbone(self.language_model, embeds, attention_mask, position_ids=position_ids, **deepstack)
+        if labels is not None:
+            return next_token_nll(hidden, labels, self.language_model.lm_head), None
+        return None, self.language_model.lm_head(hidden)
 
     @paddle.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,

@@ -12,7 +12,7 @@ from paddle_mm.config import (
     VisionConfig,
 )
 from paddle_mm.data.tokenizer import IGNORE_INDEX
-from paddle_mm.model import VisionLanguageModel, causal_lm_loss
+from paddle_mm.model import VisionLanguageModel, causal_lm_loss, mean_nll, next_token_nll
 from paddle_mm.training.optim import apply_trainable
 
 IMG = 5  # image_token_id
@@ -53,6 +53,13 @@ def ids_tensor(rows: list[list[int]]) -> paddle.Tensor:
 
 def image_span(n: int = 1, t: int = 16) -> list[int]:
     return [IMG] * (n * t)
+
+
+def model_loss(model, ids, mask, px, labels):
+    """The model's mean next-token loss (its forward with labels returns the per-token terms)."""
+    token_nll, logits = model(ids, mask, px, labels)
+    assert logits is None  # with labels the model projects only the labelled positions
+    return mean_nll(token_nll, labels)
 
 
 def numpy_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -145,7 +152,8 @@ def test_loss_matches_numpy_cross_entropy_on_unmasked_positions(model):
     mask = np.ones((2, 22), dtype="int64")
     mask[1, :2] = 0
     with paddle.no_grad():
-        loss, logits = model(ids_tensor(rows), paddle.to_tensor(mask), pixels(2), paddle.to_tensor(labels))
+        loss = model_loss(model, ids_tensor(rows), paddle.to_tensor(mask), pixels(2), paddle.to_tensor(labels))
+        _, logits = model(ids_tensor(rows), paddle.to_tensor(mask), pixels(2))
     assert logits.shape == [2, 22, VOCAB]
     expected = numpy_cross_entropy(logits.numpy(), labels)
     assert abs(float(loss) - expected) < 1e-5
@@ -187,8 +195,8 @@ def test_model_loss_unchanged_by_right_padding(model):
     padded_labels = np.concatenate([labels, np.full((1, 6), IGNORE_INDEX, dtype="int64")], axis=1)
     padded_mask = paddle.to_tensor([[1] * 22 + [0] * 6], dtype="int64")
     with paddle.no_grad():
-        a, _ = model(ids_tensor(rows), None, pixels(1), paddle.to_tensor(labels))
-        b, _ = model(ids_tensor(padded_rows), padded_mask, pixels(1), paddle.to_tensor(padded_labels))
+        a = model_loss(model, ids_tensor(rows), None, pixels(1), paddle.to_tensor(labels))
+        b = model_loss(model, ids_tensor(padded_rows), padded_mask, pixels(1), paddle.to_tensor(padded_labels))
     assert abs(float(a) - float(b)) < 1e-5
 
 
@@ -198,8 +206,8 @@ def test_model_loss_unchanged_by_text_after_last_label(model):
     labels[0, 18:20] = [3, 4]
     other = [rows[0][:20] + [30, 31]]  # different tokens only after the labelled span
     with paddle.no_grad():
-        a, _ = model(ids_tensor(rows), None, pixels(1), paddle.to_tensor(labels))
-        b, _ = model(ids_tensor(other), None, pixels(1), paddle.to_tensor(labels))
+        a = model_loss(model, ids_tensor(rows), None, pixels(1), paddle.to_tensor(labels))
+        b = model_loss(model, ids_tensor(other), None, pixels(1), paddle.to_tensor(labels))
     assert abs(float(a) - float(b)) < 1e-6
 
 
@@ -268,8 +276,7 @@ def train_step(model):
     rows = [[1, 2] + image_span() + [3, 4, 6, 7]]
     labels = np.full((1, 22), IGNORE_INDEX, dtype="int64")
     labels[0, 18:] = [3, 4, 6, 7]
-    loss, _ = model(ids_tensor(rows), None, pixels(1), paddle.to_tensor(labels))
-    loss.backward()
+    model_loss(model, ids_tensor(rows), None, pixels(1), paddle.to_tensor(labels)).backward()
 
 
 def grads(module) -> dict[str, object]:
@@ -331,3 +338,78 @@ def test_causal_lm_loss_is_nan_when_logits_are_nan():
     labels = np.array([[-100, 3, 4, 5]])
     loss = causal_lm_loss(paddle.to_tensor(logits, stop_gradient=False), paddle.to_tensor(labels))
     assert np.isnan(float(loss))
+
+
+def full_vocabulary_loss(logits, labels):
+    """The loss as it was computed before next_token_nll: every position projected, the logits sliced."""
+    import paddle.nn.functional as F
+
+    flat = logits[:, :-1].astype("float32").reshape([-1, logits.shape[-1]])
+    shift = labels[:, 1:].reshape([-1])
+    keep = shift != IGNORE_INDEX
+    targets = paddle.where(keep, shift, paddle.zeros_like(shift)).unsqueeze(-1)
+    per_token = paddle.where(keep, F.cross_entropy(flat, targets, reduction="none").reshape([-1]),
+                             paddle.zeros(shift.shape, dtype="float32"))
+    return per_token.sum() / keep.astype("float32").sum()
+
+
+def test_loss_at_labelled_positions_equals_the_full_vocabulary_loss_and_its_gradients():
+    rows = [[1, 2] + image_span() + [3, 4, 6, 7], [0, 0] + [8] + image_span() + [9, 10, 11]]
+    labels = np.full((2, 22), IGNORE_INDEX, dtype="int64")
+    labels[0, 17:] = [30, 3, 4, 6, 7]
+    labels[1, 20:] = [10, 11]
+    labels[1, 3] = 12  # a lone label inside the row
+    mask = np.ones((2, 22), dtype="int64")
+    mask[1, :2] = 0
+    args = (ids_tensor(rows), paddle.to_tensor(mask), pixels(2))
+    results = []
+    for path in ("labelled", "full"):
+        model = make_model(seed=3)
+        model.train()
+        if path == "labelled":
+            loss = model_loss(model, *args, paddle.to_tensor(labels))
+        else:
+            loss = full_vocabulary_loss(model(*args)[1], paddle.to_tensor(labels))
+        loss.backward()
+        results.append((float(loss), {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert abs(loss_a - loss_b) < 1e-6
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        np.testing.assert_allclose(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+def test_next_token_nll_puts_each_term_at_its_label():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 5, VOCAB)).astype("float32")
+    labels = np.array([[IGNORE_INDEX, 4, IGNORE_INDEX, 6, 7], [9, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 8]])
+    nll = next_token_nll(paddle.to_tensor(logits), paddle.to_tensor(labels)).numpy()
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = np.zeros((2, 5), dtype="float32")
+    for b, j in [(0, 1), (0, 3), (0, 4), (1, 4)]:  # column 0 predicts nothing: its label is no target
+        expected[b, j] = -log_p[b, j - 1, labels[b, j]]
+    np.testing.assert_allclose(nll, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_no_labelled_token_gives_a_zero_loss_with_a_gradient_path(model):
+    labels = paddle.full([1, 22], IGNORE_INDEX, dtype="int64")
+    m = make_model()
+    m.train()
+    loss = model_loss(m, ids_tensor([[1, 2] + image_span() + [3, 4, 6, 7]]), None, pixels(1), labels)
+    assert float(loss) == 0.0
+    loss.backward()  # a batch whose answers were all cut still takes part in the step
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_model_loss_is_not_finite_when_one_head_weight_is_not(bad):
+    # Paddle's CPU cross_entropy hides a NaN or inf among a row's logits (a finite loss comes
+    # back): a head weight gone bad must still show in the loss.
+    m = make_model()
+    head = m.language_model.lm_head.weight
+    w = head.numpy()
+    w.flat[7] = bad
+    head.set_value(w)
+    labels = np.full((1, 22), IGNORE_INDEX, dtype="int64")
+    labels[0, 18:] = [3, 4, 6, 7]
+    loss = model_loss(m, ids_tensor([[1, 2] + image_span() + [3, 4, 6, 7]]), None, pixels(1), paddle.to_tensor(labels))
+    assert not np.isfinite(float(loss))

@@ -13,6 +13,7 @@ from reference_fixtures import MROPE_RULE, QWEN2_VL_FOLDERS, max_diff, qwen2_vl_
 from paddle_mm.cli import main
 from paddle_mm.data.qwen2_vl import Qwen2VLProcessor, encode_conversation, settings_from_folder
 from paddle_mm.data.tokenizer import IMAGE_TOKEN, Tokenizer
+from paddle_mm.model import mean_nll
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,7 +96,8 @@ def test_the_loss_trains_vision_merger_and_lm():
     labels = paddle.to_tensor([[-100] * (len(ids) - 4) + ids[-4:]])
     m.train()
     try:
-        loss, _ = m(x, labels=labels, **kw)
+        token_nll, _ = m(x, labels=labels, **kw)
+        loss = mean_nll(token_nll, labels)
         loss.backward()
         assert np.isfinite(float(loss))
         for part in (m.vision_tower.patch_embed.proj.weight, m.multi_modal_projector.fc1.weight,
@@ -150,8 +152,10 @@ def test_a_recipe_builds_a_tiny_qwen2_vl_from_scratch_that_trains(tmp_path):
     first = enc["input_ids"].index(tok.image_token_id)
     block = positions.numpy()[:, 0, first:first + 10] - first  # the block starts after `first` text tokens
     assert block.tolist() == [[0] * 10, [0] * 5 + [1] * 5, list(range(5)) * 2]  # (t, row, column) of 2 x 5 tokens
-    loss, _ = model(x, pixel_values=paddle.to_tensor(enc["pixel_values"]), image_grid_thw=enc["image_grid_thw"],
-                    labels=paddle.to_tensor([enc["labels"]]))
+    labels = paddle.to_tensor([enc["labels"]])
+    token_nll, _ = model(x, pixel_values=paddle.to_tensor(enc["pixel_values"]), image_grid_thw=enc["image_grid_thw"],
+                         labels=labels)
+    loss = mean_nll(token_nll, labels)
     loss.backward()
     assert np.isfinite(float(loss))
     for part in (model.vision_tower.blocks[0].attn.qkv.weight, model.multi_modal_projector.fc2.weight,

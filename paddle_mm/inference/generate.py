@@ -32,11 +32,12 @@ def generate_answers(
     infer: InferConfig,
     blind: bool = False,
     system: str = "",
-    on_token: Callable[[str, int], None] | None = None,
+    on_token: Callable[[str, int], bool | None] | None = None,
 ) -> dict[str, str]:
     """{sample id: generated text}. blind=True replaces every image with a blank one.
 
-    on_token(sample id, token id) sees each new token as it is chosen, for streaming.
+    on_token(sample id, token id) sees each new token as it is chosen, for streaming; returning
+    True ends that sample's answer there (the others in its batch go on).
     """
     import paddle
 

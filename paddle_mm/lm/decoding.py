@@ -10,6 +10,7 @@ from collections.abc import Callable
 import paddle
 import paddle.nn.functional as F
 
+from paddle_mm.lm import kv_decode
 from paddle_mm.lm.adapter import run_language_model
 
 
@@ -22,29 +23,41 @@ def stop_set(eos_token_id) -> frozenset:
 
 def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id, do_sample: bool = False,
            temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True,
-           on_token: Callable[[int, int], None] | None = None, positions=None, prefill=None) -> list[list[int]]:
+           on_token: Callable[[int, int], bool | None] | None = None, fast_steps: bool = True,
+           positions=None, prefill=None) -> list[list[int]]:
     """Greedy or sampled decoding; returns the new ids of each row, cut at eos.
 
-    on_token(row, token id) is called as each kept token is chosen (streaming); an exception
-    it raises stops decoding and propagates. positions(start, length): the position ids of
-    columns start..start+length, for an LM whose positions are not the mask's count (M-RoPE);
-    None: the positions that skip padding. prefill(length): further inputs of a step that runs the
-    prompt's columns and `length` in all (Qwen3-VL's DeepStack features); None: none.
+    With the cache, the prompt runs through the backbone and the new tokens through
+    kv_decode.PreallocatedDecoder where it covers the backbone (fast_steps=False: the backbone's
+    own cached step throughout, what the tests compare it with).
+
+    on_token(row, token id) is called as each kept token is chosen (streaming); when it returns
+    True that row ends there (a batched server request that met its stop string or lost its
+    client), and an exception it raises stops decoding and propagates.
+
+    positions(start, length): the position ids of columns start..start+length, for an LM whose
+    positions are not the mask's count (M-RoPE; its steps run in the backbone); None: the
+    positions that skip padding. prefill(length): further inputs of a step over the prompt's
+    columns, `length` in all (Qwen3-VL's DeepStack features); None: none.
     """
     embed_tokens = lm.get_input_embeddings()
     stops = stop_set(eos_token_id)
     b = embeds.shape[0]
     done = [False] * b
     out: list[list[int]] = [[] for _ in range(b)]
-    cache = None
+    cache = fast = None
     step_embeds = embeds
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         start = mask.shape[1] - step_embeds.shape[1]
         pos = None if positions is None else positions(start, step_embeds.shape[1])
         extra = prefill(step_embeds.shape[1]) if prefill is not None and start == 0 else {}
-        if use_cache:
+        if fast is not None:
+            logits = fast.step(step_embeds)
+        elif use_cache:
             logits, cache = run_language_model(lm, step_embeds, mask, cache, use_cache=True, last_only=True,
                                                position_ids=pos, **extra)
+            if step == 0 and fast_steps and positions is None and kv_decode.supports(lm):
+                fast = kv_decode.PreallocatedDecoder(lm, cache, mask, max_new_tokens)
         else:  # recompute the whole sequence each step: the reference the cache must match
             logits, _ = run_language_model(lm, step_embeds, mask, position_ids=pos, **extra)
         next_ids = pick(logits[:, -1].astype("float32"), do_sample, temperature, top_p)
@@ -53,12 +66,13 @@ def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id, do_sample: bool 
                 done[i] = t in stops
                 if not done[i]:
                     out[i].append(t)
-                    if on_token is not None:
-                        on_token(i, t)
+                    if on_token is not None and on_token(i, t):
+                        done[i] = True
         if all(done):
             break
         new_embeds = embed_tokens(next_ids.unsqueeze(-1))  # [B, 1, D]
-        mask = paddle.concat([mask, paddle.ones([b, 1], dtype=mask.dtype)], axis=1)
+        if fast is None:
+            mask = paddle.concat([mask, paddle.ones([b, 1], dtype=mask.dtype)], axis=1)
         step_embeds = new_embeds if use_cache else paddle.concat([step_embeds, new_embeds], axis=1)
     return out
 

@@ -43,6 +43,7 @@ class ServerLimits:
     max_pending: int = 64  # requests waiting for the model at once (a place taken before the body is read)
     max_connections: int = 128  # open at once; more are answered 503 and closed
     max_arrival_s: float = 60.0  # from a request's first byte to its body's last; then 408
+    max_batch: int = 8  # requests answered together in one batched generation
 
 
 class ApiError(Exception):

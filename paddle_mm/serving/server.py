@@ -4,10 +4,14 @@
     GET  /v1/models             the one model this server holds
     POST /v1/chat/completions   text and image content parts; "stream": true for server-sent events
 
-Requests are read and checked on one thread each, but one model thread answers them, one at a
-time: decoding holds a KV cache and Paddle's global RNG, and Paddle keeps per-thread kernel
-caches, so a new thread per request ran several times slower than one warm thread. Streamed
-text goes back through a queue, so a slow reader does not hold up the model.
+Requests are read and checked on one thread each, but one model thread answers them: decoding
+holds a KV cache and Paddle's global RNG, and Paddle keeps per-thread kernel caches, so a new
+thread per request ran several times slower than one warm thread. The model thread takes every
+request waiting when it is free (up to ServerLimits.max_batch, those with the same sampling
+settings and no seed) and answers them in one batched generation: a batch of 8 decodes nearly
+as fast per step as a batch of 1, so concurrent clients share the model's time instead of
+queueing for it. Each row ends at its own stop string, max_tokens or departed client. Streamed
+text goes back through a queue per request, so a slow reader does not hold up the model.
 
 Crafted requests are refused early and cheaply (see ServerLimits and http_guard.py): a request
 is framed by one plain Content-Length, JSON only, its Host/Origin checked when bound to the
@@ -19,6 +23,8 @@ refusal is an OpenAI-style JSON error with a 4xx status, and the server goes on 
 """
 from __future__ import annotations
 
+import collections
+import hmac
 import json
 import os
 import queue
@@ -54,7 +60,7 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 class Engine:
     """The model of one run folder and the one thread that runs it, answering one ChatJob at a time."""
 
-    def __init__(self, run_dir: str, model_name: str = "", num_threads: int = 0):
+    def __init__(self, run_dir: str, model_name: str = "", num_threads: int = 0, max_batch: int = 8):
         from paddle_mm.api import load  # a run folder or a downloaded one, as the Python API loads it
         from paddle_mm.runtime import configure_cpu
 
@@ -64,8 +70,11 @@ class Engine:
                                                                          vlm.image_processor)
         self.max_positions = self.model.config.lm.max_position_embeddings
         self.model_name = model_name or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
-        self.lock = threading.Lock()  # held while a job runs
+        self.lock = threading.Lock()  # held while a batch runs
+        self.max_batch = max_batch
         self._jobs: queue.Queue = queue.Queue()
+        self._held: list = []  # taken from the queue but not batchable with the batch then formed
+        self.batch_sizes: collections.Counter = collections.Counter()  # generations run, by batch size
         threading.Thread(target=self._work, name="paddle_mm-model", daemon=True).start()
 
     def system_prompt(self, job: ChatJob) -> str:
@@ -117,36 +126,94 @@ class Engine:
 
     def _work(self) -> None:
         while True:
-            job, events, cancelled = self._jobs.get()
-            try:
-                with self.lock:
-                    if cancelled.is_set():  # its client left while it waited (for the queue or the lock)
-                        continue
-                    stream = self._generate(job, lambda d: events.put(("delta", d)), cancelled)
-                events.put(("done", (stream.finish(), stream.ids, stream.stopped)))
-            except Exception as e:  # handed to the request's thread, which answers with an error
-                events.put(("error", e))
+            first = self._held.pop(0) if self._held else self._jobs.get()
+            with self.lock:
+                batch = self._batch_with(first)
+                self.batch_sizes[len(batch)] += 1
+                live = [entry for entry in batch if not entry[2].is_set()]  # clients that left while queued
+                if not live:
+                    continue
+                streams = self._generate(live)
+            for (_, events, _), stream in zip(live, streams):
+                if stream is not None:
+                    events.put(("done", (stream.finish(), stream.ids, stream.stopped)))
 
-    def _generate(self, job: ChatJob, on_delta, cancelled: threading.Event) -> TextStream:
+    def _batch_with(self, first) -> list:
+        """The oldest waiting job and every waiting job that can share its generation (the same
+        sampling settings, no seed: a seeded request is answered alone, so its seed alone decides
+        its sample), up to max_batch; the rest wait for the next batch, in order."""
+        batch, kept = [first], []
+        candidates = self._held + self._drain()
+        for entry in candidates:
+            if len(batch) < self.max_batch and self._batchable(first[0], entry[0]):
+                batch.append(entry)
+            else:
+                kept.append(entry)
+        self._held = kept
+        return batch
+
+    def _drain(self) -> list:
+        out = []
+        while True:
+            try:
+                out.append(self._jobs.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _generate(self, batch: list) -> list[TextStream | None]:
+        """Answer (job, events, cancelled) entries in one generation; each row stops on its own.
+        A failure goes to the requests as an error (None in their place); one request's failure
+        does not fail its batch-mates that have had no text yet: they are answered again alone."""
+        streams = [TextStream(self.tokenizer, job.stop, lambda d, ev=events: ev.put(("delta", d)))
+                   for job, events, _ in batch]
+        try:
+            self._generate_together(batch, streams)
+            return streams
+        except Exception as e:  # noqa: BLE001 (handed to the request's thread, which answers with an error)
+            if len(batch) == 1:
+                batch[0][1].put(("error", e))
+                return [None]
+            out = []
+            for entry, stream in zip(batch, streams):
+                if stream.ids:  # it has had tokens already: a second answer would repeat its text
+                    entry[1].put(("error", e))
+                    out.append(None)
+                else:
+                    out += self._generate([entry])
+            return out
+
+    def _generate_together(self, batch: list, streams: list[TextStream]) -> None:
+        from dataclasses import replace
+
         import paddle
 
         from paddle_mm.inference.generate import generate_answers
 
-        stream = TextStream(self.tokenizer, job.stop, on_delta)
+        jobs = [job for job, _, _ in batch]
 
-        def on_token(_id, token: int) -> None:
-            if cancelled.is_set():
-                raise StopGeneration
-            stream.add(token)
+        def on_token(row_id: str, token: int) -> bool:
+            """True ends the row: its client left, its stop string came, or its own max_tokens is reached."""
+            k = int(row_id)
+            if batch[k][2].is_set():
+                return True
+            try:
+                streams[k].add(token)
+            except StopGeneration:
+                return True
+            return len(streams[k].ids) >= jobs[k].infer.max_new_tokens
 
-        if job.seed is not None:
-            paddle.seed(job.seed)
-        try:
-            generate_answers(self.model, self.tokenizer, [job.sample], self.image_processor, job.infer,
-                             system=self.system_prompt(job), on_token=on_token)
-        except StopGeneration:
-            pass
-        return stream
+        if len(jobs) == 1 and jobs[0].seed is not None:
+            paddle.seed(jobs[0].seed)
+        # Rows are numbered: requests may share a sample id.
+        infer = replace(jobs[0].infer, max_new_tokens=max(j.infer.max_new_tokens for j in jobs), batch_size=len(jobs))
+        generate_answers(self.model, self.tokenizer, [replace(j.sample, id=str(k)) for k, j in enumerate(jobs)],
+                         self.image_processor, infer, system=self.system_prompt(jobs[0]), on_token=on_token)
+
+    def _batchable(self, first: ChatJob, other: ChatJob) -> bool:
+        """Whether two jobs can share one generation: the same sampling and system prompt, neither seeded."""
+        a, b = first.infer, other.infer
+        return first.seed is None and other.seed is None and self.system_prompt(first) == self.system_prompt(other) \
+            and (a.do_sample, a.temperature, a.top_p, a.num_beams) == (b.do_sample, b.temperature, b.top_p, b.num_beams)
 
 
 class ChatServer(ThreadingHTTPServer):
@@ -154,8 +221,9 @@ class ChatServer(ThreadingHTTPServer):
 
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000,
                  limits: ServerLimits | None = None, local_image_root: str = "", access_log: bool = False,
-                 allowed_hosts: tuple[str, ...] = ()):
+                 allowed_hosts: tuple[str, ...] = (), api_key: str = ""):
         self.engine = engine
+        self.api_key = api_key  # "" : no key asked for
         self.limits = limits or ServerLimits()
         self.local_image_root = local_image_root
         self.access_log = access_log
@@ -258,6 +326,12 @@ class ChatHandler(BaseHTTPRequestHandler):
         except ApiError as e:
             self._error(e)
             return
+        if path.startswith("/v1/"):
+            try:
+                self._check_api_key()
+            except ApiError as e:
+                self._error(e)
+                return
         if path in ("/", "/chat"):
             with open(PAGE, "rb") as f:
                 self._send(200, f.read(), "text/html; charset=utf-8")
@@ -284,6 +358,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             try:
                 if path != "/v1/chat/completions":
                     raise ApiError(404, f"no such path: POST {path}", "not_found")
+                self._check_api_key()
                 self._check_origin()
                 check_content_type(self.headers)
                 if length > server.limits.max_request_bytes:
@@ -313,6 +388,18 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _model_card(self) -> dict:
         return {"id": self.server.engine.model_name, "object": "model", "created": 0, "owned_by": "paddle_mm"}
+
+    def _check_api_key(self) -> None:
+        """With an api_key, /v1/ requests must carry `Authorization: Bearer <key>` (as OpenAI's and
+        vLLM's servers ask); compared in constant time."""
+        key = self.server.api_key
+        if not key:
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>'"
+                           if not given else "the API key is not valid", "invalid_api_key")
 
     def _check_origin(self) -> None:
         if self.server.allowed_hosts is not None:
@@ -404,21 +491,23 @@ class ChatHandler(BaseHTTPRequestHandler):
 
 def make_server(run_dir: str, host: str = "127.0.0.1", port: int = 8000, model_name: str = "",
                 limits: ServerLimits | None = None, local_image_root: str = "", access_log: bool = False,
-                num_threads: int = 0, allowed_hosts: tuple[str, ...] = ()) -> ChatServer:
+                num_threads: int = 0, allowed_hosts: tuple[str, ...] = (), api_key: str = "") -> ChatServer:
     """Load the run and bind; port 0 picks a free port (see .url). Call serve_forever() to run.
-    allowed_hosts: Host names accepted besides the loopback's, when bound to it (a proxy's)."""
-    return ChatServer(Engine(run_dir, model_name, num_threads), host, port, limits, local_image_root, access_log,
-                      allowed_hosts)
+    allowed_hosts: Host names accepted besides the loopback's, when bound to it (a proxy's).
+    api_key: when set, /v1/ requests without `Authorization: Bearer <api_key>` get a 401."""
+    limits = limits or ServerLimits()
+    return ChatServer(Engine(run_dir, model_name, num_threads, limits.max_batch), host, port, limits,
+                      local_image_root, access_log, allowed_hosts, api_key)
 
 
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, model_name: str = "",
           local_image_root: str = "", limits: ServerLimits | None = None, num_threads: int = 0,
-          allowed_hosts: tuple[str, ...] = ()) -> None:
+          allowed_hosts: tuple[str, ...] = (), api_key: str = "") -> None:
     server = make_server(run_dir, host, port, model_name, limits, local_image_root, access_log=True,
-                         num_threads=num_threads, allowed_hosts=allowed_hosts)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+                         num_threads=num_threads, allowed_hosts=allowed_hosts, api_key=api_key)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"paddle-mm: warning: listening on {host}: anyone who can reach it may use the model "
-              "(there is no authentication)", file=sys.stderr)
+              "(no --api-key was given)", file=sys.stderr)
     print(f"paddle-mm: serving '{server.engine.model_name}' at {server.url}/v1 (chat page: {server.url}/)",
           file=sys.stderr, flush=True)
     try:

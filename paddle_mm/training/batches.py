@@ -56,11 +56,13 @@ def make_batch(items: list[dict], pad_token_id: int, data_cfg) -> dict:
     return collate(items, pad_token_id)
 
 
-def batch_inputs(batch: dict) -> dict:
-    """The model's keyword arguments for a padded (collate) or packed (pack) batch, as tensors."""
+def batch_inputs(batch: dict, labels: bool = False) -> dict:
+    """The model's keyword arguments for a padded (collate) or packed (pack) batch, as tensors;
+    with labels, the labels too (VisionLanguageModel then returns per-token losses, not logits)."""
     import paddle
 
     keys = ("input_ids", "attention_mask", "position_ids", "attn_mask_startend_row_indices", "pixel_values")
+    keys += ("labels",) if labels else ()
     return {k: paddle.to_tensor(batch[k]) for k in keys if batch.get(k) is not None}
 
 

@@ -18,7 +18,6 @@ from paddle_mm.errors import CheckpointError, RecipeError
 from paddle_mm.training import checkpoints, distributed, validation
 from paddle_mm.training.batches import (
     DataCursor,
-    batch_inputs,
     first_readable,
     item_targets,
     labelled_tokens,
@@ -159,7 +158,7 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
             # Gradients are averaged across processes once, on the last micro-batch.
             with distributed.no_sync(forward, world > 1 and k < len(batches) - 1):
                 with precision.autocast():
-                    out, logits = forward(**batch_inputs(batch))
+                    out, logits = forward(**objective.model_inputs(batch))
                 term = objective.loss(out, logits, batch, step_figures if weight else None)
                 factor = objective.factor(weight, token_scale, len(batches))
                 precision.backward(term * factor)

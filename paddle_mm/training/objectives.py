@@ -20,7 +20,7 @@ from paddle_mm.data.dataset import ConversationDataset
 from paddle_mm.data.tokenizer import Tokenizer
 from paddle_mm.errors import RecipeError
 from paddle_mm.training import preference
-from paddle_mm.training.batches import labelled_tokens, make_batch
+from paddle_mm.training.batches import batch_inputs, labelled_tokens, make_batch
 
 
 class Objective:
@@ -34,6 +34,10 @@ class Objective:
 
     def make_batch(self, items: list[dict], pad_token_id: int, data_cfg) -> dict:
         return make_batch(items, pad_token_id, data_cfg)
+
+    def model_inputs(self, batch: dict) -> dict:
+        """The model's keyword arguments for a batch; loss() gets what the model returns for them."""
+        return batch_inputs(batch)
 
     def text_vocab(self, model) -> str:
         """A second tokenizer's vocabulary file the run folder must hold ("" when none)."""
@@ -60,13 +64,13 @@ class NextTokenObjective(Objective):
                                    model_cfg.tokens_per_image, recipe.data.max_length, recipe.data.on_error,
                                    recipe.data.system_prompt)
 
+    def model_inputs(self, batch: dict) -> dict:
+        return batch_inputs(batch, labels=True)  # the model returns per-token losses, projecting only those
+
     def loss(self, out, logits, batch: dict, figures: dict | None = None):
-        """The micro-batch's loss term: here the sum over its labelled tokens."""
-        import paddle
-
-        from paddle_mm.model import causal_lm_loss
-
-        return causal_lm_loss(logits, paddle.to_tensor(batch["labels"]), reduction="sum")
+        """The micro-batch's loss term: here the sum over its labelled tokens (out: the model's
+        per-token next-token NLL)."""
+        return out.sum()
 
     def factor(self, weight: float, token_scale: float, num_batches: int) -> float:
         return weight * token_scale
@@ -160,21 +164,25 @@ class DPOObjective(Objective):
     def make_batch(self, items: list[dict], pad_token_id: int, data_cfg) -> dict:
         return preference.collate_pairs(items, pad_token_id)
 
+    def model_inputs(self, batch: dict) -> dict:
+        return batch_inputs(batch, labels=True)
+
     def loss(self, out, logits, batch: dict, figures: dict | None = None):
-        """The mean over the micro-batch's pairs (+ sft_weight times the chosen rows' next-token mean)."""
+        """The mean over the micro-batch's pairs (+ sft_weight times the chosen rows' next-token mean);
+        out: the model's per-token next-token NLL of the 2B rows."""
         import paddle
 
-        from paddle_mm.model import causal_lm_loss
+        from paddle_mm.model import mean_nll
 
         labels = paddle.to_tensor(batch["labels"])
         b = len(batch["ref_chosen"])
-        logps = preference.answer_logps(logits, labels, self._average)
+        logps = preference.answer_logps(out, labels, self._average)
         chosen, rejected = logps[:b], logps[b:]
         losses, chosen_reward, rejected_reward = preference.preference_loss(
             chosen, rejected, paddle.to_tensor(batch["ref_chosen"]), paddle.to_tensor(batch["ref_rejected"]), self.cfg)
         term = losses.mean()
         if self.cfg.sft_weight:
-            term = term + self.cfg.sft_weight * causal_lm_loss(logits[:b], labels[:b])
+            term = term + self.cfg.sft_weight * mean_nll(out[:b], labels[:b])
         if figures is not None:
             margin = (chosen_reward - rejected_reward).numpy()
             for key, value in (("pairs", b), ("reward_margin", margin.sum()), ("reward_correct", (margin > 0).sum()),

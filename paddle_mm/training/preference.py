@@ -28,21 +28,16 @@ FIGURE_SUMS = ("pairs", "reward_margin", "reward_correct", "chosen_logp", "rejec
                "chosen_reward", "rejected_reward")
 
 
-def answer_logps(logits, labels, average: bool = False):
+def answer_logps(token_nll, labels, average: bool = False):
     """Each row's log-probability of its labelled tokens (the answer): the sum, or with average
-    the mean per token. logits [B, L, V], labels [B, L] (IGNORE_INDEX outside the answer)."""
+    the mean per token. token_nll [B, L]: the model's per-token next-token NLL (model.next_token_nll,
+    zero outside the answer); labels [B, L] (IGNORE_INDEX outside the answer)."""
     import paddle
-    import paddle.nn.functional as F
 
-    shift_logits = logits[:, :-1].astype("float32")
-    shift_labels = labels[:, 1:]
-    keep = shift_labels != IGNORE_INDEX
-    targets = paddle.where(keep, shift_labels, paddle.zeros_like(shift_labels))
-    b, n, v = shift_logits.shape
-    nll = F.cross_entropy(shift_logits.reshape([-1, v]), targets.reshape([-1, 1]), reduction="none").reshape([b, n])
-    mask = keep.astype("float32")
-    total = -(nll * mask).sum(axis=1)
-    return total / paddle.clip(mask.sum(axis=1), min=1.0) if average else total
+    total = -token_nll.sum(axis=1)
+    if not average:
+        return total
+    return total / paddle.clip((labels[:, 1:] != IGNORE_INDEX).astype("float32").sum(axis=1), min=1.0)
 
 
 def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg: DPOConfig):
@@ -130,8 +125,8 @@ class PairDataset:
             for start in range(0, len(self.items), batch_size):
                 idx = range(start, min(start + batch_size, len(self.items)))
                 batch = collate_pairs([self[i] for i in idx], pad_token_id)
-                _, logits = model(**batch_inputs(batch))
-                logps = answer_logps(logits, paddle.to_tensor(batch["labels"]), average).numpy()
+                token_nll, _ = model(**batch_inputs(batch, labels=True))
+                logps = answer_logps(token_nll, paddle.to_tensor(batch["labels"]), average).numpy()
                 for k, i in enumerate(idx):
                     self.items[i].ref_chosen, self.items[i].ref_rejected = float(logps[k]), float(logps[len(idx) + k])
         if was_training:

@@ -36,7 +36,7 @@ from paddle_mm import builder
 from paddle_mm.config import Recipe
 from paddle_mm.errors import RecipeError
 from paddle_mm.training import distributed
-from paddle_mm.training.batches import batch_inputs, read_items
+from paddle_mm.training.batches import read_items
 from paddle_mm.training.checkpoints import restore_snapshot, snapshot_rng
 
 # Formats whose samples end in an answer worth matching exactly; a caption has many right wordings.
@@ -129,7 +129,7 @@ class Validator:
                 continue
             batch = self.objective.make_batch(items, self.tokenizer.pad_token_id, self.recipe.data)
             with precision.autocast():
-                out, logits = model(**batch_inputs(batch))
+                out, logits = model(**self.objective.model_inputs(batch))
             # The term is the batch's mean times its weight (a next-token term is the sum over
             # the labelled tokens; an align term, weight 1, the batch-level loss itself).
             total += float(self.objective.loss(out, logits, batch))

@@ -200,3 +200,43 @@ def test_pickle_weights_are_refused_never_unpickled(tmp_path, monkeypatch):
     monkeypatch.setattr(paddle, "load", no_unpickling)
     with pytest.raises(CheckpointError, match=r"no safetensors weights.*model_state.pdparams.*does not unpickle"):
         load_language_model(LMConfig(family="qwen2", path=folder))
+
+
+def test_segments_of_packed_rows():
+    from paddle_mm.lm.adapter import _segments
+
+    ends = np.array([[2, 2, 5, 5, 5, 6], [4, 4, 4, 4, 6, 6]])  # row 0: samples of 2, 3, 1; row 1: 4 and 2
+    flat_index, take, longest = _segments(ends)
+    assert longest == 4
+    assert flat_index.reshape(-1, 4).tolist() == [[0, 1, 1, 1], [2, 3, 4, 4], [5, 5, 5, 5],
+                                                  [6, 7, 8, 9], [10, 11, 11, 11]]
+    assert take.tolist() == [0, 1, 4, 5, 6, 8, 12, 13, 14, 15, 16, 17]  # each position's slot
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+def test_packed_attention_by_samples_gives_the_dense_mask_logits_and_gradients(family):
+    """Packed rows through packed_sdpa (samples gathered, no dense mask) against the same rows
+    with the dense [B, 1, L, L] mask through the eager implementation."""
+    from paddle_mm.lm.adapter import PACKED_SDPA
+
+    ends = paddle.to_tensor(np.array([[3, 3, 3, 7, 7, 7, 7, 9, 9], [5, 5, 5, 5, 5, 9, 9, 9, 9]], dtype="int32"))
+    rows = ends.reshape([2, 1, 9, 1])
+    starts = [[0, 0, 0, 3, 3, 3, 3, 7, 7], [0, 0, 0, 0, 0, 5, 5, 5, 5]]
+    positions = paddle.to_tensor(np.arange(9)[None, :] - np.array(starts), dtype="int64")
+    x = embeds(2, 9, seed=3)
+    results = []
+    for impl in (PACKED_SDPA, "eager"):
+        lm = make_lm(family, seed=4)
+        lm.train()
+        lm.config._attn_implementation = impl
+        inp = x.detach()
+        inp.stop_gradient = False
+        logits, _ = run_language_model(lm, inp, position_ids=positions, attn_mask_startend_row_indices=rows)
+        (logits ** 2).mean().backward()
+        results.append((logits.numpy(), inp.grad.numpy(),
+                        {n: p.grad.numpy() for n, p in lm.named_parameters() if p.grad is not None}))
+    (a, ga, pa), (b, gb, pb) = results
+    assert max_diff(a, b) < 1e-5 and max_diff(ga, gb) < 1e-6
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        np.testing.assert_allclose(pa[name], pb[name], rtol=1e-4, atol=1e-6, err_msg=name)

@@ -82,3 +82,31 @@ def test_upload_an_image_ask_and_see_the_streamed_answer(browser, served, data_u
     assert [len(i) for i in images] == [1, 0, 0, 0]
     assert images[0][0].get_attribute("src") == data_url(image)  # the file picked, as it was sent
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", images[0][0]) > 0
+
+
+def test_a_server_with_an_api_key_asks_for_it_once_and_answers(browser, served):
+    import threading
+
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from paddle_mm.serving.server import ChatServer
+
+    server = ChatServer(served["server"].engine, port=0, api_key="page-key")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        browser.get(server.url + "/")
+        prompt = WebDriverWait(browser, 10).until(lambda d: _alert(d))  # the 401 of /v1/models asks for the key
+        prompt.send_keys("page-key")
+        prompt.accept()
+        WebDriverWait(browser, 10).until(lambda d: d.find_element("id", "model").text == "(tiny-vlm)")
+        assert _ask(browser, "hello")  # the question carries the key too
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _alert(driver):
+    try:
+        return driver.switch_to.alert
+    except Exception:  # noqa: BLE001 (no prompt yet)
+        return None

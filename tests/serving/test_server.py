@@ -269,9 +269,10 @@ def test_serve_command_binds_loopback_and_answers(served):
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+           "PADDLE_MM_API_KEY": "k3y"}  # the key may come from the environment
     proc = subprocess.Popen([sys.executable, "-m", "paddle_mm.cli", "serve", served["run_dir"], "--port", "0",
-                             "--model-name", "demo", "--threads", "1"],
+                             "--model-name", "demo", "--threads", "1", "--max-batch", "2"],
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = None
@@ -281,8 +282,10 @@ def test_serve_command_binds_loopback_and_answers(served):
                 url = match.group(1)
                 break
         assert url and url.startswith("http://127.0.0.1:")
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list()] == ["demo"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60).models.list()
     finally:
         proc.terminate()
         proc.wait(30)

@@ -11,6 +11,7 @@ import pytest
 from paddle_mm.config import DPOConfig
 from paddle_mm.data.readers import pair_turns, read_llava_pairs
 from paddle_mm.errors import DataError, RecipeError
+from paddle_mm.model import next_token_nll
 from paddle_mm.training.preference import answer_logps, preference_loss
 
 
@@ -75,8 +76,9 @@ def test_answer_logps_sums_or_averages_the_labelled_tokens_only():
     # Position t's logits predict token t + 1: token 1 from row 0 (p = 0.25), token 2 from row 1
     # (p = 0.1); the last row predicts nothing and the unlabelled first token is never a target.
     labels = paddle.to_tensor(np.array([[-100, 1, 2]]))
-    assert float(answer_logps(logits, labels)) == pytest.approx(math.log(0.25) + math.log(0.1), rel=1e-5)
-    assert float(answer_logps(logits, labels, average=True)) == pytest.approx(
+    token_nll = next_token_nll(logits, labels)  # what the model returns with labels
+    assert float(answer_logps(token_nll, labels)) == pytest.approx(math.log(0.25) + math.log(0.1), rel=1e-5)
+    assert float(answer_logps(token_nll, labels, average=True)) == pytest.approx(
         (math.log(0.25) + math.log(0.1)) / 2, rel=1e-5)
 
 

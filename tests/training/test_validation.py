@@ -11,6 +11,7 @@ import pytest
 from paddle_mm import builder
 from paddle_mm.data.dataset import ConversationDataset, collate
 from paddle_mm.errors import RecipeError
+from paddle_mm.model import mean_nll
 from paddle_mm.run_folder import load_run
 from paddle_mm.training.batches import DataCursor, batch_inputs, item_targets
 from paddle_mm.training.loop import train
@@ -53,7 +54,8 @@ def test_held_out_loss_is_the_token_mean_over_the_same_samples(tiny_recipe, demo
     total = tokens = 0.0
     for i in range(len(data)):
         batch = collate([data[i]], tok.pad_token_id)
-        mean, _ = model(**batch_inputs(batch), labels=paddle.to_tensor(batch["labels"]))
+        labels = paddle.to_tensor(batch["labels"])
+        mean = mean_nll(model(**batch_inputs(batch), labels=labels)[0], labels)
         n = int(item_targets(data)[i])
         total, tokens = total + float(mean) * n, tokens + n
     assert last["eval_loss"] == pytest.approx(total / tokens, rel=1e-5)

@@ -1,0 +1,77 @@
+"""The preallocated-KV decode step gives the backbone's own cached logits and tokens."""
+import numpy as np
+import paddle
+import pytest
+
+from paddle_mm.lm import kv_decode
+from paddle_mm.lm.adapter import run_language_model
+from paddle_mm.lm.decoding import decode
+
+from .test_adapter import embeds, make_lm
+
+STEPS = 12
+
+
+def backbone_steps(lm, x, mask, tokens):
+    """The backbone's cached step logits for fed tokens (teacher forcing), [steps, B, V]."""
+    out = []
+    with paddle.no_grad():
+        logits, cache = run_language_model(lm, x, mask, None, use_cache=True, last_only=True)
+        for t in tokens:
+            mask = paddle.concat([mask, paddle.ones([mask.shape[0], 1], dtype=mask.dtype)], axis=1)
+            logits, cache = run_language_model(lm, lm.get_input_embeddings()(t), mask, cache, use_cache=True,
+                                               last_only=True)
+            out.append(logits[:, -1].numpy())
+    return np.stack(out), cache
+
+
+@pytest.mark.parametrize("family, overrides", [
+    ("qwen2", {}), ("llama", {}), ("qwen3", {}),
+    ("qwen2", {"num_kv_heads": 4}),  # no grouping
+    ("llama", {"num_kv_heads": 1}),  # one key/value head for all queries
+])
+def test_preallocated_steps_give_the_backbone_logits(family, overrides):
+    lm = make_lm(family, **overrides)
+    assert kv_decode.supports(lm)
+    x = embeds(3, 7)
+    mask = paddle.to_tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7, [0, 0, 0, 0, 0, 1, 1]], dtype="int64")  # left padding
+    rng = np.random.default_rng(4)
+    tokens = [paddle.to_tensor(rng.integers(0, 64, (3, 1))) for _ in range(STEPS)]
+    expected, _ = backbone_steps(lm, x, mask, tokens)
+    with paddle.no_grad():
+        _, cache = run_language_model(lm, x, mask, None, use_cache=True, last_only=True)
+        fast = kv_decode.PreallocatedDecoder(lm, cache, mask, STEPS)
+        got = np.stack([fast.step(lm.get_input_embeddings()(t))[:, -1].numpy() for t in tokens])
+    assert np.abs(got - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+def test_greedy_tokens_are_those_of_the_backbone_step(family):
+    lm = make_lm(family, seed=2)
+    x = embeds(2, 9, seed=5)
+    mask = paddle.to_tensor([[0, 0, 0] + [1] * 6, [1] * 9], dtype="int64")
+    with paddle.no_grad():
+        fast = decode(lm, x, mask, 20, None)
+        plain = decode(lm, x, mask, 20, None, fast_steps=False)
+    assert fast == plain and all(len(row) == 20 for row in fast)
+
+
+def test_the_buffers_refuse_a_step_past_their_size():
+    lm = make_lm()
+    x, mask = embeds(1, 4), paddle.ones([1, 4], dtype="int64")
+    with paddle.no_grad():
+        _, cache = run_language_model(lm, x, mask, None, use_cache=True, last_only=True)
+        fast = kv_decode.PreallocatedDecoder(lm, cache, mask, 1)
+        fast.step(embeds(1, 1))
+        with pytest.raises(ValueError, match="KV buffers hold 5 positions"):
+            fast.step(embeds(1, 1))
+
+
+def test_lora_and_opt_keep_the_backbone_step():
+    from paddle_mm.config import LoraConfig
+    from paddle_mm.lm.lora import add_lora
+
+    lm = make_lm()
+    add_lora(lm, LoraConfig(enabled=True, r=2, alpha=4))
+    assert not kv_decode.supports(lm)
+    assert not kv_decode.supports(make_lm("opt"))

@@ -1,0 +1,102 @@
+"""Concurrent requests share one batched generation, and each answers as it would alone."""
+from __future__ import annotations
+
+import threading
+import time
+
+import openai
+
+from .test_server import _image_part, side_server
+
+
+def _ask(client, served, data_url, image: int, question: str, **kw):
+    content = [_image_part(data_url(served["images"][image]))] + ([{"type": "text", "text": question}] if question else [])
+    return client.chat.completions.create(model=served["model"], messages=[{"role": "user", "content": content}],
+                                          **{"temperature": 0, **kw})
+
+
+REQUESTS = [(0, "what colour is the circle?", {"max_tokens": 8}),
+            (1, "", {"max_tokens": 3}),  # its own, shorter budget
+            (2, "how many shapes are there?", {"max_tokens": 8}),
+            (3, "", {"max_tokens": 8})]
+
+
+def test_concurrent_requests_are_one_generation_each_answered_as_alone(served, data_url):
+    engine = served["server"].engine
+    with side_server(engine) as (server, client):
+        alone = [_ask(client, served, data_url, i, q, **kw) for i, q, kw in REQUESTS]
+        before = engine.batch_sizes.copy()
+        together: dict[int, object] = {}
+        with engine.lock:  # the model is busy: all four wait, then go as one batch
+            threads = [threading.Thread(target=lambda k=k, r=r: together.__setitem__(
+                k, _ask(client, served, data_url, r[0], r[1], **r[2]))) for k, r in enumerate(REQUESTS)]
+            for t in threads:
+                t.start()
+            deadline = time.time() + 30
+            while engine._jobs.qsize() < len(REQUESTS) - 1 and time.time() < deadline:  # noqa: SLF001
+                time.sleep(0.01)  # one job is held by the model thread, waiting for the lock
+        for t in threads:
+            t.join(60)
+    assert engine.batch_sizes - before == {4: 1}
+    for k, (i, q, kw) in enumerate(REQUESTS):
+        a, b = alone[k].choices[0], together[k].choices[0]
+        assert b.message.content == a.message.content, REQUESTS[k]
+        assert b.finish_reason == a.finish_reason
+        assert together[k].usage.completion_tokens == alone[k].usage.completion_tokens <= kw["max_tokens"]
+    assert together[1].usage.completion_tokens == 3 and together[1].choices[0].finish_reason == "length"
+
+
+def test_a_seeded_request_is_answered_alone(served, data_url):
+    engine = served["server"].engine
+    with side_server(engine) as (_, client):
+        before = engine.batch_sizes.copy()
+        results = []
+        with engine.lock:
+            threads = [threading.Thread(target=lambda s=s: results.append(_ask(
+                client, served, data_url, 0, "describe it", max_tokens=4, seed=s, temperature=1.0)))
+                for s in (None, 3)]
+            for t in threads:
+                t.start()
+            deadline = time.time() + 30
+            while engine._jobs.qsize() < 1 and time.time() < deadline:  # noqa: SLF001
+                time.sleep(0.01)
+        for t in threads:
+            t.join(60)
+    assert len(results) == 2
+    assert engine.batch_sizes - before == {1: 2}
+
+
+def test_an_api_key_is_asked_of_v1_requests_only(served):
+    import http.client
+    import json
+
+    from paddle_mm.serving.server import ChatServer
+
+    server = ChatServer(served["server"].engine, port=0, api_key="s3cret")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        def get(path, headers=None):
+            conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+            conn.request("GET", path, headers=headers or {})
+            r = conn.getresponse()
+            body = r.read()
+            conn.close()
+            return r.status, body
+
+        status, body = get("/v1/models")
+        assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+        assert get("/v1/models", {"Authorization": "Bearer wrong"})[0] == 401
+        assert get("/v1/models", {"Authorization": "Bearer s3cret"})[0] == 200
+        assert get("/")[0] == 200  # the chat page itself asks for the key in the browser
+        bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0, timeout=30)
+        try:
+            bad.chat.completions.create(model=served["model"], messages=[{"role": "user", "content": "hi"}])
+            raise AssertionError("a request with a wrong key was answered")
+        except openai.AuthenticationError as e:
+            assert e.status_code == 401
+        good = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0, timeout=30)
+        r = good.chat.completions.create(model=served["model"], max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].message.content is not None
+    finally:
+        server.shutdown()
+        server.server_close()
