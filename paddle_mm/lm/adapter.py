@@ -24,11 +24,9 @@ _FAMILIES = {
 
 def _classes(family: str):
     import paddleformers.transformers as pf  # heavy import: only when a backbone is built
-    from paddleformers.nn.attention.interface import ALL_ATTENTION_FUNCTIONS
     from paddleformers.utils.log import logger
 
     logger.set_level("WARNING")  # it logs its loss settings at INFO on every model built
-    ALL_ATTENTION_FUNCTIONS[PACKED_SDPA] = packed_sdpa
 
     config_name, model_name = _FAMILIES[family]
     return getattr(pf, config_name), getattr(pf, model_name)
@@ -54,8 +52,7 @@ def backbone_config(cfg: LMConfig, special_ids: dict[str, int] | None = None):
         eos_token_id=ids.get("eos", 0),
         pad_token_id=ids.get("pad", 0),
     )
-    # sdpa goes through packed_sdpa (below), which is PaddleFormers' sdpa for every call but packed rows.
-    config._attn_implementation = PACKED_SDPA if cfg.attn_implementation == "sdpa" else cfg.attn_implementation
+    config._attn_implementation = cfg.attn_implementation
     return config
 
 
@@ -76,65 +73,6 @@ def build_language_model(cfg: LMConfig, special_ids: dict[str, int] | None = Non
         return build_mrope_lm(cfg, special_ids)
     _, model_cls = _classes(cfg.family)
     return model_cls(backbone_config(cfg, special_ids))
-
-
-PACKED_SDPA = "paddle_mm_sdpa"  # the attention implementation name sdpa backbones are built with
-
-
-def packed_sdpa(module, query, key, value, attention_mask=None, attn_mask_startend_row_indices=None, **kwargs):
-    """PaddleFormers' sdpa attention, except for packed rows: there each sample attends within
-    itself only, its queries and keys gathered into a batch of samples ([S, longest sample]),
-    so attention costs the sum of the samples' squared lengths, not rows x pack_length squared,
-    and no dense [rows, 1, L, L] mask is built.
-
-    Why not Paddle's own: on CPU, Paddle 3.3.1 has no variable-length attention kernel
-    (flash_attn_unpadded and variable_length_memory_efficient_attention are not registered,
-    flashmask_attention fails), and PaddleFormers' sdpa expands the row indices to a dense mask
-    that it also marks causal, after which CPU attention ignores the mask (samples saw each
-    other: measured). Exact: within a sample, its queries see the same keys as before; padding
-    at the end of a shorter sample is after every real query and so never seen (causal).
-    query [B, H, L, d], key and value [B, Hkv, L, d]; returns ([B, L, H * d], None).
-    """
-    from paddleformers.nn.attention.sdpa_attention import sdpa_attention_forward
-
-    if attn_mask_startend_row_indices is None or attn_mask_startend_row_indices.shape[-1] != 1 \
-            or attn_mask_startend_row_indices.shape[-2] != query.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, attn_mask_startend_row_indices,
-                                      **kwargs)
-    b, heads, length, d = query.shape
-    flat_index, take, longest = _segments(attn_mask_startend_row_indices.numpy().reshape([b, length]))
-    gather = paddle.to_tensor(flat_index)  # [S * longest] positions in [B * L]
-
-    def segments(x):  # [B, h, L, d] -> [S, longest, h, d]
-        h = x.shape[1]
-        return paddle.gather(x.transpose([0, 2, 1, 3]).reshape([b * length, h, d]), gather).reshape([-1, longest, h, d])
-
-    out = paddle.nn.functional.scaled_dot_product_attention(
-        segments(query), segments(key), segments(value), causal_mask(longest), training=module.training)
-    out = paddle.gather(out.reshape([-1, heads * d]), paddle.to_tensor(take))  # back to [B * L] order
-    return out.reshape([b, length, heads * d]), None
-
-
-def _segments(ends):
-    """From [B, L] sample ends (row indices): for each sample s and offset t < longest, the flat
-    position of its t-th token (its last token where it is shorter), and for each flat position,
-    its place in that [S * longest] layout."""
-    import numpy as np
-
-    b, length = ends.shape
-    starts = []  # (flat start, length) of each sample
-    for row in range(b):
-        col = 0
-        while col < length:
-            end = int(ends[row, col])
-            end = min(max(end, col + 1), length)
-            starts.append((row * length + col, end - col))
-            col = end
-    longest = max(n for _, n in starts)
-    offsets = np.arange(longest)
-    flat_index = np.concatenate([s + np.minimum(offsets, n - 1) for s, n in starts]).astype("int64")
-    take = np.concatenate([k * longest + np.arange(n) for k, (_, n) in enumerate(starts)]).astype("int64")
-    return flat_index, take, longest
 
 
 def enable_recompute(lm) -> None:
@@ -184,17 +122,16 @@ def run_backbone(lm, inputs_embeds, attention_mask=None, past_key_values=None, u
     past = past_key_values.get_seq_length() if past_key_values is not None else 0
     kwargs = dict(extra)
     if attn_mask_startend_row_indices is not None:
-        if lm.config._attn_implementation in ("flashmask", PACKED_SDPA):  # they read the row indices themselves
+        if lm.config._attn_implementation == "flashmask":
             kwargs["attn_mask_startend_row_indices"] = attn_mask_startend_row_indices
         else:
             attention_mask = dense_mask_from_row_indices(attn_mask_startend_row_indices)
     elif attention_mask is None:
         attention_mask = paddle.ones([b, past + length], dtype="int64")
     if position_ids is None:
-        position_ids = position_ids_from_mask(
-            attention_mask if attention_mask is not None else paddle.ones([b, past + length], dtype="int64"), past)
-    if attention_mask is not None and attention_mask.ndim == 2 and past == 0 and length > 1 \
-            and lm.config._attn_implementation in ("sdpa", PACKED_SDPA) and bool(attention_mask.astype("bool").all()):
+        position_ids = position_ids_from_mask(attention_mask, past)
+    if attention_mask.ndim == 2 and past == 0 and length > 1 and lm.config._attn_implementation == "sdpa" \
+            and bool(attention_mask.astype("bool").all()):
         # No padding: on CPU, Paddle 3.3.1's sdpa builds a [B, H, L, L] triu mask in every layer
         # for a causal call without a mask (profiled); one causal mask per length does instead.
         attention_mask = causal_mask(length)

@@ -27,8 +27,6 @@ import paddle
 import paddle.nn.functional as F
 from paddle.incubate.nn.functional import fused_rms_norm
 
-from paddle_mm.lm.adapter import PACKED_SDPA
-
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -37,7 +35,7 @@ def supports(lm) -> bool:
     config = lm.config
     if config.__class__.__name__ not in ("Qwen2Config", "LlamaConfig", "Qwen3Config"):
         return False
-    if config._attn_implementation not in (PACKED_SDPA, "sdpa", "eager") or getattr(config, "fuse_attention_qkv", False) \
+    if config._attn_implementation not in ("sdpa", "eager") or getattr(config, "fuse_attention_qkv", False) \
             or getattr(config, "fuse_attention_ffn", False):
         return False
     if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
