@@ -44,6 +44,21 @@ def evaluate(run_dir: str, data: str, pope_file: str, predictions_file: str) -> 
             "chair_s": chair["chair_s"], "chair_i": chair["chair_i"], "chair_mentions": chair["mentions"]}
 
 
+def instruct_captions(out: str, data: str) -> dict:
+    """The instruct run's (greedy) captions of the train scenes, made once and kept in OUT."""
+    from paddle_mm.builder import image_processor_for
+    from paddle_mm.eval.hallucination import evaluate_chair
+    from paddle_mm.run_folder import load_run
+
+    path = os.path.join(out, "instruct_train_captions.json")
+    if not os.path.isfile(path):
+        recipe, _, tokenizer, model = load_run(os.path.join(out, "instruct"))
+        report = evaluate_chair(model, tokenizer, data, "train", image_processor_for(recipe), recipe.infer)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"chair_i": report["chair_i"], "captions": report["predictions"]}, f, indent=0)
+    return json.load(open(path, encoding="utf-8"))["captions"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/dpo_exp")
@@ -55,6 +70,8 @@ def main() -> None:
     ap.add_argument("--presence-per-image", type=int, default=3,
                     help="the pairs' POPE-style presence questions per scene: up to N present and as many absent")
     ap.add_argument("--caption-edits", default="swap,add", help="one rejected caption per edit (comma-separated)")
+    ap.add_argument("--model-captions", action="store_true",
+                    help="also reject the instruct run's own captions of the train scenes where they hallucinate")
     ap.add_argument("--reuse-instruct", action="store_true",
                     help="start from OUT/instruct as an earlier call left it (the stages are deterministic)")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides for the DPO stage (train.dpo.beta=0.2 ...)")
@@ -74,11 +91,11 @@ def main() -> None:
     files = generate_demo_data(data, *SIZES["quick"], seed=0)
     tok = Tokenizer.train_bpe(training_corpus([files["corpus"]]), vocab_size=400)
     tok.save(os.path.join(args.out, "tokenizer"))
-    pairs = write_preference_pairs(data, "train", presence_per_image=args.presence_per_image,
-                                   caption_edits=[e for e in args.caption_edits.split(",") if e])
     pope_file = write_pope_file(data, "test")
     threads = [f"train.num_threads={args.threads}"] if args.threads else []
     stages = () if args.reuse_instruct else (("pretrain", args.pretrain_steps), ("instruct", args.instruct_steps))
+    if stages and os.path.isfile(os.path.join(args.out, "instruct_train_captions.json")):
+        os.remove(os.path.join(args.out, "instruct_train_captions.json"))  # an earlier instruct run's
     for stage, steps in stages:
         t = time.time()
         train(stage_recipe(stage, args.out, [f"train.max_steps={steps}", "train.eval_every=0",
@@ -93,6 +110,9 @@ def main() -> None:
         with open(before_file, "w", encoding="utf-8") as f:
             json.dump(before, f, indent=1)
 
+    pairs = write_preference_pairs(data, "train", presence_per_image=args.presence_per_image,
+                                   caption_edits=[e for e in args.caption_edits.split(",") if e],
+                                   model_captions=instruct_captions(args.out, data) if args.model_captions else None)
     t = time.time()
     dpo = load_recipe(os.path.join(bundled_recipes(), "demo", "dpo.yaml"), Recipe, [
         f"data.tokenizer={os.path.join(args.out, 'tokenizer', 'tokenizer.json')}",
@@ -110,7 +130,8 @@ def main() -> None:
               "pope_adversarial_f1_change": after["pope"]["adversarial"]["f1"] - before["pope"]["adversarial"]["f1"],
               "vqa_accuracy_change": after["vqa_accuracy"] - before["vqa_accuracy"],
               "reward_margin_curve": curve, "dpo_recipe": {"steps": args.dpo_steps, **vars(dpo.train.dpo)},
-              "pairs": {"presence_per_image": args.presence_per_image, "caption_edits": args.caption_edits},
+              "pairs": {"presence_per_image": args.presence_per_image, "caption_edits": args.caption_edits,
+                        "model_captions": args.model_captions},
               "wall_s": {**times, "total": time.time() - t0}}
     with open(os.path.join(args.out, f"report_{args.dpo_name}.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)

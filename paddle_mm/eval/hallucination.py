@@ -15,7 +15,7 @@ import numpy as np
 
 from paddle_mm.data.readers import Sample, read_captions
 from paddle_mm.data.synthetic import CAPTION_PROMPT, COLOURS, SHAPES, caption, position_name, scene_objects
-from paddle_mm.eval.metrics.chair import chair
+from paddle_mm.eval.metrics.chair import chair, mentioned_objects
 from paddle_mm.eval.metrics.pope import SETTINGS, pope_questions, pope_report
 from paddle_mm.fileio import write_json_atomic, write_text_atomic
 from paddle_mm.inference.generate import generate_answers
@@ -95,7 +95,7 @@ def hallucinated_scene(scene: dict, rng: np.random.Generator, edit: str) -> dict
 
 
 def write_preference_pairs(data_dir: str, split: str = "train", seed: int = 0, presence_per_image: int = 3,
-                           caption_edits: Sequence[str] = CAPTION_EDITS) -> str:
+                           caption_edits: Sequence[str] = CAPTION_EDITS, model_captions: dict | None = None) -> str:
     """Preference pairs (format llava_pairs) from a split's scenes, for train.stage dpo; {split}_pairs.json
     beside the demo data (never written by generate_demo_data, so the demo's files stay as they
     were). Returns its path.
@@ -106,6 +106,9 @@ def write_preference_pairs(data_dir: str, split: str = "train", seed: int = 0, p
     co-occur most with its own, chosen "no" over "yes": as many of each, since pairs that
     mostly prefer one answer teach that answer). The co-occurrence counts are the split's own
     scenes', so pairs of the train split know nothing of the test scenes POPE is measured on.
+    model_captions ({image_id: caption}, a model's own captions of the split, evaluate_chair's
+    predictions): each one that names an object its scene lacks is one more rejected caption,
+    the hallucination that model really makes rather than an invented one.
     """
     if split == "test":
         raise ValueError(f"{data_dir}: preference pairs from the test scenes would train on the held-out "
@@ -118,6 +121,11 @@ def write_preference_pairs(data_dir: str, split: str = "train", seed: int = 0, p
             pairs.append({"id": f"{rec['image_id']}-caption-{edit}", "image": rec["image"],
                           "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"}],
                           "chosen": rec["caption"], "rejected": caption(hallucinated_scene(rec, rng, edit))})
+        own = (model_captions or {}).get(rec["image_id"])
+        if own and set(mentioned_objects(own, SCENE_VOCABULARY)) - set(scene_objects(rec)):
+            pairs.append({"id": f"{rec['image_id']}-caption-model", "image": rec["image"],
+                          "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"}],
+                          "chosen": rec["caption"], "rejected": own})
     images = [(rec["image"], scene_objects(rec)) for rec in scenes]
     ids = {rec["image"]: rec["image_id"] for rec in scenes}
     if presence_per_image:

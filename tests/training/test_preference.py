@@ -322,3 +322,20 @@ def test_bundled_pairs_read_only_their_split_and_refuse_the_test_scenes(demo_dat
         assert json.load(f) == full
     with pytest.raises(ValueError, match="held-out"):
         write_preference_pairs(demo_data["data"], "test")
+
+
+def test_a_models_own_hallucinated_caption_becomes_a_rejected_one(demo_data):
+    """model_captions: a caption naming an object its scene lacks is rejected against the true one;
+    a caption that names only the scene's objects (if wrongly placed) makes no pair."""
+    from paddle_mm.eval.hallucination import write_preference_pairs
+
+    first, second = json.load(open(os.path.join(demo_data["data"], "train_scenes.json")))[:2]
+    held = {(o["colour"], o["shape"]) for o in second["objects"]}
+    colour, shape = next((c, s) for c in ("red", "green", "blue") for s in ("circle", "square") if (c, s) not in held)
+    own = {first["image_id"]: first["caption"].replace(" at the ", " near the "),
+           second["image_id"]: f"a {colour} {shape} at the top"}
+    with open(write_preference_pairs(demo_data["data"], "train", presence_per_image=0, caption_edits=(),
+                                     model_captions=own)) as f:
+        (pair,) = json.load(f)
+    assert pair["id"] == f"{second['image_id']}-caption-model"
+    assert (pair["chosen"], pair["rejected"]) == (second["caption"], own[second["image_id"]])
