@@ -68,30 +68,41 @@ def evaluate_chair(model, tokenizer, data_dir: str, split: str, image_processor,
     return report
 
 
-# How a rejected caption invents an object: "swap" names one of the scene's objects as a
-# colour-shape the scene lacks; "add" puts one more, absent, object in an empty cell.
-CAPTION_EDITS = ("swap", "add")
+# How a rejected caption invents an object: "swap" renames one of the scene's objects as any
+# colour-shape the scene lacks, "shape" and "colour" change only that one attribute (the near
+# misses a model that half-sees makes: a green circle where there is a green square), "add"
+# puts one more, absent, object in an empty cell.
+CAPTION_EDITS = ("swap", "shape", "colour", "add")
 
 
 def hallucinated_scene(scene: dict, rng: np.random.Generator, edit: str) -> dict:
-    """The scene with one object the image does not hold, by `edit` (CAPTION_EDITS)."""
+    """The scene with one object the image does not hold, by `edit` (CAPTION_EDITS). A "shape" or
+    "colour" edit that finds no absent object that way (every other shape of that colour is
+    there too) is a "swap"."""
+    if edit not in CAPTION_EDITS:
+        raise ValueError(f"caption edit {edit!r} is not one of {CAPTION_EDITS}")
     present = {(o["colour"], o["shape"]) for o in scene["objects"]}
-    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
-    colour, shape = absent[int(rng.integers(len(absent)))]
     objects = [dict(o) for o in scene["objects"]]
-    if edit == "swap":
-        objects[int(rng.integers(len(objects)))].update(colour=colour, shape=shape)
-    elif edit == "add":
+    if edit == "add":
         grid = scene["grid"]
         taken = {(o["row"], o["col"]) for o in objects}
         free = [divmod(c, grid) for c in range(grid * grid) if divmod(c, grid) not in taken]
         row, col = free[int(rng.integers(len(free)))]
+        colour, shape = _draw([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present], rng)
         objects.append({"colour": colour, "shape": shape, "row": row, "col": col,
                         "position": position_name(row, col, grid)})
         objects.sort(key=lambda o: (o["row"], o["col"]))  # captions list the objects row-major
-    else:
-        raise ValueError(f"caption edit {edit!r} is not one of {CAPTION_EDITS}")
+        return {**scene, "objects": objects}
+    target = objects[int(rng.integers(len(objects)))]
+    near = {"shape": [(target["colour"], s) for s in SHAPES],
+            "colour": [(c, target["shape"]) for c in COLOURS]}.get(edit, [])
+    choices = [k for k in near if k not in present] or [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    target["colour"], target["shape"] = _draw(choices, rng)
     return {**scene, "objects": objects}
+
+
+def _draw(choices: list, rng: np.random.Generator):
+    return choices[int(rng.integers(len(choices)))]
 
 
 def write_preference_pairs(data_dir: str, split: str = "train", seed: int = 0, presence_per_image: int = 3,

@@ -257,8 +257,10 @@ def test_pair_turns_refuses_a_plain_conversation():
 
 def test_bundled_pairs_reject_an_answer_naming_an_absent_object(demo_data):
     """Chosen: the scene's own caption, or the right yes/no about an object; rejected: a caption
-    naming one object the scene lacks (swapped for one of its own, or added), or the wrong yes/no.
+    naming one object the scene lacks (one of its own renamed: wholly, or in its shape or its colour
+    alone; or one added), or the wrong yes/no.
     Checked with CHAIR's mention matcher."""
+    from paddle_mm.data.synthetic import COLOURS, SHAPES
     from paddle_mm.eval.hallucination import SCENE_VOCABULARY, write_preference_pairs
     from paddle_mm.eval.metrics.chair import mentioned_objects
 
@@ -280,7 +282,14 @@ def test_bundled_pairs_reject_an_answer_naming_an_absent_object(demo_data):
         assert len(named - held) == 1, sample.id
         if kind == "add":  # every object of the scene still there, and one more
             assert held < named and rejected.count(" a ") + 1 == chosen.count(" a ") + 2, sample.id
-    assert kinds["swap"] == kinds["add"] == len(scenes)
+        else:  # one object renamed: in its colour and shape (swap), or in that one word alone
+            changed = [(a, b) for a, b in zip(chosen.split(), rejected.split()) if a != b]
+            assert len(chosen.split()) == len(rejected.split()) and 1 <= len(changed) <= 2, sample.id
+            if kind != "swap":
+                ((was, now),) = changed
+                assert {was, now} <= set(SHAPES if kind == "shape" else COLOURS), sample.id
+    assert kinds == {"swap": len(scenes), "shape": len(scenes), "colour": len(scenes), "add": len(scenes),
+                     "presence": kinds["presence"]}
 
 
 def test_bundled_presence_pairs_prefer_yes_and_no_equally_on_every_scene(demo_data):
