@@ -69,7 +69,8 @@ def main() -> None:
     ap.add_argument("--dpo-name", default="dpo", help="the DPO run's folder under OUT (one per setting tried)")
     ap.add_argument("--presence-per-image", type=int, default=3,
                     help="the pairs' POPE-style presence questions per scene: up to N present and as many absent")
-    ap.add_argument("--caption-edits", default="swap,add", help="one rejected caption per edit (comma-separated)")
+    ap.add_argument("--caption-edits", help="one rejected caption per edit, comma-separated (eval/hallucination.py "
+                    "CAPTION_EDITS; default: the bundled pairs')")
     ap.add_argument("--model-captions", action="store_true",
                     help="also reject the instruct run's own captions of the train scenes where they hallucinate")
     ap.add_argument("--reuse-instruct", action="store_true",
@@ -110,8 +111,8 @@ def main() -> None:
         with open(before_file, "w", encoding="utf-8") as f:
             json.dump(before, f, indent=1)
 
-    pairs = write_preference_pairs(data, "train", presence_per_image=args.presence_per_image,
-                                   caption_edits=[e for e in args.caption_edits.split(",") if e],
+    edits = {} if args.caption_edits is None else {"caption_edits": [e for e in args.caption_edits.split(",") if e]}
+    pairs = write_preference_pairs(data, "train", presence_per_image=args.presence_per_image, **edits,
                                    model_captions=instruct_captions(args.out, data) if args.model_captions else None)
     t = time.time()
     dpo = load_recipe(os.path.join(bundled_recipes(), "demo", "dpo.yaml"), Recipe, [

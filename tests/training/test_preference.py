@@ -261,11 +261,11 @@ def test_bundled_pairs_reject_an_answer_naming_an_absent_object(demo_data):
     alone; or one added), or the wrong yes/no.
     Checked with CHAIR's mention matcher."""
     from paddle_mm.data.synthetic import COLOURS, SHAPES
-    from paddle_mm.eval.hallucination import SCENE_VOCABULARY, write_preference_pairs
+    from paddle_mm.eval.hallucination import CAPTION_EDITS, SCENE_VOCABULARY, write_preference_pairs
     from paddle_mm.eval.metrics.chair import mentioned_objects
 
     scenes = {s["image"]: s for s in json.load(open(os.path.join(demo_data["data"], "train_scenes.json")))}
-    samples = read_llava_pairs(write_preference_pairs(demo_data["data"], "train")).samples
+    samples = read_llava_pairs(write_preference_pairs(demo_data["data"], "train", caption_edits=CAPTION_EDITS)).samples
     kinds = {}
     for sample in samples:
         rec = scenes[os.path.relpath(sample.images[0], demo_data["data"])]
