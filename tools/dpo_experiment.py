@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def evaluate(run_dir: str, data: str, pope_file: str) -> dict:
+def evaluate(run_dir: str, data: str, pope_file: str, predictions_file: str) -> dict:
     from paddle_mm.builder import image_processor_for
     from paddle_mm.data.readers import read_pope, read_vqav2
     from paddle_mm.data.synthetic import vqa_image_pattern
@@ -36,9 +36,27 @@ def evaluate(run_dir: str, data: str, pope_file: str) -> dict:
     vqa = evaluate_vqa(model, tokenizer, questions, proc, recipe.infer)
     pope = evaluate_pope(model, tokenizer, read_pope(pope_file).samples, proc, recipe.infer)
     chair = evaluate_chair(model, tokenizer, data, "test", proc, recipe.infer)
+    # The answers themselves, beside the report: which objects the captions invent, what POPE got.
+    with open(predictions_file, "w", encoding="utf-8") as f:
+        json.dump({"captions": chair["predictions"], "pope": pope["predictions"]}, f, indent=0)
     return {"vqa_accuracy": vqa["overall"],
             "pope": {k: v for k, v in pope.items() if k != "predictions"},
             "chair_s": chair["chair_s"], "chair_i": chair["chair_i"], "chair_mentions": chair["mentions"]}
+
+
+def instruct_captions(out: str, data: str) -> dict:
+    """The instruct run's (greedy) captions of the train scenes, made once and kept in OUT."""
+    from paddle_mm.builder import image_processor_for
+    from paddle_mm.eval.hallucination import evaluate_chair
+    from paddle_mm.run_folder import load_run
+
+    path = os.path.join(out, "instruct_train_captions.json")
+    if not os.path.isfile(path):
+        recipe, _, tokenizer, model = load_run(os.path.join(out, "instruct"))
+        report = evaluate_chair(model, tokenizer, data, "train", image_processor_for(recipe), recipe.infer)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"chair_i": report["chair_i"], "captions": report["predictions"]}, f, indent=0)
+    return json.load(open(path, encoding="utf-8"))["captions"]
 
 
 def main() -> None:
@@ -49,16 +67,22 @@ def main() -> None:
     ap.add_argument("--dpo-steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--dpo-name", default="dpo", help="the DPO run's folder under OUT (one per setting tried)")
+    ap.add_argument("--presence-per-image", type=int, default=3,
+                    help="the pairs' POPE-style presence questions per scene: up to N present and as many absent")
+    ap.add_argument("--caption-edits", help="one rejected caption per edit, comma-separated (eval/hallucination.py "
+                    "CAPTION_EDITS; default: the bundled pairs')")
+    ap.add_argument("--model-captions", action="store_true",
+                    help="also reject the instruct run's own captions of the train scenes where they hallucinate")
     ap.add_argument("--reuse-instruct", action="store_true",
                     help="start from OUT/instruct as an earlier call left it (the stages are deterministic)")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides for the DPO stage (train.dpo.beta=0.2 ...)")
     args = ap.parse_args()
 
     from paddle_mm.config import Recipe
-    from paddle_mm.data.synthetic import generate_demo_data, write_preference_pairs
+    from paddle_mm.data.synthetic import generate_demo_data
     from paddle_mm.data.tokenizer import Tokenizer, training_corpus
     from paddle_mm.demo.pipeline import SIZES, stage_recipe
-    from paddle_mm.eval.hallucination import write_pope_file
+    from paddle_mm.eval.hallucination import write_pope_file, write_preference_pairs
     from paddle_mm.recipe import bundled_recipes, load_recipe
     from paddle_mm.training.loop import train
     from paddle_mm.training.runlog import read_metrics
@@ -68,17 +92,28 @@ def main() -> None:
     files = generate_demo_data(data, *SIZES["quick"], seed=0)
     tok = Tokenizer.train_bpe(training_corpus([files["corpus"]]), vocab_size=400)
     tok.save(os.path.join(args.out, "tokenizer"))
-    pairs = write_preference_pairs(data, "train")
     pope_file = write_pope_file(data, "test")
     threads = [f"train.num_threads={args.threads}"] if args.threads else []
     stages = () if args.reuse_instruct else (("pretrain", args.pretrain_steps), ("instruct", args.instruct_steps))
+    if stages and os.path.isfile(os.path.join(args.out, "instruct_train_captions.json")):
+        os.remove(os.path.join(args.out, "instruct_train_captions.json"))  # an earlier instruct run's
     for stage, steps in stages:
         t = time.time()
         train(stage_recipe(stage, args.out, [f"train.max_steps={steps}", "train.eval_every=0",
                                              "train.eval_answers=0", "data.eval=[]", *threads]), quiet=True)
         times[stage] = time.time() - t
-    before = evaluate(os.path.join(args.out, "instruct"), data, pope_file)
+    before_file = os.path.join(args.out, "report_instruct.json")
+    if args.reuse_instruct and os.path.isfile(before_file):  # the same run, so the same figures
+        before = json.load(open(before_file, encoding="utf-8"))
+    else:
+        before = evaluate(os.path.join(args.out, "instruct"), data, pope_file,
+                          os.path.join(args.out, "predictions_instruct.json"))
+        with open(before_file, "w", encoding="utf-8") as f:
+            json.dump(before, f, indent=1)
 
+    edits = {} if args.caption_edits is None else {"caption_edits": [e for e in args.caption_edits.split(",") if e]}
+    pairs = write_preference_pairs(data, "train", presence_per_image=args.presence_per_image, **edits,
+                                   model_captions=instruct_captions(args.out, data) if args.model_captions else None)
     t = time.time()
     dpo = load_recipe(os.path.join(bundled_recipes(), "demo", "dpo.yaml"), Recipe, [
         f"data.tokenizer={os.path.join(args.out, 'tokenizer', 'tokenizer.json')}",
@@ -87,7 +122,8 @@ def main() -> None:
         *threads, *args.overrides])
     train(dpo, quiet=True)
     times["dpo"] = time.time() - t
-    after = evaluate(os.path.join(args.out, args.dpo_name), data, pope_file)
+    after = evaluate(os.path.join(args.out, args.dpo_name), data, pope_file,
+                     os.path.join(args.out, f"predictions_{args.dpo_name}.json"))
     curve = [{k: r[k] for k in ("step", "loss", "reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp")}
              for r in read_metrics(os.path.join(args.out, args.dpo_name))]
     report = {"before_dpo": before, "after_dpo": after,
@@ -95,6 +131,8 @@ def main() -> None:
               "pope_adversarial_f1_change": after["pope"]["adversarial"]["f1"] - before["pope"]["adversarial"]["f1"],
               "vqa_accuracy_change": after["vqa_accuracy"] - before["vqa_accuracy"],
               "reward_margin_curve": curve, "dpo_recipe": {"steps": args.dpo_steps, **vars(dpo.train.dpo)},
+              "pairs": {"presence_per_image": args.presence_per_image, "caption_edits": args.caption_edits,
+                        "model_captions": args.model_captions},
               "wall_s": {**times, "total": time.time() - t0}}
     with open(os.path.join(args.out, f"report_{args.dpo_name}.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)

@@ -215,49 +215,6 @@ def scene_objects(scene: dict) -> list[str]:
     return [f"{o['colour']} {o['shape']}" for o in scene["objects"]]
 
 
-def _hallucinated(scene: dict, rng: np.random.Generator) -> dict:
-    """The scene with one object swapped for a colour-shape the scene does not hold."""
-    present = {(o["colour"], o["shape"]) for o in scene["objects"]}
-    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
-    colour, shape = absent[int(rng.integers(len(absent)))]
-    objects = [dict(o) for o in scene["objects"]]
-    objects[int(rng.integers(len(objects)))].update(colour=colour, shape=shape)
-    return {**scene, "objects": objects}
-
-
-def write_preference_pairs(data_dir, split: str = "train", seed: int = 0) -> str:
-    """Preference pairs (format llava_pairs) from a split's scenes, for train.stage dpo.
-
-    Two pairs per scene: its caption against the caption with one object replaced by one the
-    image does not hold (the hallucination DPO should unlearn), and "is there a <object>?"
-    answered right against wrong, the object present in half the scenes and absent in the
-    other half. (A first version asked only about absent objects: DPO on it taught the model
-    to answer "no" to every presence question, POPE yes-ratio 0.)
-    Written beside the demo data, never by generate_demo_data, so the demo's files stay as
-    they were. Returns the file's path.
-    """
-    data = Path(data_dir)
-    scenes = json.loads((data / f"{split}_scenes.json").read_text(encoding="utf-8"))
-    rng = np.random.default_rng([seed, len(scenes)])
-    pairs = []
-    for rec in scenes:
-        pairs.append({"id": f"{rec['image_id']}-caption", "image": rec["image"],
-                      "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"}],
-                      "chosen": rec["caption"], "rejected": caption(_hallucinated(rec, rng))})
-        present = sorted(set(scene_objects(rec)))
-        if rng.random() < 0.5:  # half present, half absent: pairs that all prefer "no" teach "no"
-            name, chosen, rejected = present[int(rng.integers(len(present)))], "yes", "no"
-        else:
-            absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
-            name, chosen, rejected = absent[int(rng.integers(len(absent)))], "no", "yes"
-        pairs.append({"id": f"{rec['image_id']}-presence", "image": rec["image"],
-                      "conversations": [{"from": "human", "value": f"<image>\nis there a {name}?"}],
-                      "chosen": chosen, "rejected": rejected})
-    path = data / f"{split}_pairs.json"
-    write_json_atomic(path, pairs)
-    return str(path)
-
-
 def generate_demo_data(out_dir, num_train: int, num_val: int, num_test: int,
                        seed: int = 0, grid: int = 3, cell: int = 16) -> dict:
     """Write train/val/test splits, the tokenizer corpus and a manifest; cached by parameters."""

@@ -1,8 +1,9 @@
 """Hallucination of a model: POPE on yes/no question files, CHAIR on its captions of the bundled scenes.
 
 The metrics are eval/metrics/pope.py and chair.py (pure); this module asks the model and
-builds the inputs: POPE question files for the synthetic scenes in all three settings, and
-the scenes' object lists for CHAIR (names as captions say them, "red circle").
+builds the inputs: POPE question files for the synthetic scenes in all three settings, the
+scenes' object lists for CHAIR (names as captions say them, "red circle"), and the bundled
+preference pairs that train against both kinds of hallucination (train.stage dpo).
 """
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import json
 import os
 from collections.abc import Sequence
 
+import numpy as np
+
 from paddle_mm.data.readers import Sample, read_captions
-from paddle_mm.data.synthetic import COLOURS, SHAPES, scene_objects
-from paddle_mm.eval.metrics.chair import chair
+from paddle_mm.data.synthetic import CAPTION_PROMPT, COLOURS, SHAPES, caption, position_name, scene_objects
+from paddle_mm.eval.metrics.chair import chair, mentioned_objects
 from paddle_mm.eval.metrics.pope import SETTINGS, pope_questions, pope_report
-from paddle_mm.fileio import write_text_atomic
+from paddle_mm.fileio import write_json_atomic, write_text_atomic
 from paddle_mm.inference.generate import generate_answers
 
 SCENE_VOCABULARY = [f"{c} {s}" for c in COLOURS for s in SHAPES]
@@ -63,3 +66,86 @@ def evaluate_chair(model, tokenizer, data_dir: str, split: str, image_processor,
     report = chair(preds, by_id, SCENE_VOCABULARY)
     report["predictions"] = preds
     return report
+
+
+# How a rejected caption invents an object: "swap" renames one of the scene's objects as any
+# colour-shape the scene lacks, "shape" and "colour" change only that one attribute (the near
+# misses a model that half-sees makes: a green circle where there is a green square), "add"
+# puts one more, absent, object in an empty cell.
+CAPTION_EDITS = ("swap", "shape", "colour", "add")
+# The bundled pairs' (tools/dpo_experiment.py measured the near misses: CHAIR-i no lower with them).
+DEFAULT_CAPTION_EDITS = ("swap", "add")
+
+
+def hallucinated_scene(scene: dict, rng: np.random.Generator, edit: str) -> dict:
+    """The scene with one object the image does not hold, by `edit` (CAPTION_EDITS). A "shape" or
+    "colour" edit that finds no absent object that way (every other shape of that colour is
+    there too) is a "swap"."""
+    if edit not in CAPTION_EDITS:
+        raise ValueError(f"caption edit {edit!r} is not one of {CAPTION_EDITS}")
+    present = {(o["colour"], o["shape"]) for o in scene["objects"]}
+    objects = [dict(o) for o in scene["objects"]]
+    if edit == "add":
+        grid = scene["grid"]
+        taken = {(o["row"], o["col"]) for o in objects}
+        free = [divmod(c, grid) for c in range(grid * grid) if divmod(c, grid) not in taken]
+        row, col = free[int(rng.integers(len(free)))]
+        colour, shape = _draw([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present], rng)
+        objects.append({"colour": colour, "shape": shape, "row": row, "col": col,
+                        "position": position_name(row, col, grid)})
+        objects.sort(key=lambda o: (o["row"], o["col"]))  # captions list the objects row-major
+        return {**scene, "objects": objects}
+    target = objects[int(rng.integers(len(objects)))]
+    near = {"shape": [(target["colour"], s) for s in SHAPES],
+            "colour": [(c, target["shape"]) for c in COLOURS]}.get(edit, [])
+    choices = [k for k in near if k not in present] or [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    target["colour"], target["shape"] = _draw(choices, rng)
+    return {**scene, "objects": objects}
+
+
+def _draw(choices: list, rng: np.random.Generator):
+    return choices[int(rng.integers(len(choices)))]
+
+
+def write_preference_pairs(data_dir: str, split: str = "train", seed: int = 0, presence_per_image: int = 3,
+                           caption_edits: Sequence[str] = DEFAULT_CAPTION_EDITS, model_captions: dict | None = None) -> str:
+    """Preference pairs (format llava_pairs) from a split's scenes, for train.stage dpo; {split}_pairs.json
+    beside the demo data (never written by generate_demo_data, so the demo's files stay as they
+    were). Returns its path.
+
+    Per scene: its caption against one rejected caption per edit (of CAPTION_EDITS: the
+    hallucination CHAIR counts), and POPE's adversarial questions for it (up to
+    presence_per_image present objects, chosen "yes" over "no", and as many absent ones that
+    co-occur most with its own, chosen "no" over "yes": as many of each, since pairs that
+    mostly prefer one answer teach that answer). The co-occurrence counts are the split's own
+    scenes', so pairs of the train split know nothing of the test scenes POPE is measured on.
+    model_captions ({image_id: caption}, a model's own captions of the split, evaluate_chair's
+    predictions): each one that names an object its scene lacks is one more rejected caption,
+    the hallucination that model really makes rather than an invented one.
+    """
+    if split == "test":
+        raise ValueError(f"{data_dir}: preference pairs from the test scenes would train on the held-out "
+                         "hallucination measure (POPE and CHAIR read them); use the train split")
+    scenes = _scenes(data_dir, split)
+    rng = np.random.default_rng([seed, len(scenes)])
+    pairs = []
+    for rec in scenes:
+        for edit in caption_edits:
+            pairs.append({"id": f"{rec['image_id']}-caption-{edit}", "image": rec["image"],
+                          "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"}],
+                          "chosen": rec["caption"], "rejected": caption(hallucinated_scene(rec, rng, edit))})
+        own = (model_captions or {}).get(rec["image_id"])
+        if own and set(mentioned_objects(own, SCENE_VOCABULARY)) - set(scene_objects(rec)):
+            pairs.append({"id": f"{rec['image_id']}-caption-model", "image": rec["image"],
+                          "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"}],
+                          "chosen": rec["caption"], "rejected": own})
+    images = [(rec["image"], scene_objects(rec)) for rec in scenes]
+    ids = {rec["image"]: rec["image_id"] for rec in scenes}
+    if presence_per_image:
+        for q in pope_questions(images, "adversarial", presence_per_image, seed, SCENE_QUESTION):
+            pairs.append({"id": f"{ids[q['image']]}-presence-{q['question_id']}", "image": q["image"],
+                          "conversations": [{"from": "human", "value": f"<image>\n{q['text']}"}],
+                          "chosen": q["label"], "rejected": "no" if q["label"] == "yes" else "yes"})
+    path = os.path.join(data_dir, f"{split}_pairs.json")
+    write_json_atomic(path, pairs)
+    return path

@@ -1,6 +1,8 @@
 """POPE and CHAIR against hand-worked cases; the POPE generator's three negative settings."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from paddle_mm.eval.metrics.chair import chair, mentioned_objects
@@ -101,6 +103,10 @@ def test_pope_file_for_the_scenes_reads_back_and_scores_through_the_cli(demo_dat
     samples = read_pope(path).samples
     assert {s.meta["setting"] for s in samples} == {"random", "popular", "adversarial"}
     assert len({s.id for s in samples}) == len(samples)
+    # The held-out questions are about the test scenes' images, and nothing else.
+    test_images = {os.path.join(demo_data["data"], r["image"])
+                   for r in json.load(open(os.path.join(demo_data["data"], "test_scenes.json")))}
+    assert {os.path.normpath(s.images[0]) for s in samples} == {os.path.normpath(p) for p in test_images}
     run = train(tiny_recipe(str(tmp_path / "run"), "train.max_steps=1", "infer.max_new_tokens=4"), quiet=True)
     main(["eval", run, "--pope", path, "--chair-scenes", demo_data["data"]])
     scores = json.loads(capsys.readouterr().out)

@@ -50,9 +50,10 @@ def test_hinge_is_flat_past_its_margin():
 
 @pytest.mark.parametrize("cfg", [DPOConfig(beta=0.1), DPOConfig(beta=0.3, label_smoothing=0.2),
                                  DPOConfig(loss="ipo", beta=0.1), DPOConfig(loss="hinge", beta=0.7)])
-def test_losses_equal_paddleformers_dpo_criterion_on_the_same_log_probs(cfg):
+def test_losses_and_gradients_equal_paddleformers_dpo_criterion_on_the_same_log_probs(cfg):
     """PaddleFormers' DPOCriterion.dpo_loss takes the four log-prob tensors (its forward needs its
-    own packed label layout, so the comparison is at the formula, on identical inputs)."""
+    own packed label layout, so the comparison is at the formula, on identical inputs): the same
+    batch-mean loss, and the same gradient on the policy's log-probabilities of both answers."""
     import paddle
 
     criterion_mod = pytest.importorskip("paddleformers.transformers.dpo_criterion")
@@ -62,10 +63,20 @@ def test_losses_equal_paddleformers_dpo_criterion_on_the_same_log_probs(cfg):
         SimpleNamespace(tensor_parallel_output=False, tensor_model_parallel_size=1),
         dpo_config=SimpleNamespace(loss_type=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                                    pref_loss_ratio=1.0))
-    rng = np.random.default_rng(0)
-    logps = [paddle.to_tensor(rng.uniform(-30, -1, 16).astype("float32")) for _ in range(4)]
-    ours, _, _ = preference_loss(*logps, cfg)
-    assert float(ours.mean()) == pytest.approx(float(criterion.dpo_loss(*logps)), rel=1e-5)
+    values = np.random.default_rng(0).uniform(-30, -1, (4, 16)).astype("float32")
+
+    def loss_and_policy_grads(loss_of):
+        logps = [paddle.to_tensor(v, stop_gradient=k >= 2) for k, v in enumerate(values)]  # policy: the first two
+        loss = loss_of(logps)
+        loss.backward()
+        return float(loss), logps[0].grad.numpy(), logps[1].grad.numpy()
+
+    ours = loss_and_policy_grads(lambda logps: preference_loss(*logps, cfg)[0].mean())
+    theirs = loss_and_policy_grads(lambda logps: criterion.dpo_loss(*logps))
+    assert ours[0] == pytest.approx(theirs[0], rel=1e-5)
+    for got, want in zip(ours[1:], theirs[1:]):
+        assert np.abs(want).max() > 0  # a real gradient to compare, not two zeros
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_answer_logps_sums_or_averages_the_labelled_tokens_only():
@@ -141,7 +152,7 @@ def start_and_pairs(demo_data, tmp_path_factory):
     """A 2-step instruct run to start from, and the bundled pairs of the train scenes."""
     from tiny import make_tiny_recipe
 
-    from paddle_mm.data.synthetic import write_preference_pairs
+    from paddle_mm.eval.hallucination import write_preference_pairs
     from paddle_mm.training.loop import train
 
     start = train(make_tiny_recipe(demo_data, str(tmp_path_factory.mktemp("sft") / "run"), "train.max_steps=2"),
@@ -248,24 +259,94 @@ def test_pair_turns_refuses_a_plain_conversation():
 
 def test_bundled_pairs_reject_an_answer_naming_an_absent_object(demo_data):
     """Chosen: the scene's own caption, or the right yes/no about an object; rejected: a caption
-    naming one object the scene lacks, or the wrong yes/no. Checked with CHAIR's mention matcher."""
-    from paddle_mm.data.synthetic import write_preference_pairs
-    from paddle_mm.eval.hallucination import SCENE_VOCABULARY
+    naming one object the scene lacks (one of its own renamed: wholly, or in its shape or its colour
+    alone; or one added), or the wrong yes/no.
+    Checked with CHAIR's mention matcher."""
+    from paddle_mm.data.synthetic import COLOURS, SHAPES
+    from paddle_mm.eval.hallucination import CAPTION_EDITS, SCENE_VOCABULARY, write_preference_pairs
     from paddle_mm.eval.metrics.chair import mentioned_objects
 
     scenes = {s["image"]: s for s in json.load(open(os.path.join(demo_data["data"], "train_scenes.json")))}
-    samples = read_llava_pairs(write_preference_pairs(demo_data["data"], "train")).samples
-    assert len(samples) == 2 * len(scenes)
-    answers = []
+    samples = read_llava_pairs(write_preference_pairs(demo_data["data"], "train", caption_edits=CAPTION_EDITS)).samples
+    kinds = {}
     for sample in samples:
         rec = scenes[os.path.relpath(sample.images[0], demo_data["data"])]
         held = {f"{o['colour']} {o['shape']}" for o in rec["objects"]}
         chosen, rejected = sample.turns[-1][1], sample.meta["rejected"]
-        if sample.id.endswith("-caption"):
-            assert set(mentioned_objects(chosen, SCENE_VOCABULARY)) <= held
-            assert len(set(mentioned_objects(rejected, SCENE_VOCABULARY)) - held) == 1
-        else:
+        kind = sample.id.rsplit("-", 1)[1] if "-caption-" in sample.id else "presence"
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind == "presence":
             (asked,) = mentioned_objects(sample.turns[0][1], SCENE_VOCABULARY)
             assert (chosen, rejected) == (("yes", "no") if asked in held else ("no", "yes"))
-            answers.append(chosen)
-    assert 0.3 < answers.count("yes") / len(answers) < 0.7  # both answers are preferred, neither always
+            continue
+        assert set(mentioned_objects(chosen, SCENE_VOCABULARY)) == held
+        named = set(mentioned_objects(rejected, SCENE_VOCABULARY))
+        assert len(named - held) == 1, sample.id
+        if kind == "add":  # every object of the scene still there, and one more
+            assert held < named and rejected.count(" a ") + 1 == chosen.count(" a ") + 2, sample.id
+        else:  # one object renamed: in its colour and shape (swap), or in that one word alone
+            changed = [(a, b) for a, b in zip(chosen.split(), rejected.split()) if a != b]
+            assert len(chosen.split()) == len(rejected.split()) and 1 <= len(changed) <= 2, sample.id
+            if kind != "swap":
+                ((was, now),) = changed
+                assert {was, now} <= set(SHAPES if kind == "shape" else COLOURS), sample.id
+    assert kinds == {"swap": len(scenes), "shape": len(scenes), "colour": len(scenes), "add": len(scenes),
+                     "presence": kinds["presence"]}
+
+
+def test_bundled_presence_pairs_prefer_yes_and_no_equally_on_every_scene(demo_data):
+    """As many pairs prefer "yes" (a present object) as prefer "no" (an absent one), per scene and
+    so overall: pairs that mostly prefer one answer teach the model that answer. The absent
+    objects are POPE's adversarial ones (co-occurring with the scene's), counted on the train
+    scenes: the same questions pope_questions draws for them."""
+    from collections import Counter
+
+    from paddle_mm.eval.hallucination import SCENE_QUESTION, write_preference_pairs
+    from paddle_mm.eval.metrics.pope import pope_questions
+
+    train = json.load(open(os.path.join(demo_data["data"], "train_scenes.json")))
+    samples = read_llava_pairs(write_preference_pairs(demo_data["data"], "train", presence_per_image=2,
+                                                      caption_edits=())).samples
+    chosen = Counter((os.path.relpath(s.images[0], demo_data["data"]), s.turns[-1][1]) for s in samples)
+    for rec in train:
+        n = min(2, len({(o["colour"], o["shape"]) for o in rec["objects"]}))
+        assert chosen[rec["image"], "yes"] == chosen[rec["image"], "no"] == n, rec["image"]
+    expected = pope_questions([(r["image"], [f"{o['colour']} {o['shape']}" for o in r["objects"]]) for r in train],
+                              "adversarial", 2, 0, SCENE_QUESTION)
+    assert [(s.turns[0][1].split("\n")[1], s.turns[-1][1]) for s in samples] == [(q["text"], q["label"])
+                                                                                 for q in expected]
+
+
+def test_bundled_pairs_read_only_their_split_and_refuse_the_test_scenes(demo_data, tmp_path):
+    """The pairs of the train split are the same with the other splits' files gone: nothing of the
+    held-out scenes (not even their object counts) reaches the training pairs."""
+    import shutil
+
+    from paddle_mm.eval.hallucination import write_preference_pairs
+
+    alone = tmp_path / "train_only"
+    alone.mkdir()
+    shutil.copy(os.path.join(demo_data["data"], "train_scenes.json"), alone)
+    with open(write_preference_pairs(demo_data["data"], "train")) as f:
+        full = json.load(f)
+    with open(write_preference_pairs(str(alone), "train")) as f:
+        assert json.load(f) == full
+    with pytest.raises(ValueError, match="held-out"):
+        write_preference_pairs(demo_data["data"], "test")
+
+
+def test_a_models_own_hallucinated_caption_becomes_a_rejected_one(demo_data):
+    """model_captions: a caption naming an object its scene lacks is rejected against the true one;
+    a caption that names only the scene's objects (if wrongly placed) makes no pair."""
+    from paddle_mm.eval.hallucination import write_preference_pairs
+
+    first, second = json.load(open(os.path.join(demo_data["data"], "train_scenes.json")))[:2]
+    held = {(o["colour"], o["shape"]) for o in second["objects"]}
+    colour, shape = next((c, s) for c in ("red", "green", "blue") for s in ("circle", "square") if (c, s) not in held)
+    own = {first["image_id"]: first["caption"].replace(" at the ", " near the "),
+           second["image_id"]: f"a {colour} {shape} at the top"}
+    with open(write_preference_pairs(demo_data["data"], "train", presence_per_image=0, caption_edits=(),
+                                     model_captions=own)) as f:
+        (pair,) = json.load(f)
+    assert pair["id"] == f"{second['image_id']}-caption-model"
+    assert (pair["chosen"], pair["rejected"]) == (second["caption"], own[second["image_id"]])
