@@ -62,13 +62,14 @@ def _infer(args) -> None:
     if args.task == "chat" and not args.prompt:
         _chat_loop(args.image, model, tokenizer, proc, infer)
         return
-    request = {"id": "0", "task": args.task, "image": args.image, "prompt": args.prompt}
+    request = {"id": "0", "task": args.task, "images": args.image, "prompt": args.prompt}
     answers = generate_answers(model, tokenizer, [request_to_sample(request, infer, "command line")], proc, infer)
     print(answers["0"])
 
 
-def _chat_loop(image, model, tokenizer, proc, infer) -> None:
-    """Multi-turn chat on stdin: each line is a user turn; the history is kept until EOF."""
+def _chat_loop(images, model, tokenizer, proc, infer) -> None:
+    """Multi-turn chat on stdin: each line is a user turn; the history is kept until EOF. The images
+    go before the first turn."""
     from paddle_mm.inference.generate import generate_answers
     from paddle_mm.inference.requests import request_to_sample
 
@@ -77,7 +78,7 @@ def _chat_loop(image, model, tokenizer, proc, infer) -> None:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.strip()})
-        sample = request_to_sample({"id": "chat", "task": "chat", "image": image, "messages": messages},
+        sample = request_to_sample({"id": "chat", "task": "chat", "images": images, "messages": messages},
                                    infer, "chat")
         answer = generate_answers(model, tokenizer, [sample], proc, infer)["chat"]
         messages.append({"role": "assistant", "content": answer})
@@ -200,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("infer", help="answer with a trained run or a Hugging Face LLaVA folder: vqa, caption or chat")
     p.add_argument("run_dir")
     p.add_argument("--task", choices=["vqa", "caption", "chat"], default="vqa")
-    p.add_argument("--image")
+    p.add_argument("--image", action="append", default=[],
+                   help="an image file; repeat it for a question over several images (in that order)")
     p.add_argument("--prompt", default="", help="the question; for --task chat without it, read turns from stdin")
     p.add_argument("--input", help="JSONL of requests")
     p.add_argument("--output", help="JSONL the answers are appended to")

@@ -198,10 +198,10 @@ def visual_prompt(template: str, num_images: int, num_videos: int = 0) -> str:
     """A prompt template written for one image (infer.vqa_prompt, "<image>\\n{question}") worded for
     several images and videos: its one <image> becomes a tag per image, then a <video> tag per
     video, one a line. A template with no tag gets them in front; one with as many tags as images
-    (and no video) stays as it is."""
+    (and no video), or asked for no image at all, stays as it is."""
     count = template.count(IMAGE_TOKEN)
-    if count == num_images and num_videos == 0:
-        return template
+    if (count == num_images and num_videos == 0) or num_images + num_videos == 0:
+        return template  # nothing to widen (no images: the tag count check says what is wrong)
     tags = "\n".join([IMAGE_TOKEN] * num_images + [VIDEO_TOKEN] * num_videos)
     if count == 0:
         return f"{tags}\n{template}" if tags else template

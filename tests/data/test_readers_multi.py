@@ -133,6 +133,7 @@ def test_visual_prompt_widens_the_one_image_tag():
     assert visual_prompt("<image>\n{question}", 1, 1) == "<image>\n<video>\n{question}"
     assert visual_prompt("{question}", 2) == "<image>\n<image>\n{question}"
     assert visual_prompt("{question}", 0) == "{question}"
+    assert visual_prompt("<image>\n{question}", 0) == "<image>\n{question}"
     assert visual_prompt("<image> vs <image>: {question}", 2) == "<image> vs <image>: {question}"
     with pytest.raises(ValueError, match="holds 2 <image> tags"):
         visual_prompt("<image> vs <image>: {question}", 3)
