@@ -99,7 +99,8 @@ def _eval(args) -> None:
     if args.vqa_questions or args.captions or args.pope or args.chair_scenes:
         recipe, tokenizer, model, proc = _load(args.run_dir)
     if args.vqa_questions:
-        kw = {"image_root": args.image_root or None, "prompt_template": recipe.infer.vqa_prompt}
+        kw = {"image_root": args.image_root or None, "prompt_template": recipe.infer.vqa_prompt,
+              "video_frames": recipe.data.video_frames}
         if args.image_pattern:
             kw["image_pattern"] = args.image_pattern
         samples = read_vqav2(args.vqa_questions, args.vqa_annotations, **kw).samples
