@@ -1,22 +1,9 @@
 """Several images and video in one record: reading order, frame folders, and the count checks."""
-import json
-
 import pytest
-from PIL import Image
+from files import png, write_json
 
 from paddle_mm.data.readers import read_chatml, read_llava, read_vqav2, visual_prompt
 from paddle_mm.errors import DataError
-
-
-def png(path, colour=(255, 0, 0)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (4, 4), colour).save(path)
-    return path
-
-
-def write_json(path, data):
-    path.write_text(json.dumps(data))
-    return path
 
 
 def human_gpt(question, answer="A"):
