@@ -120,13 +120,14 @@ class _Reader:
         return full
 
     def frames(self, raw: Any) -> list[str]:
-        """A video's frame files: a folder's image files in name order, or a list of files; then
-        video_frames of them, evenly spaced with the first and last kept (what motion is read from)."""
+        """A video's frame files: a folder's image files in name order (numbers by value: 2.png before
+        10.png), or a list of files; then video_frames of them, evenly spaced with the first and last
+        kept (what motion is read from)."""
         if isinstance(raw, str):
             folder = self._inside_root(raw, "video")
             if not os.path.isdir(folder):
                 raise _Bad(f"video folder not found: {raw!r} (looked for {folder})", "image_missing")
-            names = sorted(n for n in os.listdir(folder) if n.lower().endswith(FRAME_SUFFIXES))
+            names = sorted((n for n in os.listdir(folder) if n.lower().endswith(FRAME_SUFFIXES)), key=_natural)
             if not names:
                 raise _Bad(f"video folder {raw!r} holds no frame files ({', '.join(FRAME_SUFFIXES)})", "image_missing")
             paths = [os.path.join(folder, n) for n in names]
@@ -135,9 +136,11 @@ class _Reader:
         else:
             raise _Bad(f"key 'video' must be a folder or a non-empty list of frame files, got {raw!r}")
         keep = self.video_frames
+        if keep == 1:
+            return [paths[len(paths) // 2]]
         if keep and keep < len(paths):
-            step = (len(paths) - 1) / (keep - 1) if keep > 1 else 0
-            paths = [paths[round(i * step) if keep > 1 else len(paths) // 2] for i in range(keep)]
+            step = (len(paths) - 1) / (keep - 1)
+            return [paths[round(i * step)] for i in range(keep)]
         return paths
 
     def make_sample(self, index, sid, images, turns, meta=None, empty_answer_ok=False, video=None) -> Sample:
@@ -192,6 +195,11 @@ class _Reader:
                 pieces.append(piece)
             out_turns.append((role, "".join(pieces)))
         return Sample(str(sid), ordered, out_turns, self.path, index, dict(meta or {}), spans)
+
+
+def _natural(name: str) -> list:
+    """Sort key that orders the numbers in a name by value ("frame2" before "frame10")."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def visual_prompt(template: str, num_images: int, num_videos: int = 0) -> str:

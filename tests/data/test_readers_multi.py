@@ -53,6 +53,13 @@ def test_video_folder_becomes_frames_among_the_images_in_reading_order(root):
     assert s.turns[0][1] == "<image>\nthen " + "\n".join(["<image>"] * 5) + "\nthen <image>\nQ"
 
 
+def test_frames_of_a_folder_go_by_the_numbers_in_their_names(root):
+    for k in (1, 2, 10):
+        png(root / "unpadded" / f"frame{k}.png")
+    s = read_llava(write_json(root / "u.json", [{"video": "unpadded", "conversations": human_gpt("Q")}])).samples[0]
+    assert [p.rsplit("/", 1)[1] for p in s.images] == ["frame1.png", "frame2.png", "frame10.png"]
+
+
 def test_video_without_tag_goes_first_and_frames_are_sampled_evenly(root):
     frames = [f"clip/{k:03d}.png" for k in range(5)]
     recs = [{"video": frames, "conversations": human_gpt("which way?")},
