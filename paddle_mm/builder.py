@@ -139,6 +139,8 @@ def read_samples(specs: list[DatasetSpec], recipe: Recipe) -> tuple[list[Sample]
         kw = {"on_error": recipe.data.on_error, "allow_outside_root": recipe.data.allow_outside_root}
         if spec.image_root:
             kw["image_root"] = spec.image_root
+        if spec.format in ("llava", "llava_pairs", "chatml", "vqav2"):  # the formats that may hold a video
+            kw["video_frames"] = recipe.data.video_frames
         if spec.format == "vqav2":
             kw["annotations_path"] = spec.annotations or None
             if spec.image_pattern:

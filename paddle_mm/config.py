@@ -271,6 +271,8 @@ class DataConfig:
     # What to do with a bad record (missing image, malformed turn, too long): stop, or skip and count.
     on_error: Literal["raise", "skip"] = "raise"
     allow_outside_root: bool = False
+    # Frames kept of each record's "video" (evenly spaced, first and last included); 0: every frame
+    video_frames: int = 0
     system_prompt: str = ""
     # Pack several samples into each row (attention and positions confined to each sample)
     # instead of padding every row to the longest sample of its batch.

@@ -67,10 +67,34 @@ class ConversationDataset:
         return {"id": item.sample.id, "input_ids": item.input_ids, "labels": item.labels, "pixel_values": pixels}
 
 
-def encode_sample(sample: Sample, tokenizer: Tokenizer, tokens_per_image: int, max_length: int, system: str = "") -> Encoded:
-    ids, labels = tokenizer.encode_chat(sample.turns, tokens_per_image, system=system)
+def encode_sample(sample: Sample, tokenizer: Tokenizer, tokens_per_image: int | Sequence[int], max_length: int,
+                  system: str = "") -> Encoded:
+    ids, labels = encode_turns(sample, sample.turns, tokenizer, tokens_per_image, system)
     check_encoded(sample, ids, labels, max_length)
     return Encoded(sample, np.asarray(ids, dtype="int64"), np.asarray(labels, dtype="int64"))
+
+
+def encode_turns(sample: Sample, turns, tokenizer: Tokenizer, tokens_per_image: int | Sequence[int],
+                 system: str = "") -> tuple[list[int], list[int]]:
+    """(ids, labels) of the sample's turns, its images' token counts checked against the text's image
+    positions; errors name the sample's file and record.
+
+    tokens_per_image: one count for every image (a ViT's) or each image's own, in reading order.
+    A sample may hold any number of images, each with its own count: nothing below assumes one
+    count per sample (the images of a batch are stacked in reading order, the model writes their
+    features at the image positions in that order).
+    """
+    counts = [tokens_per_image] * len(sample.images) if isinstance(tokens_per_image, int) else list(tokens_per_image)
+    try:
+        ids, labels = tokenizer.encode_chat(turns, counts, system=system)
+    except DataError as err:
+        raise DataError(sample.source, err.cause, sample.index, err.reason) from None
+    positions = sum(1 for t in ids if t == tokenizer.image_token_id)
+    if positions != sum(counts):
+        # The text holds image tokens that are not images' (a chat template that adds or drops them).
+        raise DataError(sample.source, f"the tokenized text has {positions} image token positions but its "
+                        f"{len(counts)} images take {sum(counts)}", sample.index, "tag_mismatch")
+    return ids, labels
 
 
 def check_encoded(sample: Sample, ids: Sequence[int], labels: Sequence[int], max_length: int) -> None:

@@ -39,7 +39,8 @@ def _per_token_losses(logits, labels):
     return ce.numpy()[..., 0]
 
 
-def test_per_sample_losses_of_packed_and_padded_batches_are_equal(tiny_recipe, tmp_path):
+def _packed_and_alone_losses(recipe, samples):
+    """Each sample's loss alone (a batch of one) and packed with the others into shared rows."""
     import paddle
 
     from paddle_mm import builder
@@ -47,12 +48,9 @@ def test_per_sample_losses_of_packed_and_padded_batches_are_equal(tiny_recipe, t
     from paddle_mm.runtime import seed_everything
     from paddle_mm.training.batches import batch_inputs
 
-    recipe = tiny_recipe(str(tmp_path / "x"))
     tok = builder.load_tokenizer(recipe)
     cfg = builder.model_config_for(recipe, tok)
-    samples, _ = builder.read_samples(recipe.data.train, recipe)
-    picked = samples[:3] + samples[-3:]  # conversations and captions: uneven lengths, all with images
-    data = ConversationDataset(picked, tok, builder.image_processor_for(recipe), cfg.tokens_per_image, 2048)
+    data = ConversationDataset(samples, tok, builder.image_processor_for(recipe), cfg.tokens_per_image, 2048)
     items = [data[i] for i in range(len(data))]
     seed_everything(0)
     model = builder.build_model(cfg, tok)
@@ -82,7 +80,44 @@ def test_per_sample_losses_of_packed_and_padded_batches_are_equal(tiny_recipe, t
             span = slice(start, start + lengths[i])
             packed[i] = sample_loss(np.append(per_token[row], 0.0)[span][:-1], batch["labels"][row, span])
             start += lengths[i]
-    np.testing.assert_allclose([packed[i] for i in range(len(items))], alone, rtol=1e-5, atol=1e-5)
+    return [packed[i] for i in range(len(items))], alone
+
+
+def test_per_sample_losses_of_packed_and_padded_batches_are_equal(tiny_recipe, tmp_path):
+    from paddle_mm import builder
+
+    recipe = tiny_recipe(str(tmp_path / "x"))
+    samples, _ = builder.read_samples(recipe.data.train, recipe)
+    picked = samples[:3] + samples[-3:]  # conversations and captions: uneven lengths, all with images
+    packed, alone = _packed_and_alone_losses(recipe, picked)
+    np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_per_sample_losses_with_several_images_per_sample_are_the_same_packed(tiny_recipe, tmp_path):
+    """Samples of 0 to 3 images, tags in different places: packed rows hold images of several
+    samples, and each image's features must still land on its own sample's positions."""
+    from dataclasses import replace
+
+    from paddle_mm import builder
+
+    recipe = tiny_recipe(str(tmp_path / "x"))
+    samples, _ = builder.read_samples(recipe.data.train, recipe)
+    images = sorted({p for s in samples for p in s.images})[:6]
+    base = samples[0]
+    made = []
+    for k, (n, question) in enumerate([(2, "<image>\n<image>\nwhich image has more circles?"),
+                                       (0, "what colour is the circle?"),
+                                       (3, "<image> then <image>\nand <image>: is the red square in all?"),
+                                       (1, "<image>\nhow many shapes are there?"),
+                                       (2, "first <image>, second <image>")]):
+        made.append(replace(base, id=f"multi-{k}", images=images[k: k + n],
+                            turns=[("user", question), ("assistant", "yes"), ("user", "and?"), ("assistant", "no")]))
+    packed, alone = _packed_and_alone_losses(recipe, made)
+    np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
+    # Swapping a two-image sample's images changes its loss: the features follow their own tags.
+    swapped = replace(made[0], images=made[0].images[::-1])
+    _, alone_swapped = _packed_and_alone_losses(recipe, [swapped] + made[1:])
+    assert abs(alone_swapped[0] - alone[0]) > 1e-6
 
 
 def test_a_packed_run_trains_and_rejects_rows_shorter_than_max_length(tiny_recipe, tmp_path):

@@ -37,3 +37,25 @@ def test_quick_demo_learns_to_use_the_image(tmp_path):
     assert summary["vqa_accuracy"] > summary["prior_vqa_accuracy"] + 0.1, summary
     assert summary["vqa_accuracy"] > summary["blind_vqa_accuracy"] + 0.1, summary
     assert summary["caption"]["CIDEr-D"] > 0.5, summary
+
+
+def test_the_multi_variant_adds_its_conversations_to_the_instruct_stage_only(tmp_path):
+    from paddle_mm.demo.pipeline import format_summary, stage_recipe
+
+    out = str(tmp_path / "demo")
+    d = os.path.join(out, "data")
+    plain, multi = stage_recipe("instruct", out, []), stage_recipe("instruct", out, [], multi=True)
+    assert [s.path for s in plain.data.train] == [f"{d}/train_llava.json"]
+    assert [s.path for s in multi.data.train] == [f"{d}/train_llava.json", f"{d}/train_multi_llava.json"]
+    assert [s.path for s in multi.data.eval] == [f"{d}/val_llava.json", f"{d}/val_multi_llava.json"]
+    assert stage_recipe("pretrain", out, [], multi=True).data.train == stage_recipe("pretrain", out, []).data.train
+    summary = {"vqa_accuracy": 0.9, "vqa_per_type": {"count": 1.0}, "blind_vqa_accuracy": 0.2,
+               "blind_per_type": {"count": 0.3}, "prior_vqa_accuracy": 0.3, "prior_per_type": {"count": 0.3},
+               "caption": {"CIDEr-D": 9.0}, "num_test_questions": 1, "num_test_images": 1, "wall_time_s": 1.0,
+               "multi": {"vqa_accuracy": 0.7, "per_type": {"motion": 0.8}, "blind_vqa_accuracy": 0.25,
+                         "blind_per_type": {"motion": 0.25}, "prior_vqa_accuracy": 0.3,
+                         "prior_per_type": {"motion": 0.26}}}
+    text = format_summary(summary)
+    assert "0.700 / 0.250 / 0.300" in text and "motion" in text and "0.800 / 0.250 / 0.260" in text
+    del summary["multi"]
+    assert "motion" not in format_summary(summary)
