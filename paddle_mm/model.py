@@ -292,14 +292,21 @@ class Qwen2VLModel(nn.Layer):
         return paddle.to_tensor(out), paddle.to_tensor(np.asarray(deltas, np.int64))
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, labels=None,
-                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None):
+                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
+                attn_mask_startend_row_indices=None):
         """As VisionLanguageModel.forward: without labels (None, logits [B, L, V]); with labels
-        (token_nll [B, L], None), only the labelled positions projected onto the vocabulary."""
+        (token_nll [B, L], None), only the labelled positions projected onto the vocabulary.
+
+        Packed rows (data/packing.py) pass each sample's own M-RoPE positions ([3, B, L], the
+        dataset's rope_index) and attn_mask_startend_row_indices instead of attention_mask."""
         embeds, deepstack = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if position_ids is None:
+            if attn_mask_startend_row_indices is not None:
+                raise ValueError("packed rows need their M-RoPE position_ids (the dataset's rope_index)")
             position_ids, _ = self.rope_positions(input_ids, attention_mask, image_grid_thw, video_grid_thw,
                                                   second_per_grid_ts)
-        hidden, _ = run_backbone(self.language_model, embeds, attention_mask, position_ids=position_ids, **deepstack)
+        hidden, _ = run_backbone(self.language_model, embeds, attention_mask, position_ids=position_ids,
+                                 attn_mask_startend_row_indices=attn_mask_startend_row_indices, **deepstack)
         if labels is not None:
             return next_token_nll(hidden, labels, self.language_model.lm_head), None
         return None, self.language_model.lm_head(hidden)

@@ -73,7 +73,11 @@ def build_language_model(cfg: LMConfig, special_ids: dict[str, int] | None = Non
     if cfg.family in ("qwen2_vl", "qwen3_vl"):
         from paddle_mm.lm.mrope import build_mrope_lm
 
-        return build_mrope_lm(cfg, special_ids)
+        lm = build_mrope_lm(cfg, special_ids, PACKED_SDPA if cfg.attn_implementation == "sdpa" else "")
+        from paddleformers.nn.attention.interface import ALL_ATTENTION_FUNCTIONS  # after PaddleFormers' imports
+
+        ALL_ATTENTION_FUNCTIONS[PACKED_SDPA] = packed_sdpa  # packed rows attend by sample here too
+        return lm
     _, model_cls = _classes(cfg.family)
     return model_cls(backbone_config(cfg, special_ids))
 

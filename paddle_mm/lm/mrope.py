@@ -46,7 +46,9 @@ def _text_classes(family: str):
 
 
 class MRopeCausalLM(nn.Layer):
-    def __init__(self, cfg: LMConfig, special_ids: dict[str, int] | None = None):
+    def __init__(self, cfg: LMConfig, special_ids: dict[str, int] | None = None, attn_implementation: str = ""):
+        """attn_implementation: the attention function's registered name, in place of cfg's (lm/adapter.py
+        registers its packed_sdpa so)."""
         super().__init__()
         config_cls, model_cls, rope = _text_classes(cfg.family)
         if sum(cfg.mrope_section) * 2 != cfg.hidden_size // cfg.num_heads:
@@ -63,7 +65,7 @@ class MRopeCausalLM(nn.Layer):
             bos_token_id=ids.get("bos", ids.get("eos", 0)), eos_token_id=ids.get("eos", 0),
             pad_token_id=ids.get("pad", 0),
         )
-        config._attn_implementation = cfg.attn_implementation
+        config._attn_implementation = attn_implementation or cfg.attn_implementation
         self.config = config
         self.model = model_cls(config)
         embed = self.model.embed_tokens.weight
@@ -86,9 +88,10 @@ class MRopeCausalLM(nn.Layer):
                                past_key_values=out.past_key_values)
 
 
-def build_mrope_lm(cfg: LMConfig, special_ids: dict[str, int] | None = None) -> MRopeCausalLM:
+def build_mrope_lm(cfg: LMConfig, special_ids: dict[str, int] | None = None,
+                   attn_implementation: str = "") -> MRopeCausalLM:
     import paddleformers.transformers  # noqa: F401  (PaddleFormers' own imports, in their order)
     from paddleformers.utils.log import logger
 
     logger.set_level("WARNING")
-    return MRopeCausalLM(cfg, special_ids)
+    return MRopeCausalLM(cfg, special_ids, attn_implementation)

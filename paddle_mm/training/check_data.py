@@ -65,11 +65,11 @@ class _Tally:
 def check_data(recipe: Recipe, decode_images: bool = True) -> dict:
     """Check every record of recipe.data.train and data.eval; returns the report (see the module docstring)."""
     from paddle_mm import builder
-    from paddle_mm.data.dataset import check_encoded, encode_turns
+    from paddle_mm.data.dataset import check_encoded, encode_turns, image_token_counts
     from paddle_mm.data.readers import pair_turns
 
     tokenizer = builder.load_tokenizer(recipe)
-    tokens_per_image = builder.model_config_for(recipe, tokenizer).tokens_per_image
+    tokens_per_image = builder.fixed_image_tokens(builder.model_config_for(recipe, tokenizer))
     processor = builder.image_processor_for(recipe)
     collecting = replace(recipe, data=replace(recipe.data, on_error="skip"))
     tally, datasets, lengths, empty_masks = _Tally(), [], [], 0
@@ -97,7 +97,8 @@ def check_data(recipe: Recipe, decode_images: bool = True) -> dict:
             try:
                 # A preference pair (llava_pairs) trains both answers' rows: check the rejected one too.
                 for turns in pair_turns(sample) if "rejected" in sample.meta else [sample.turns]:
-                    ids, labels = encode_turns(sample, turns, tokenizer, tokens_per_image, recipe.data.system_prompt)
+                    counts = image_token_counts(sample, tokens_per_image, processor)
+                    ids, labels = encode_turns(sample, turns, tokenizer, counts, recipe.data.system_prompt)
                     lengths.append(len(ids))
                     empty_masks += all(label == IGNORE_INDEX for label in labels)
                     if problem is None:
