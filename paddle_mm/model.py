@@ -199,9 +199,11 @@ class Qwen2VLModel(nn.Layer):
 
     @property
     def tokens_per_image(self) -> int:
-        """There is no one count: say so where code written for fixed-size images asks (the server)."""
+        """There is no one count: say so where code written for fixed-size images asks. Training,
+        check-data, generate_answers and the server take each image's own count from the processor
+        (builder.fixed_image_tokens, inference.generate.prompt_length) and never ask."""
         raise ValueError("a Qwen2-VL model gives each image its own token count (grid t*h*w / merge^2); this "
-                         "path expects one count for every image and does not serve it yet")
+                         "path expects one count for every image")
 
     def vision_features(self, pixel_values, grid_thw):  # [N, C*T*p*p] -> [N / merge^2, D]
         return self._vision(pixel_values, grid_thw)[0]
