@@ -21,9 +21,11 @@ from paddle_mm.fileio import write_json_atomic
 from paddle_mm.recipe import bundled_recipes, load_recipe
 from paddle_mm.run_folder import PROJECTOR_FILE
 
-# The projector routes: the MLP (LLaVA) in two stages; the Q-Former (BLIP-2) with stage 1 first.
+# The routes: the MLP (LLaVA) in two stages; the Q-Former (BLIP-2) with stage 1 first; a Qwen2-VL
+# (native-resolution encoder, patch merger, M-RoPE LM) in the MLP's two stages.
 PIPELINES = {"mlp": ("demo", ("pretrain", "instruct")),
-             "qformer": ("qformer_demo", ("align", "pretrain", "instruct"))}
+             "qformer": ("qformer_demo", ("align", "pretrain", "instruct")),
+             "qwen2-vl": ("qwen2_vl_demo", ("pretrain", "instruct"))}
 
 # (train, val, test) images; quick is the CI-sized variant of the same pipeline.
 SIZES = {"full": (3000, 200, 500), "quick": (1000, 20, 60)}
@@ -78,7 +80,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (),
     """Run the whole demo; `scale` multiplies every stage's steps (to see how accuracy grows).
 
     pipeline "qformer" trains a Q-Former projector in three stages (align, pretrain, instruct)
-    and reports the align stage's held-out retrieval too. multi adds the questions over two
+    and reports the align stage's held-out retrieval too; "qwen2-vl" trains a Qwen2-VL from
+    scratch (recipes/qwen2_vl_demo) in the MLP's two stages. multi adds the questions over two
     images and over clips (data/synthetic_multi.py) to the instruct stage and reports their
     held-out accuracy per type beside the blanked-image and question-prior baselines.
 

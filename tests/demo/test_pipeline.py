@@ -59,3 +59,27 @@ def test_the_multi_variant_adds_its_conversations_to_the_instruct_stage_only(tmp
     assert "0.700 / 0.250 / 0.300" in text and "motion" in text and "0.800 / 0.250 / 0.260" in text
     del summary["multi"]
     assert "motion" not in format_summary(summary)
+
+
+def test_the_qwen2_vl_variant_trains_a_qwen2_vl_in_the_same_two_stages(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from paddle_mm import builder, cli
+    from paddle_mm.demo import pipeline
+    from paddle_mm.demo.pipeline import PIPELINES, stage_recipe
+
+    out = str(tmp_path / "demo")
+    d = os.path.join(out, "data")
+    assert PIPELINES["qwen2-vl"][1] == PIPELINES["mlp"][1]
+    recipe = stage_recipe("instruct", out, [], "qwen2-vl", multi=True)
+    assert recipe.model.family == "qwen2_vl" and recipe.train.init_from == os.path.join(out, "pretrain")
+    assert [s.path for s in recipe.data.train] == [f"{d}/train_llava.json", f"{d}/train_multi_llava.json"]
+    scene = tmp_path / "scene.png"
+    Image.new("RGB", (48, 48)).save(scene)
+    # a 48 px scene becomes 84 x 84: 6 x 6 patches, 9 merged tokens (one per cell, as the MLP demo's)
+    assert builder.image_processor_for(recipe).image_token_counts([str(scene)]) == [9]
+    calls = []
+    monkeypatch.setattr(pipeline, "run_demo", lambda out, **kw: calls.append(kw))
+    cli.main(["demo", "--out", out, "--multi", "--family", "qwen2-vl"])
+    cli.main(["demo", "--out", out])
+    assert [(c["pipeline"], c["multi"]) for c in calls] == [("qwen2-vl", True), ("mlp", False)]
