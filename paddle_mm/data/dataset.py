@@ -12,6 +12,7 @@ from typing import TypeVar
 import numpy as np
 
 from paddle_mm.data.image import ImageProcessor
+from paddle_mm.data.qwen2_vl import Qwen2VLProcessor, rope_index
 from paddle_mm.data.readers import Sample
 from paddle_mm.data.tokenizer import IGNORE_INDEX, Tokenizer
 from paddle_mm.errors import DataError
@@ -77,8 +78,6 @@ class ConversationDataset:
         if item.sample.images:
             out.update(image_inputs(self.image_processor, item.sample.images))
         if self.rope_tokens is not None:
-            from paddle_mm.data.qwen2_vl import rope_index
-
             out["position_ids"] = rope_index(item.input_ids.tolist(), out.get("image_grid_thw"), None,
                                              self.rope_tokens)[0]
         return out
@@ -87,8 +86,6 @@ class ConversationDataset:
 def image_inputs(image_processor, images) -> dict:
     """pixel_values of a sample's images ([N, 3, H, W]; a native-resolution processor's pixel rows
     [patches, C*T*p*p] with image_grid_thw [N, 3])."""
-    from paddle_mm.data.qwen2_vl import Qwen2VLProcessor
-
     if isinstance(image_processor, Qwen2VLProcessor):
         pixels, grid = image_processor.images(images)
         return {"pixel_values": pixels, "image_grid_thw": grid}
