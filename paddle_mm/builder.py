@@ -139,6 +139,8 @@ def read_samples(specs: list[DatasetSpec], recipe: Recipe) -> tuple[list[Sample]
         kw = {"on_error": recipe.data.on_error, "allow_outside_root": recipe.data.allow_outside_root}
         if spec.image_root:
             kw["image_root"] = spec.image_root
+        if spec.format in ("llava", "llava_pairs", "chatml", "vqav2"):  # the formats that may hold a video
+            kw["video_frames"] = recipe.data.video_frames
         if spec.format == "vqav2":
             kw["annotations_path"] = spec.annotations or None
             if spec.image_pattern:
@@ -174,14 +176,25 @@ def with_image_settings(recipe: Recipe) -> Recipe:
 
 def image_processor_for(recipe: Recipe):
     """The recipe's ImageProcessor, or a Qwen2-VL folder's own processor (images at their own size)."""
+    from paddle_mm.data.qwen2_vl import Qwen2VLImageSettings, Qwen2VLProcessor, settings_from_folder
     from paddle_mm.weights.hf import whole_model_type
 
     init = recipe.train.init_from
     if init and whole_model_type(init) in QWEN2_VL_TYPES:
-        from paddle_mm.data.qwen2_vl import Qwen2VLProcessor, settings_from_folder
-
         return Qwen2VLProcessor(settings_from_folder(init))
+    if recipe.model.family == "qwen2_vl":  # built here: the patch sizes of its encoder, data.image's colours
+        v, im, default = recipe.model.qwen2_vl_vision, recipe.data.image, Qwen2VLImageSettings()
+        return Qwen2VLProcessor(Qwen2VLImageSettings(
+            patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
+            min_pixels=im.min_pixels or default.min_pixels, max_pixels=im.max_pixels or default.max_pixels,
+            mean=im.mean, std=im.std, resample=im.resample, rescale_factor=im.rescale_factor, normalize=im.normalize))
     return ImageProcessor(image_config_for(recipe))
+
+
+def fixed_image_tokens(cfg: ModelConfig) -> int | None:
+    """The one token count of every image, or None where each image has its own (model.family
+    qwen2_vl: the processor sizes it, data/dataset.image_token_counts)."""
+    return None if cfg.family == "qwen2_vl" else cfg.tokens_per_image
 
 
 def without_paths(cfg: ModelConfig) -> ModelConfig:

@@ -99,7 +99,8 @@ def _eval(args) -> None:
     if args.vqa_questions or args.captions or args.pope or args.chair_scenes:
         recipe, tokenizer, model, proc = _load(args.run_dir)
     if args.vqa_questions:
-        kw = {"image_root": args.image_root or None, "prompt_template": recipe.infer.vqa_prompt}
+        kw = {"image_root": args.image_root or None, "prompt_template": recipe.infer.vqa_prompt,
+              "video_frames": recipe.data.video_frames}
         if args.image_pattern:
             kw["image_pattern"] = args.image_pattern
         samples = read_vqav2(args.vqa_questions, args.vqa_annotations, **kw).samples
@@ -133,8 +134,12 @@ def _eval(args) -> None:
 def _demo(args) -> None:
     from paddle_mm.demo.pipeline import run_demo
 
+    if args.qformer and args.family != "llava":
+        raise SystemExit("paddle-mm demo: --qformer is a LLaVA-family projector; it does not go with --family "
+                         f"{args.family}")
+    pipeline = "qformer" if args.qformer else {"llava": "mlp"}.get(args.family, args.family)
     run_demo(args.out, quick=args.quick, extra=args.overrides, scale=args.scale, processes=args.processes,
-             pipeline="qformer" if args.qformer else "mlp")
+             pipeline=pipeline, multi=args.multi)
 
 
 def _tokenizer(args) -> None:
@@ -239,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the small CI-sized variant")
     p.add_argument("--qformer", action="store_true",
                    help="a Q-Former projector, trained align (ITC/ITM/ITG) -> pretrain -> instruct")
+    p.add_argument("--multi", action="store_true",
+                   help="also train and evaluate questions over two images and over short clips")
+    p.add_argument("--family", choices=("llava", "qwen2-vl"), default="llava",
+                   help="llava: the ViT + projector + Qwen2; qwen2-vl: a Qwen2-VL built from scratch "
+                        "(images at their own size, patch merger, M-RoPE; not with --qformer)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (a longer run)")
     p.add_argument("--processes", type=int, default=0, help="data-parallel training processes (0: one per core)")
     p.add_argument("overrides", nargs="*", help="section.key=value for both stages")

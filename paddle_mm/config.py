@@ -235,8 +235,9 @@ class ModelConfig:
     def tokens_per_image(self) -> int:
         """How many LM positions one <image> placeholder expands to."""
         if self.family == "qwen2_vl":
-            raise RecipeError("model.family qwen2_vl gives each image its own token count (data/qwen2_vl.py); the "
-                              "training and serving paths for one count per image do not take it yet")
+            raise RecipeError("model.family qwen2_vl gives each image its own token count (data/qwen2_vl.py): "
+                              "there is no one count (builder.fixed_image_tokens says so); the dpo stage and a "
+                              "LLaVA export need one")
         if self.projector.type == "qformer":
             return self.projector.qformer.num_queries
         if self.vision.num_features != self.vision.num_patches:  # not the grid: no pooling (validate)
@@ -271,6 +272,8 @@ class DataConfig:
     # What to do with a bad record (missing image, malformed turn, too long): stop, or skip and count.
     on_error: Literal["raise", "skip"] = "raise"
     allow_outside_root: bool = False
+    # Frames kept of each record's "video" (evenly spaced, first and last included); 0: every frame
+    video_frames: int = 0
     system_prompt: str = ""
     # Pack several samples into each row (attention and positions confined to each sample)
     # instead of padding every row to the longest sample of its batch.

@@ -40,27 +40,17 @@ class VisionLanguageModel(nn.Layer):
         return self.multi_modal_projector(self.vision_tower(pixel_values))
 
     def embed(self, input_ids, pixel_values=None):
-        """Token embeddings with image features written at the image-token positions."""
+        """Token embeddings with image features written at the image-token positions.
+
+        pixel_values holds every image of the batch in reading order (row by row, each row's in
+        the order of its tags): a row may hold any number of images, or none.
+        """
         is_image = input_ids == self.config.image_token_id  # [B, L]
         text_ids = paddle.where(is_image, paddle.zeros_like(input_ids), input_ids)
         embeds = self.language_model.get_input_embeddings()(text_ids)  # [B, L, D]
-        num_positions = int(is_image.astype("int64").sum())
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        expected = num_images * self.tokens_per_image
-        if num_positions != expected:
-            raise ValueError(
-                f"image token count mismatch: the text has {num_positions} image token positions, "
-                f"but {num_images} images x {self.tokens_per_image} tokens = {expected} image features"
-            )
-        if num_images == 0:
-            return embeds
-        features = self.image_features(pixel_values).astype(embeds.dtype)  # [N, T, D]
-        d = embeds.shape[-1]
-        flat = features.reshape([-1, d])  # [N*T, D], in reading order of the image positions
-        # The k-th image position (row-major over the batch) takes the k-th feature row.
-        order = paddle.cumsum(is_image.flatten().astype("int64")) - 1
-        gathered = paddle.gather(flat, paddle.clip(order, min=0)).reshape(embeds.shape)
-        return paddle.where(is_image.unsqueeze(-1), gathered, embeds)
+        features = self.image_features(pixel_values) if num_images else None  # [N, T, D]
+        return write_image_features(embeds, is_image, features, num_images)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, position_ids=None,
                 attn_mask_startend_row_indices=None):
@@ -107,6 +97,29 @@ class VisionLanguageModel(nn.Layer):
             return beam_search(self.language_model, embeds, attention_mask, max_new_tokens, eos_token_id, num_beams)
         return decode(self.language_model, embeds, attention_mask, max_new_tokens, eos_token_id,
                       do_sample, temperature, top_p, use_cache, on_token)
+
+
+def write_image_features(embeds, is_image, features, num_images: int):
+    """embeds [B, L, D] with the image features written at the image positions (is_image [B, L]).
+
+    features: [N, T, D] (N images of T tokens each) or [sum of T_i, D] (images of their own token
+    counts, in reading order), or None. The k-th image position, row-major over the batch, takes
+    the k-th feature row: images follow each other in reading order whatever their count per row.
+    A count mismatch is a ValueError naming both counts.
+    """
+    num_positions = int(is_image.astype("int64").sum())
+    d = embeds.shape[-1]
+    flat = None if features is None else features.astype(embeds.dtype).reshape([-1, d])  # [N*T, D]
+    rows = 0 if flat is None else flat.shape[0]
+    if num_positions != rows:
+        each = f" ({features.shape[1]} each)" if features is not None and features.ndim == 3 else ""
+        raise ValueError(f"image token count mismatch: the text has {num_positions} image token positions, "
+                         f"but {num_images} images give {rows} image features{each}")
+    if rows == 0:
+        return embeds
+    order = paddle.cumsum(is_image.flatten().astype("int64")) - 1
+    gathered = paddle.gather(flat, paddle.clip(order, min=0)).reshape(embeds.shape)
+    return paddle.where(is_image.unsqueeze(-1), gathered, embeds)
 
 
 def next_token_nll(hidden, labels, head=None):
@@ -186,9 +199,11 @@ class Qwen2VLModel(nn.Layer):
 
     @property
     def tokens_per_image(self) -> int:
-        """There is no one count: say so where code written for fixed-size images asks (the server)."""
+        """There is no one count: say so where code written for fixed-size images asks. Training,
+        check-data, generate_answers and the server take each image's own count from the processor
+        (builder.fixed_image_tokens, inference.generate.prompt_length) and never ask."""
         raise ValueError("a Qwen2-VL model gives each image its own token count (grid t*h*w / merge^2); this "
-                         "path expects one count for every image and does not serve it yet")
+                         "path expects one count for every image")
 
     def vision_features(self, pixel_values, grid_thw):  # [N, C*T*p*p] -> [N / merge^2, D]
         return self._vision(pixel_values, grid_thw)[0]
@@ -279,14 +294,21 @@ class Qwen2VLModel(nn.Layer):
         return paddle.to_tensor(out), paddle.to_tensor(np.asarray(deltas, np.int64))
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, labels=None,
-                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None):
+                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
+                attn_mask_startend_row_indices=None):
         """As VisionLanguageModel.forward: without labels (None, logits [B, L, V]); with labels
-        (token_nll [B, L], None), only the labelled positions projected onto the vocabulary."""
+        (token_nll [B, L], None), only the labelled positions projected onto the vocabulary.
+
+        Packed rows (data/packing.py) pass each sample's own M-RoPE positions ([3, B, L], the
+        dataset's rope_index) and attn_mask_startend_row_indices instead of attention_mask."""
         embeds, deepstack = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if position_ids is None:
+            if attn_mask_startend_row_indices is not None:
+                raise ValueError("packed rows need their M-RoPE position_ids (the dataset's rope_index)")
             position_ids, _ = self.rope_positions(input_ids, attention_mask, image_grid_thw, video_grid_thw,
                                                   second_per_grid_ts)
-        hidden, _ = run_backbone(self.language_model, embeds, attention_mask, position_ids=position_ids, **deepstack)
+        hidden, _ = run_backbone(self.language_model, embeds, attention_mask, position_ids=position_ids,
+                                 attn_mask_startend_row_indices=attn_mask_startend_row_indices, **deepstack)
         if labels is not None:
             return next_token_nll(hidden, labels, self.language_model.lm_head), None
         return None, self.language_model.lm_head(hidden)

@@ -51,6 +51,16 @@ def test_infer_single_image_vqa_and_caption(run_dir, demo_data, capsys):
     assert vqa.strip() and caption.strip()
 
 
+def test_infer_a_question_over_several_images(run_dir, demo_data, capsys):
+    images = [os.path.join(demo_data["data"], "images", "test", f"0000{k}.png") for k in (3, 4)]
+    question = "which image has more circles?"
+    assert main(["infer", run_dir, "--task", "vqa", "--image", images[0], "--image", images[1],
+                 "--prompt", question]) == 0
+    out = capsys.readouterr().out
+    assert out == _library_answer(run_dir, {"task": "vqa", "images": images, "prompt": question}) + "\n"
+    assert out.strip()
+
+
 def test_infer_missing_image_is_a_clear_error(run_dir, capsys):
     assert main(["infer", run_dir, "--task", "vqa", "--image", "nope.png", "--prompt", "q"]) == 2
     assert "nope.png" in capsys.readouterr().err

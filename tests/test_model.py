@@ -413,3 +413,20 @@ def test_model_loss_is_not_finite_when_one_head_weight_is_not(bad):
     labels[0, 18:] = [3, 4, 6, 7]
     loss = model_loss(m, ids_tensor([[1, 2] + image_span() + [3, 4, 6, 7]]), None, pixels(1), paddle.to_tensor(labels))
     assert not np.isfinite(float(loss))
+
+
+def test_features_of_images_with_their_own_token_counts_land_in_reading_order(model):
+    """The contract a family whose images differ in token count relies on: flat [sum T_i, D] features."""
+    from paddle_mm.model import write_image_features
+
+    rows = [[1] + [IMG] * 3 + [2] + [IMG] * 5, [IMG] * 2 + [3] * 8]
+    ids = ids_tensor(rows)
+    embeds = model.language_model.get_input_embeddings()(paddle.where(ids == IMG, paddle.zeros_like(ids), ids))
+    feats = paddle.to_tensor(np.random.default_rng(0).standard_normal((10, HIDDEN)).astype("float32"))
+    out = write_image_features(embeds, ids == IMG, feats, num_images=3).numpy()
+    np.testing.assert_allclose(out[0, 1:4], feats.numpy()[0:3], atol=1e-6)
+    np.testing.assert_allclose(out[0, 5:10], feats.numpy()[3:8], atol=1e-6)
+    np.testing.assert_allclose(out[1, 0:2], feats.numpy()[8:10], atol=1e-6)
+    np.testing.assert_allclose(out[1, 2:], embeds.numpy()[1, 2:], atol=1e-6)
+    with pytest.raises(ValueError, match="10 image token positions, but 3 images give 9 image features$"):
+        write_image_features(embeds, ids == IMG, feats[:9], num_images=3)

@@ -114,6 +114,18 @@ def test_answer_is_transformers_answer_for_paths_arrays_and_pil_images(vlm):
     assert vlm.chat([{"role": "user", "content": q}], images=[IMAGES[0]], max_new_tokens=16) == expected
 
 
+def test_one_question_over_several_images(vlm):
+    """A list of images with one question: one block of image tokens per image, in that order; the
+    same answer alone, in a batch beside a one-image question, and through chat with the tags."""
+    q = "which image is wider?"
+    pair = vlm.answer(IMAGES, q, max_new_tokens=8)
+    assert vlm.answer([IMAGES, IMAGES[1]], [q, q], max_new_tokens=8) == [pair, vlm.answer(IMAGES[1], q, max_new_tokens=8)]
+    prompt = vlm.recipe.infer.vqa_prompt.replace("<image>", "<image>\n<image>").format(question=q)
+    assert vlm.chat([{"role": "user", "content": prompt}], images=IMAGES, max_new_tokens=8) == pair
+    with pytest.raises(ValueError, match="1 <image> tags but 2 images"):
+        vlm.chat([{"role": "user", "content": "<image> which?"}], images=IMAGES)
+
+
 def test_streaming_adds_up_to_the_answer_and_a_stop_string_cuts_it(vlm):
     q = "what colour is the circle?"
     full = vlm.answer(IMAGES[0], q, max_new_tokens=16)

@@ -13,6 +13,12 @@ TINY = [
     "train.batch_size=4", "train.log_every=1", "train.warmup_steps=0",
 ]
 
+# The same, as a Qwen2-VL built from scratch (model.Qwen2VLModel): native-resolution images, M-RoPE.
+TINY_QWEN2_VL = [
+    "model.family=qwen2_vl",
+    "model.qwen2_vl_vision={depth: 1, hidden_size: 16, intermediate_size: 32, num_heads: 2}",
+]
+
 
 def tiny_overrides(demo_data, out_dir, *overrides) -> list[str]:
     """The command-line overrides that turn the demo recipe into the tiny one."""

@@ -14,7 +14,7 @@ from typing import NamedTuple, Union
 
 import numpy as np
 
-from paddle_mm.data.readers import Sample
+from paddle_mm.data.readers import Sample, visual_prompt
 from paddle_mm.data.tokenizer import IMAGE_TOKEN
 
 ImageLike = Union[str, os.PathLike, "PIL.Image.Image", np.ndarray]  # noqa: F821 (PIL is imported lazily)
@@ -51,16 +51,19 @@ class Pipeline:
                *, max_new_tokens: int | None = None, temperature: float | None = None,
                top_p: float | None = None, num_beams: int | None = None, stop: Sequence[str] = (),
                on_text: Callable[[str], None] | None = None) -> str | list[str]:
-        """Answer one question about one image (a str back), or a question per image (a list back),
-        worded through the recipe's infer.vqa_prompt as in training."""
+        """Answer one question (a str back) about one image or a list of images (several blocks of
+        image tokens, in that order), or a list of questions (a list back), each with its own image
+        or list of images; worded through the recipe's infer.vqa_prompt as in training, its <image>
+        standing for all of a question's images."""
         single = isinstance(questions, str)
         images, questions = ([images], [questions]) if single else (list(images), list(questions))
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        groups = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
         template = self.recipe.infer.vqa_prompt
-        turns = [[("user", template.format(question=q.strip()))] for q in questions]
-        out = self._generate([[im] for im in images], turns, "", Settings(max_new_tokens, temperature, top_p,
-                                                                          num_beams, stop, on_text))
+        turns = [[("user", visual_prompt(template, len(g)).format(question=q.strip()))]
+                 for g, q in zip(groups, questions)]
+        out = self._generate(groups, turns, "", Settings(max_new_tokens, temperature, top_p, num_beams, stop, on_text))
         return out[0] if single else out
 
     def caption(self, images: ImageLike | Sequence[ImageLike], *, max_new_tokens: int | None = None, temperature: float | None = None,
@@ -80,14 +83,15 @@ class Pipeline:
              on_text: Callable[[str], None] | None = None) -> str:
         """The next assistant turn of a conversation: messages as {"role", "content"} dicts or
         (role, text) pairs, user and assistant alternating, the last one the user's. Each image
-        goes where a "<image>" tag stands in the text; with no tags, before the first message."""
+        goes where a "<image>" tag stands in the text (in order); with no tags, all of them before the
+        first message."""
         turns = [(m["role"], m["content"]) if isinstance(m, dict) else tuple(m) for m in messages]
         if not turns or turns[-1][0] != "user":
             raise ValueError("the last message must be the user's")
         images = list(images)
         tags = sum(text.count(IMAGE_TOKEN) for _, text in turns)
         if images and tags == 0:
-            turns[0] = (turns[0][0], f"{IMAGE_TOKEN}\n{turns[0][1]}")
+            turns[0] = (turns[0][0], visual_prompt(turns[0][1], len(images)))
         elif tags != len(images):
             raise ValueError(f"{tags} {IMAGE_TOKEN} tags but {len(images)} images")
         settings = Settings(max_new_tokens, temperature, top_p, num_beams, stop, on_text)

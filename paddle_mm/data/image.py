@@ -62,6 +62,10 @@ class ImageProcessorConfig:
     pad_color: list[int] = field(default_factory=list)
     rescale_factor: float = 1 / 255
     normalize: bool = True
+    # model.family qwen2_vl: images keep their size, smart-resized to multiples of 28 with an area
+    # in [min_pixels, max_pixels] (0: Qwen2-VL's 56 * 56 and 28 * 28 * 1280); size and resize unused
+    min_pixels: int = 0
+    max_pixels: int = 0
 
     def __post_init__(self):
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size <= 0:
@@ -187,6 +191,14 @@ def open_image(fp, source: str, max_pixels: int = 0) -> Image.Image:
         raise DataError(source, f"cannot read image: {exc}", reason="image_unreadable") from None
 
 
+def load_image(path) -> Image.Image:
+    """Open and fully decode ``path`` as RGB; a DataError naming the path if that fails."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(path, "cannot read image: file not found", reason="image_missing")
+    return open_image(path, path)
+
+
 class ImageProcessor:
     """Loads images and turns them into normalized ``[3, size, size]`` float32 arrays."""
 
@@ -194,11 +206,7 @@ class ImageProcessor:
         self.config = config or ImageProcessorConfig()
 
     def load(self, path) -> Image.Image:
-        """Open and fully decode ``path`` as RGB; a DataError naming the path if that fails."""
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise DataError(path, "cannot read image: file not found", reason="image_missing")
-        return open_image(path, path)
+        return load_image(path)
 
     def _resize(self, image: Image.Image) -> Image.Image:
         size = self.config.size

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from paddle_mm.data.dataset import stacked_images
 from paddle_mm.data.tokenizer import IGNORE_INDEX
 
 
@@ -40,17 +41,20 @@ def pack(items: Sequence[dict], pad_token_id: int, pack_length: int) -> dict:
 
     Rows are padded to the longest row, not to pack_length. A sample's first label is
     ignored: it would be the next-token target of the previous sample's last token.
-    pixel_values stacks the images in the order their image tokens appear, row by row.
+    pixel_values stacks the images in the order their image tokens appear, row by row (with
+    image_grid_thw where the items carry grids). Items with position_ids of their own (M-RoPE's
+    [3, n]: the dataset's rope_index) keep them; the others count 0, 1, ... from their start.
     """
     plan = plan_rows([len(x["input_ids"]) for x in items], pack_length)
     width = max(sum(len(items[i]["input_ids"]) for i in row) for row in plan)
     r = len(plan)
     input_ids = np.full([r, width], pad_token_id, dtype="int64")
     labels = np.full([r, width], IGNORE_INDEX, dtype="int64")
-    positions = np.zeros([r, width], dtype="int64")
+    rope_rows = items[0].get("position_ids")
+    positions = np.zeros(([len(rope_rows)] if rope_rows is not None else []) + [r, width], dtype="int64")
     # Padding forms one trailing segment of its own, ending at the row's end.
     ends = np.full([r, width], width, dtype="int32")
-    images, ids = [], []
+    placed, ids = [], []
     for row, members in enumerate(plan):
         start = 0
         for i in members:
@@ -60,17 +64,16 @@ def pack(items: Sequence[dict], pad_token_id: int, pack_length: int) -> dict:
             input_ids[row, span] = x["input_ids"]
             labels[row, span] = x["labels"]
             labels[row, start] = IGNORE_INDEX
-            positions[row, span] = np.arange(n)
+            positions[..., row, span] = np.arange(n) if rope_rows is None else x["position_ids"]
             ends[row, span] = start + n
             start += n
             ids.append(x["id"])
-            if x["pixel_values"] is not None:
-                images.append(x["pixel_values"])
+            placed.append(x)
     return {
         "ids": ids,
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": positions,
         "attn_mask_startend_row_indices": ends[:, None, :, None],
-        "pixel_values": np.concatenate(images, axis=0) if images else None,
+        **stacked_images(placed),
     }

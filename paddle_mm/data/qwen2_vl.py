@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from paddle_mm.data.image import ImageInput, normalized_hwc, open_image, pil_filter, resample_name
+from paddle_mm.data.image import ImageInput, load_image, normalized_hwc, pil_filter, resample_name
 from paddle_mm.errors import DataError
 from paddle_mm.fileio import read_json_object
 
@@ -152,11 +152,7 @@ class Qwen2VLProcessor:
     def _frame(self, image: ImageInput, size: tuple[int, int] | None, bounds: tuple[int, int]) -> np.ndarray:
         """One picture as float32 CHW at the smart-resized size (or the given one)."""
         s = self.settings
-        if not isinstance(image, Image.Image):
-            path = os.fspath(image)
-            if not os.path.isfile(path):
-                raise DataError(path, "cannot read image: file not found", reason="image_missing")
-            image = open_image(path, path)
+        image = image if isinstance(image, Image.Image) else load_image(image)
         image = image.convert("RGB") if image.mode != "RGB" else image
         w, h = image.size
         nh, nw = size or smart_resize(h, w, s.factor, *bounds)
@@ -208,6 +204,34 @@ class Qwen2VLProcessor:
     def token_counts(self, grid: np.ndarray) -> list[int]:
         """LM tokens per image or video of a grid [n, 3]."""
         return [int(np.prod(g)) // self.settings.merge_size ** 2 for g in np.asarray(grid).reshape(-1, 3)]
+
+    def image_token_counts(self, images: list[str]) -> list[int]:
+        """LM tokens of each image file, from its header's size alone (nothing decoded): what
+        images() will give, so a dataset can widen its prompts before any pixel is read."""
+        s = self.settings
+        counts = []
+        for path in images:
+            try:
+                with Image.open(path) as img:
+                    width, height = img.size
+            except FileNotFoundError:
+                raise DataError(path, "cannot read image: file not found", reason="image_missing") from None
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise DataError(path, f"cannot read image: {exc}", reason="image_unreadable") from None
+            h, w = smart_resize(height, width, s.factor, s.min_pixels, s.max_pixels)
+            counts.append((h // s.patch_size) * (w // s.patch_size) // s.merge_size ** 2)
+        return counts
+
+    def load(self, path) -> Image.Image:
+        return load_image(path)
+
+    def blank(self, image: ImageInput) -> Image.Image:
+        """A uniform mean-colour picture of the image's size (the blanked-image baseline's: the
+        same grid and token count, no visual information)."""
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        colour = tuple(int(m * 255) for m in self.settings.mean)
+        return Image.new("RGB", image.size, colour)
 
 
 def expand_pads(ids: list[int], labels: list[int], pads: dict[int, list[int]], ignore: int) -> tuple[list[int], list[int]]:

@@ -172,12 +172,12 @@ class Tokenizer:
         return {"eos": self.eos_token_id, "pad": self.pad_token_id, "bos": self.bos_token_id}
 
     # chat template ------------------------------------------------------------------------
-    def _expand_images(self, text: str, tokens_per_image: int) -> list[int]:
-        """Encode text; each <image> becomes tokens_per_image copies of the image token id."""
+    def _expand_images(self, text: str, sizes: _ImageSizes) -> list[int]:
+        """Encode text; each <image> becomes its image's count of image token ids."""
         ids: list[int] = []
         for i, piece in enumerate(text.split(IMAGE_TOKEN)):
             if i:
-                ids.extend([self.image_token_id] * tokens_per_image)
+                ids.extend([self.image_token_id] * sizes.next())
             if piece:
                 ids.extend(self.encode(piece))
         return ids
@@ -185,12 +185,14 @@ class Tokenizer:
     def encode_chat(
         self,
         turns: Sequence[tuple[str, str]],
-        tokens_per_image: int,
+        tokens_per_image: int | Sequence[int],
         system: str = "",
         add_generation_prompt: bool = False,
     ) -> tuple[list[int], list[int]]:
         """Token ids and labels of a conversation in the tokenizer's chat template.
 
+        tokens_per_image: every image's token count (a ViT's fixed one), or each image's own, in
+        the order of the <image> tags (an encoder whose count follows the image's size).
         With add_generation_prompt the ids end with an open assistant header, ready for
         generation (pass the turns up to the user's last one).
         """
@@ -199,16 +201,23 @@ class Tokenizer:
                 raise DataError("<conversation>", f"unknown role {role!r}; expected one of {ROLES}")
             if not isinstance(text, str):
                 raise DataError("<conversation>", f"{role} turn text must be a string, got {type(text).__name__}")
+        sizes = _ImageSizes(tokens_per_image)
         if self.template is not None:
-            return self._encode_templated(turns, tokens_per_image, system, add_generation_prompt)
-        if self.plain:
-            return self._encode_plain(turns, tokens_per_image)
+            out = self._encode_templated(turns, sizes, system, add_generation_prompt)
+        elif self.plain:
+            out = self._encode_plain(turns, sizes)
+        else:
+            out = self._encode_chatml(turns, sizes, system, add_generation_prompt)
+        sizes.finish()
+        return out
+
+    def _encode_chatml(self, turns, sizes: _ImageSizes, system: str, add_generation_prompt: bool):
         ids: list[int] = []
         labels: list[int] = []
         messages = ([("system", system)] if system else []) + list(turns)
         for role, text in messages:
             header = [self.im_start_id] + self.encode(role + "\n")
-            body = self._expand_images(text, tokens_per_image) + [self.im_end_id]
+            body = self._expand_images(text, sizes) + [self.im_end_id]
             newline = self.encode("\n")
             ids += header + body + newline
             if role == "assistant":
@@ -220,7 +229,7 @@ class Tokenizer:
             labels += [IGNORE_INDEX] * (len(ids) - len(labels))
         return ids, labels
 
-    def _encode_plain(self, turns, tokens_per_image: int):
+    def _encode_plain(self, turns, sizes: _ImageSizes):
         """Each user turn: its images' tokens, then its text (the first with the tokenizer's special
         tokens); each assistant turn: its text and eos, labelled."""
         ids: list[int] = []
@@ -233,14 +242,14 @@ class Tokenizer:
                 ids += piece
                 labels += piece
                 continue
-            piece = [self.image_token_id] * (tokens_per_image * text.count(IMAGE_TOKEN))
+            piece = [self.image_token_id] * sum(sizes.next() for _ in range(text.count(IMAGE_TOKEN)))
             piece += self._tok.encode(body, add_special_tokens=first).ids if body or first else []
             first = False
             ids += piece
             labels += [IGNORE_INDEX] * len(piece)
         return ids, labels
 
-    def _encode_templated(self, turns, tokens_per_image: int, system: str, add_generation_prompt: bool):
+    def _encode_templated(self, turns, sizes: _ImageSizes, system: str, add_generation_prompt: bool):
         template = self.template
         if add_generation_prompt:
             text, spans = template.render(turns, system, add_generation_prompt=True), []
@@ -255,13 +264,38 @@ class Tokenizer:
         labels: list[int] = []
         for token, (start, end) in zip(encoding.ids, encoding.offsets):
             if token == self.image_token_id:
-                ids += [token] * tokens_per_image
-                labels += [IGNORE_INDEX] * tokens_per_image
+                n = sizes.next()
+                ids += [token] * n
+                labels += [IGNORE_INDEX] * n
                 continue
             ids.append(token)
             inside = end > start and any(start < e and end > s for s, e in spans)
             labels.append(token if inside else IGNORE_INDEX)
         return ids, labels
+
+
+class _ImageSizes:
+    """Each image's token count in reading order: one count for every image, or one per image
+    (then the text must hold exactly that many images)."""
+
+    def __init__(self, tokens_per_image: int | Sequence[int]):
+        self.each = None if isinstance(tokens_per_image, int) else [int(n) for n in tokens_per_image]
+        self.fixed = tokens_per_image if self.each is None else 0
+        self.used = 0
+
+    def next(self) -> int:
+        self.used += 1
+        if self.each is None:
+            return self.fixed
+        if self.used > len(self.each):
+            raise DataError("<conversation>", f"the text holds more images than the {len(self.each)} token counts "
+                            "given", reason="tag_mismatch")
+        return self.each[self.used - 1]
+
+    def finish(self) -> None:
+        if self.each is not None and self.used != len(self.each):
+            raise DataError("<conversation>", f"the text holds {self.used} images but {len(self.each)} token counts "
+                            "were given", reason="tag_mismatch")
 
 
 def _stop_ids(folder: str) -> list[int]:

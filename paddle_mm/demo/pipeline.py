@@ -21,12 +21,17 @@ from paddle_mm.fileio import write_json_atomic
 from paddle_mm.recipe import bundled_recipes, load_recipe
 from paddle_mm.run_folder import PROJECTOR_FILE
 
-# The projector routes: the MLP (LLaVA) in two stages; the Q-Former (BLIP-2) with stage 1 first.
+# The routes: the MLP (LLaVA) in two stages; the Q-Former (BLIP-2) with stage 1 first; a Qwen2-VL
+# (native-resolution encoder, patch merger, M-RoPE LM) in the MLP's two stages.
 PIPELINES = {"mlp": ("demo", ("pretrain", "instruct")),
-             "qformer": ("qformer_demo", ("align", "pretrain", "instruct"))}
+             "qformer": ("qformer_demo", ("align", "pretrain", "instruct")),
+             "qwen2-vl": ("qwen2_vl_demo", ("pretrain", "instruct"))}
 
 # (train, val, test) images; quick is the CI-sized variant of the same pipeline.
 SIZES = {"full": (3000, 200, 500), "quick": (1000, 20, 60)}
+# The multi variant's (train, val, test) items, each a pair of scenes and a clip with two
+# questions each (data/synthetic_multi.py), beside the scenes above.
+MULTI_SIZES = {"full": (1500, 50, 250), "quick": (500, 10, 50)}
 # The quick variant's steps per stage (and the log and validation intervals so its curves have points).
 QUICK_STEPS = {"align": 150, "pretrain": 150, "instruct": 400}
 QUICK_EVAL_EVERY = 50
@@ -44,18 +49,21 @@ def _paths(out: str) -> dict[str, str]:
     }
 
 
-def stage_recipe(stage: str, out: str, extra: list[str], pipeline: str = "mlp") -> Recipe:
-    """A demo stage's recipe with its data, tokenizer and output paths placed under `out`."""
+def stage_recipe(stage: str, out: str, extra: list[str], pipeline: str = "mlp", multi: bool = False) -> Recipe:
+    """A demo stage's recipe with its data, tokenizer and output paths placed under `out`; with
+    multi the instruct stage also trains (and validates) on the two-image and clip conversations."""
     p = _paths(out)
     d = p["data"]
+    llava = ", ".join([f"{{path: {d}/{{split}}_llava.json, format: llava}}"]
+                      + ([f"{{path: {d}/{{split}}_multi_llava.json, format: llava}}"] if multi else []))
     overrides = [
         f"data.tokenizer={p['tokenizer']}",
         f"train.output_dir={p[stage]}",
         f"data.train=[{{path: {d}/train_captions.json, format: caption}}]" if stage in ("align", "pretrain")
-        else f"data.train=[{{path: {d}/train_llava.json, format: llava}}]",
+        else f"data.train=[{llava.replace('{split}', 'train')}]",
         # Validation while training, on the val split (never the test split the summary reports).
         f"data.eval=[{{path: {d}/val_captions.json, format: caption}}]" if stage in ("align", "pretrain")
-        else f"data.eval=[{{path: {d}/val_llava.json, format: llava}}]",
+        else f"data.eval=[{llava.replace('{split}', 'val')}]",
     ]
     if stage == "instruct":
         overrides.append(f"train.init_from={p['pretrain']}")
@@ -68,11 +76,14 @@ def stage_recipe(stage: str, out: str, extra: list[str], pipeline: str = "mlp") 
 
 
 def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (), scale: float = 1.0,
-             processes: int = 0, pipeline: str = "mlp") -> dict:
+             processes: int = 0, pipeline: str = "mlp", multi: bool = False) -> dict:
     """Run the whole demo; `scale` multiplies every stage's steps (to see how accuracy grows).
 
     pipeline "qformer" trains a Q-Former projector in three stages (align, pretrain, instruct)
-    and reports the align stage's held-out retrieval too.
+    and reports the align stage's held-out retrieval too; "qwen2-vl" trains a Qwen2-VL from
+    scratch (recipes/qwen2_vl_demo) in the MLP's two stages. multi adds the questions over two
+    images and over clips (data/synthetic_multi.py) to the instruct stage and reports their
+    held-out accuracy per type beside the blanked-image and question-prior baselines.
 
     Training runs data-parallel in `processes` processes (0: one per core). On CPU this model
     is too small for Paddle's intra-op threads to help (1 and 2 threads measured the same
@@ -91,7 +102,12 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (),
     p = _paths(out)
     sizes = SIZES["quick" if quick else "full"]
     files = generate_demo_data(p["data"], *sizes, seed=0)
-    tokenizer = Tokenizer.train_bpe(training_corpus([files["corpus"]]), vocab_size=400)
+    corpora = [files["corpus"]]
+    if multi:
+        from paddle_mm.data.synthetic_multi import generate_multi_data
+
+        corpora.append(generate_multi_data(p["data"], *MULTI_SIZES["quick" if quick else "full"], seed=0)["corpus"])
+    tokenizer = Tokenizer.train_bpe(training_corpus(corpora), vocab_size=400)
     tokenizer.save(os.path.dirname(p["tokenizer"]))
     _say(f"data: {sizes[0]} train / {sizes[2]} test scenes; tokenizer: {tokenizer.vocab_size} tokens")
     retrieval = None
@@ -103,7 +119,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (),
     for stage in PIPELINES[pipeline][1]:
         quick_overrides = [f"train.max_steps={QUICK_STEPS[stage]}", "train.log_every=10",
                            f"train.eval_every={QUICK_EVAL_EVERY}"] if quick else []
-        recipe = stage_recipe(stage, out, quick_overrides + list(extra), pipeline)
+        recipe = stage_recipe(stage, out, quick_overrides + list(extra), pipeline, multi and stage == "instruct")
         if scale != 1.0:
             recipe.train.max_steps = max(1, round(recipe.train.max_steps * scale))
         _say(f"stage {stage}: {recipe.train.max_steps} steps, trainable {recipe.train.trainable}")
@@ -141,6 +157,9 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (),
     }
     if retrieval is not None:
         summary["align_retrieval"] = retrieval
+    if multi:
+        summary["multi"] = _evaluate_multi(model, tokenizer, proc, recipe, d)
+        summary["wall_time_s"] = round(time.time() - t0, 1)
     write_json_atomic(os.path.join(out, "summary.json"), summary)
     print(format_summary(summary))
     _say(f"training curves: {plot_runs([p['pretrain'], p['instruct']], os.path.join(out, 'curves.png'))}")
@@ -150,11 +169,34 @@ def run_demo(out: str = "runs/demo", quick: bool = False, extra: list[str] = (),
     return summary
 
 
+def _evaluate_multi(model, tokenizer, proc, recipe, d: str) -> dict:
+    """Held-out accuracy per type on the two-image and clip questions, with both baselines."""
+    from paddle_mm.data.readers import read_llava, read_vqav2
+    from paddle_mm.data.synthetic_multi import pair_image_pattern
+    from paddle_mm.eval.tasks import evaluate_vqa, question_prior_report
+
+    questions = read_vqav2(f"{d}/test_multi_vqa_questions.json", f"{d}/test_multi_vqa_annotations.json",
+                           image_pattern=pair_image_pattern("test"), prompt_template=recipe.infer.vqa_prompt,
+                           video_frames=recipe.data.video_frames).samples
+    vqa = evaluate_vqa(model, tokenizer, questions, proc, recipe.infer)
+    blind = evaluate_vqa(model, tokenizer, questions, proc, recipe.infer, blind=True)
+    prior = question_prior_report(read_llava(f"{d}/train_multi_llava.json").samples, questions)
+    return {"vqa_accuracy": vqa["overall"], "per_type": vqa["per_type"], "blind_vqa_accuracy": blind["overall"],
+            "blind_per_type": blind["per_type"], "prior_vqa_accuracy": prior["overall"],
+            "prior_per_type": prior["per_type"], "num_test_questions": vqa["count"]}
+
+
 def format_summary(s: dict) -> str:
     rows = [("VQA accuracy: image / blanked image / question prior",
              f"{s['vqa_accuracy']:.3f} / {s['blind_vqa_accuracy']:.3f} / {s['prior_vqa_accuracy']:.3f}")]
     rows += [(f"  {t}", f"{v:.3f} / {s['blind_per_type'].get(t, 0):.3f} / {s['prior_per_type'].get(t, 0):.3f}")
              for t, v in sorted(s["vqa_per_type"].items())]
+    if "multi" in s:
+        m = s["multi"]
+        rows.append(("two images and clips: image / blanked / prior",
+                     f"{m['vqa_accuracy']:.3f} / {m['blind_vqa_accuracy']:.3f} / {m['prior_vqa_accuracy']:.3f}"))
+        rows += [(f"  {t}", f"{v:.3f} / {m['blind_per_type'].get(t, 0):.3f} / {m['prior_per_type'].get(t, 0):.3f}")
+                 for t, v in sorted(m["per_type"].items())]
     rows += [(name, value) for name, value in s["caption"].items()]
     if "align_retrieval" in s:
         r = s["align_retrieval"]

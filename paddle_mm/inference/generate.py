@@ -77,27 +77,60 @@ def generate_answers(
     return answers
 
 
-def _native_resolution_answers(model, tokenizer, samples, processor, infer, blind, system, on_token):
-    """generate_answers for Qwen2-VL (model.Qwen2VLModel): every image and clip at its own size and
-    token count. One sample at a time: each brings its own grids."""
-    import paddle
+def prompt_length(model, tokenizer: Tokenizer, image_processor, sample: Sample, system: str = "") -> int:
+    """The token count of the sample's prompt as generate_answers builds it (each image's own count
+    for a native-resolution model)."""
+    from paddle_mm.data.qwen2_vl import Qwen2VLProcessor
 
+    if isinstance(image_processor, Qwen2VLProcessor):
+        return len(_native_encoding(model, tokenizer, image_processor, sample, system)["input_ids"])
+    ids, _ = tokenizer.encode_chat(prompt_turns(sample), model.tokens_per_image, system=system,
+                                   add_generation_prompt=True)
+    return len(ids)
+
+
+def _native_encoding(model, tokenizer, processor, sample: Sample, system: str, blind: bool = False) -> dict:
+    """encode_conversation of a sample's prompt for model.Qwen2VLModel. A model without a video token
+    (one built here with a ChatML tokenizer) reads a clip's frames as images, as it was trained;
+    blind: every picture blanked at its own size (same grids and token counts)."""
     from paddle_mm.data.qwen2_vl import encode_conversation
 
-    if blind:
-        raise ValueError("blind (blanked-image) answers are not implemented for Qwen2-VL models")
     cfg = model.config
+    images = [processor.blank(im) for im in sample.images] if blind else sample.images
+    videos = getattr(sample, "videos", []) if cfg.video_token_id >= 0 else []
+    return encode_conversation(tokenizer, processor, prompt_turns(sample), images, videos,
+                               image_pad_id=cfg.image_token_id, video_pad_id=cfg.video_token_id, system=system,
+                               add_generation_prompt=True)
+
+
+def _native_resolution_answers(model, tokenizer, samples, processor, infer, blind, system, on_token):
+    """generate_answers for Qwen2-VL (model.Qwen2VLModel): every image and clip at its own size and
+    token count, infer.batch_size samples at a time (left-padded; their pictures' rows and grids
+    concatenated in row order)."""
+    import paddle
+
     answers: dict[str, str] = {}
-    for s in samples:
-        enc = encode_conversation(tokenizer, processor, prompt_turns(s), s.images, getattr(s, "videos", []),
-                                  image_pad_id=cfg.image_token_id, video_pad_id=cfg.video_token_id, system=system,
-                                  add_generation_prompt=True)
-        tensors = {k: paddle.to_tensor(enc[k]) for k in ("pixel_values", "pixel_values_videos") if enc[k] is not None}
-        out = model.generate(
-            paddle.to_tensor([enc["input_ids"]]), image_grid_thw=enc["image_grid_thw"],
-            video_grid_thw=enc["video_grid_thw"], second_per_grid_ts=enc["second_per_grid_ts"] or None,
+    for start in range(0, len(samples), infer.batch_size):
+        chunk = samples[start: start + infer.batch_size]
+        encoded = [_native_encoding(model, tokenizer, processor, s, system, blind) for s in chunk]
+        items = [{"id": s.id, "input_ids": np.asarray(e["input_ids"], "int64"),
+                  "labels": np.asarray(e["input_ids"], "int64"), "pixel_values": e["pixel_values"],
+                  **({"image_grid_thw": e["image_grid_thw"]} if e["pixel_values"] is not None else {})}
+                 for s, e in zip(chunk, encoded)]
+        batch = collate(items, tokenizer.pad_token_id, padding_side="left")
+        tensors = {k: paddle.to_tensor(batch[k]) for k in ("pixel_values",) if batch[k] is not None}
+        videos = [e for e in encoded if e["pixel_values_videos"] is not None]
+        if videos:
+            tensors["pixel_values_videos"] = paddle.to_tensor(np.concatenate([e["pixel_values_videos"] for e in videos]))
+        seconds = [sec for e in encoded for sec in e["second_per_grid_ts"]]
+        outs = model.generate(
+            paddle.to_tensor(batch["input_ids"]), paddle.to_tensor(batch["attention_mask"]),
+            image_grid_thw=batch.get("image_grid_thw"),
+            video_grid_thw=np.concatenate([e["video_grid_thw"] for e in videos]) if videos else None,
+            second_per_grid_ts=seconds or None,
             max_new_tokens=infer.max_new_tokens, eos_token_id=tokenizer.stop_ids, do_sample=infer.do_sample,
             temperature=infer.temperature, top_p=infer.top_p, num_beams=infer.num_beams,
-            on_token=None if on_token is None else (lambda row, t, sid=s.id: on_token(sid, t)), **tensors)[0]
-        answers[s.id] = tokenizer.decode(out).strip()
+            on_token=None if on_token is None else (lambda row, t, ids=batch["ids"]: on_token(ids[row], t)), **tensors)
+        for sid, out in zip(batch["ids"], outs):
+            answers[sid] = tokenizer.decode(out).strip()
     return answers

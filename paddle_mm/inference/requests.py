@@ -2,6 +2,9 @@
 
 A request is {"id", "task": "vqa"|"caption"|"chat", "image": path (optional for chat),
 "prompt": text} or, for chat, "messages": [{"role": "user"|"assistant", "content": text}, ...].
+"images": [path, ...] in place of "image" asks about several images at once: a vqa or caption
+prompt's <image> then stands for all of them, one tag a line (readers.visual_prompt); a chat's
+tags say where each goes (none: all before the first message).
 Answers are appended to the output JSONL batch by batch (flushed), so a rerun skips the ids
 already answered instead of starting over (a line a kill cut short is dropped and answered
 again); a bad request is written to <output>.errors.jsonl with its reason and the rest go on.
@@ -13,7 +16,7 @@ import os
 from collections.abc import Iterator
 
 from paddle_mm.config import InferConfig
-from paddle_mm.data.readers import IMAGE_TOKEN, Sample
+from paddle_mm.data.readers import IMAGE_TOKEN, Sample, visual_prompt
 from paddle_mm.errors import DataError, PaddleMMError
 from paddle_mm.inference.generate import generate_answers
 
@@ -27,31 +30,43 @@ def request_to_sample(req: dict, infer: InferConfig, source: str = "<request>", 
     task = req.get("task", "vqa")
     if task not in TASKS:
         raise DataError(source, f"unknown task {task!r}; expected one of {TASKS}", index)
-    image = req.get("image")
-    images = req.get("images") or ([image] if image else [])
-    for path in images:
-        if not isinstance(path, str) or not os.path.isfile(path):
-            raise DataError(source, f"image not found: {path!r}", index)
-    if task == "caption":
-        turns = [("user", infer.caption_prompt)]
-    elif task == "vqa":
-        question = req.get("prompt") or req.get("question")
-        if not isinstance(question, str) or not question.strip():
-            raise DataError(source, "a vqa request needs a non-empty 'prompt'", index)
-        turns = [("user", infer.vqa_prompt.format(question=question.strip()))]
-    else:
-        turns = _chat_turns(req, source, index)
+    images = _request_images(req, source, index)
+    try:
+        if task == "caption":
+            turns = [("user", visual_prompt(infer.caption_prompt, len(images)))]
+        elif task == "vqa":
+            question = req.get("prompt") or req.get("question")
+            if not isinstance(question, str) or not question.strip():
+                raise DataError(source, "a vqa request needs a non-empty 'prompt'", index)
+            turns = [("user", visual_prompt(infer.vqa_prompt, len(images)).format(question=question.strip()))]
+        else:
+            turns = _chat_turns(req, source, index)
+            tags = sum(text.count(IMAGE_TOKEN) for _, text in turns)
+            if images and tags == 0:
+                turns[0] = (turns[0][0], visual_prompt(turns[0][1], len(images)))
+    except DataError:
+        raise
+    except ValueError as e:  # a prompt template that cannot be worded for several images
+        raise DataError(source, str(e), index) from None
     tags = sum(text.count(IMAGE_TOKEN) for _, text in turns)
-    if images and tags == 0:
-        role, text = turns[0]
-        turns[0] = (role, f"{IMAGE_TOKEN}\n" * len(images) + text)
-        tags = len(images)
-    if task != "chat" and tags == 1 < len(images):  # a one-image prompt template: one tag per image
-        turns = [(r, t.replace(IMAGE_TOKEN, "\n".join([IMAGE_TOKEN] * len(images)), 1)) for r, t in turns]
-        tags = len(images)
     if tags != len(images):
         raise DataError(source, f"{tags} {IMAGE_TOKEN} tags but {len(images)} images", index)
     return Sample(id=str(req.get("id", index)), images=images, turns=turns, source=source, index=index)
+
+
+def _request_images(req: dict, source: str, index: int) -> list[str]:
+    """The request's image paths in order: "image" (one) or "images" (a list), each an existing file."""
+    if req.get("image") and req.get("images"):
+        raise DataError(source, "a request holds 'image' or 'images', not both", index)
+    images = req.get("images")
+    if images is None:
+        images = [req["image"]] if req.get("image") else []
+    elif not isinstance(images, list):
+        raise DataError(source, f"'images' must be a list of image paths, got {type(images).__name__}", index)
+    for path in images:
+        if not isinstance(path, str) or not os.path.isfile(path):
+            raise DataError(source, f"image not found: {path!r}", index)
+    return list(images)
 
 
 def _chat_turns(req: dict, source: str, index: int) -> list[tuple[str, str]]:

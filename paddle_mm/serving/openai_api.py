@@ -7,7 +7,8 @@ inference.generate_answers. Images arrive as content parts
 {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}; local paths only
 when the server names a folder they may come from. In a user message with one image the text
 goes through the recipe's infer.vqa_prompt (an image alone through infer.caption_prompt), so a
-question is worded as the model saw it in training; with several images their tags come first.
+question is worded as the model saw it in training; with several images (several image_url parts in
+one message, in their order) the prompt's <image> stands for all of them, one tag a line.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 from paddle_mm.config import InferConfig
 from paddle_mm.data.image import open_image
-from paddle_mm.data.readers import Sample
+from paddle_mm.data.readers import Sample, visual_prompt
 from paddle_mm.data.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS
 from paddle_mm.errors import DataError, ImageTooLargeError
 
@@ -200,11 +201,14 @@ def _conversation(messages: list, infer: InferConfig, limits: ServerLimits, loca
 
 
 def user_text(question: str, num_images: int, infer: InferConfig) -> str:
-    """A user turn's text with its <image> tags, worded like the training prompts."""
-    if num_images == 1:
-        template = infer.vqa_prompt if question else infer.caption_prompt
-        if template.count(IMAGE_TOKEN) == 1:
-            return template.format(question=question) if question else template
+    """A user turn's text with its <image> tags, worded like the training prompts: the recipe's
+    vqa_prompt (an image alone: caption_prompt), its <image> widened to one tag per image."""
+    if num_images == 0:
+        return question
+    template = infer.vqa_prompt if question else infer.caption_prompt
+    if template.count(IMAGE_TOKEN) == 1:
+        widened = visual_prompt(template, num_images)
+        return widened.format(question=question) if question else widened
     return "\n".join([IMAGE_TOKEN] * num_images + ([question] if question else []))
 
 

@@ -82,13 +82,14 @@ class Engine:
 
     def check_length(self, job: ChatJob) -> int:
         """The prompt's token count; ApiError if prompt + max_tokens exceed the LM's positions."""
-        ids, _ = self.tokenizer.encode_chat(job.sample.turns, self.model.tokens_per_image,
-                                            system=self.system_prompt(job), add_generation_prompt=True)
-        if len(ids) + job.infer.max_new_tokens > self.max_positions:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; with max_tokens {job.infer.max_new_tokens} "
+        from paddle_mm.inference.generate import prompt_length
+
+        n = prompt_length(self.model, self.tokenizer, self.image_processor, job.sample, self.system_prompt(job))
+        if n + job.infer.max_new_tokens > self.max_positions:
+            raise ApiError(400, f"the prompt has {n} tokens; with max_tokens {job.infer.max_new_tokens} "
                            f"that exceeds the model's {self.max_positions} positions", "context_length_exceeded",
                            "messages")
-        return len(ids)
+        return n
 
     def answer(self, job: ChatJob, on_delta=None, gone=None) -> tuple[str, str, dict]:
         """(text, finish_reason, usage), computed on the model thread; on_delta(text), called on this
@@ -374,7 +375,9 @@ class ChatHandler(BaseHTTPRequestHandler):
                 body = parse_json_body(self._read_body(length))
                 self.close_connection = not keep_alive
                 job = parse_chat_request(body, server.engine.model_name, server.engine.recipe.infer, server.limits,
-                                         server.local_image_root, server.engine.image_processor.preprocess)
+                                         server.local_image_root,
+                                         # a native-resolution processor keeps the decoded images as they are
+                                         getattr(server.engine.image_processor, "preprocess", None))
                 (self._stream if job.stream else self._complete)(job)
             finally:
                 server.pending.release()

@@ -61,7 +61,8 @@ def batch_inputs(batch: dict, labels: bool = False) -> dict:
     with labels, the labels too (VisionLanguageModel then returns per-token losses, not logits)."""
     import paddle
 
-    keys = ("input_ids", "attention_mask", "position_ids", "attn_mask_startend_row_indices", "pixel_values")
+    keys = ("input_ids", "attention_mask", "position_ids", "attn_mask_startend_row_indices", "pixel_values",
+            "image_grid_thw")  # image_grid_thw: native-resolution images (model.Qwen2VLModel)
     keys += ("labels",) if labels else ()
     return {k: paddle.to_tensor(batch[k]) for k in keys if batch.get(k) is not None}
 

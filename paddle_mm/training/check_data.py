@@ -3,7 +3,8 @@
 Reads every dataset of `data.train` and `data.eval` the way training does (the held-out sets
 are read and checked like the training data), but collects every problem instead
 of stopping at the first: records that do not parse, conversations without an assistant
-turn, `<image>` tags that do not match the images, image paths outside the image root,
+turn, `<image>` (and `<video>`) tags that do not match the images (and videos: a folder of frames or a
+list of frame files), a text whose image token positions differ from its images' tokens, image paths outside the image root,
 missing images, images that do not decode, samples longer than `data.max_length` (training
 drops them, it never cuts), samples with nothing to learn (an empty loss mask), and repeated
 samples (a held-out sample that repeats a training one is reported too). Each bad record is
@@ -31,7 +32,8 @@ ERRORS = {
     "bad_json": "a JSONL line is not valid JSON",
     "bad_record": "a record lacks a key, has a wrong type or a malformed turn",
     "no_assistant_turn": "the conversation has no assistant turn",
-    "tag_mismatch": "the number of <image> tags differs from the number of images",
+    "tag_mismatch": "the number of <image> (<video>) tags differs from the number of images (videos), or the "
+                    "tokenized text's image positions from its images' tokens",
     "image_outside_root": "an image path leads outside the dataset's image root",
     "image_missing": "an image file does not exist",
     "image_unreadable": "an image file exists but does not decode",
@@ -63,11 +65,11 @@ class _Tally:
 def check_data(recipe: Recipe, decode_images: bool = True) -> dict:
     """Check every record of recipe.data.train and data.eval; returns the report (see the module docstring)."""
     from paddle_mm import builder
-    from paddle_mm.data.dataset import check_encoded
+    from paddle_mm.data.dataset import check_encoded, encode_turns, image_token_counts
     from paddle_mm.data.readers import pair_turns
 
     tokenizer = builder.load_tokenizer(recipe)
-    tokens_per_image = builder.model_config_for(recipe, tokenizer).tokens_per_image
+    tokens_per_image = builder.fixed_image_tokens(builder.model_config_for(recipe, tokenizer))
     processor = builder.image_processor_for(recipe)
     collecting = replace(recipe, data=replace(recipe.data, on_error="skip"))
     tally, datasets, lengths, empty_masks = _Tally(), [], [], 0
@@ -95,7 +97,8 @@ def check_data(recipe: Recipe, decode_images: bool = True) -> dict:
             try:
                 # A preference pair (llava_pairs) trains both answers' rows: check the rejected one too.
                 for turns in pair_turns(sample) if "rejected" in sample.meta else [sample.turns]:
-                    ids, labels = tokenizer.encode_chat(turns, tokens_per_image, system=recipe.data.system_prompt)
+                    counts = image_token_counts(sample, tokens_per_image, processor)
+                    ids, labels = encode_turns(sample, turns, tokenizer, counts, recipe.data.system_prompt)
                     lengths.append(len(ids))
                     empty_masks += all(label == IGNORE_INDEX for label in labels)
                     if problem is None:

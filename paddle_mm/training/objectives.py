@@ -60,9 +60,10 @@ class NextTokenObjective(Objective):
         return builder.build_model(model_cfg, tokenizer)
 
     def build_dataset(self, model, samples, recipe: Recipe, tokenizer: Tokenizer, model_cfg: ModelConfig):
+        rope_tokens = model.rope_tokens() if hasattr(model, "rope_tokens") else None  # M-RoPE: items' positions
         return ConversationDataset(samples, tokenizer, builder.image_processor_for(recipe),
-                                   model_cfg.tokens_per_image, recipe.data.max_length, recipe.data.on_error,
-                                   recipe.data.system_prompt)
+                                   builder.fixed_image_tokens(model_cfg), recipe.data.max_length, recipe.data.on_error,
+                                   recipe.data.system_prompt, rope_tokens)
 
     def model_inputs(self, batch: dict) -> dict:
         return batch_inputs(batch, labels=True)  # the model returns per-token losses, projecting only those

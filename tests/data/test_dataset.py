@@ -28,7 +28,10 @@ def png(path, color) -> str:
     return str(path)
 
 
-def sample(turns, images=(), index=0, source="data/train.json", id_=None) -> Sample:
+def sample(turns, images=None, index=0, source="data/train.json", id_=None) -> Sample:
+    """A Sample; without images, one path per <image> tag (encoding reads no image file)."""
+    if images is None:
+        images = ["unread.png"] * sum(text.count(IMAGE_TOKEN) for _, text in turns)
     return Sample(id=id_ or f"s{index}", images=list(images), turns=list(turns), source=source, index=index)
 
 
@@ -164,3 +167,39 @@ def test_collate_without_images_gives_none(tok, processor):
     assert batch["pixel_values"] is None
     assert batch["input_ids"].shape == (2, 9)
     assert batch["attention_mask"].all()
+
+
+# several images per sample, each with its own token count ----------------------------------
+
+def test_each_image_may_take_its_own_token_count_in_tag_order(tok):
+    s = sample([("user", f"{IMAGE_TOKEN} what {IMAGE_TOKEN} colour"), ("assistant", "red")], images=["a", "b"])
+    enc = encode_sample(s, tok, [2, 5], max_length=64)
+    ids = enc.input_ids.tolist()
+    first = ids.index(tok.image_token_id)
+    assert ids[first: first + 2] == [tok.image_token_id] * 2 and ids[first + 2] != tok.image_token_id
+    second = ids.index(tok.image_token_id, first + 2)
+    assert ids[second: second + 5] == [tok.image_token_id] * 5 and ids[second + 5] != tok.image_token_id
+    assert sum(t == tok.image_token_id for t in ids) == 7
+
+
+def test_token_counts_that_do_not_fit_the_images_name_the_record_and_both_counts(tok):
+    s = sample([("user", f"{IMAGE_TOKEN}{IMAGE_TOKEN} what"), ("assistant", "red")], images=["a", "b"], index=7)
+    with pytest.raises(DataError) as info:
+        encode_sample(s, tok, [3, 3, 3], max_length=64)
+    assert str(info.value) == "data/train.json, record 7: the text holds 2 images but 3 token counts were given"
+    assert info.value.reason == "tag_mismatch"
+    with pytest.raises(DataError, match="record 7: the text holds more images than the 1 token counts"):
+        encode_sample(s, tok, [3], max_length=64)
+
+
+def test_collate_stacks_the_images_of_rows_with_several_or_none_in_reading_order(tok, processor, tmp_path):
+    colours = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
+    paths = {name: png(tmp_path / f"{name}.png", rgb) for name, rgb in colours.items()}
+    two = [("user", f"{IMAGE_TOKEN}\n{IMAGE_TOKEN}\nwhat colour"), ("assistant", "red blue")]
+    rows = [sample(two, [paths["green"], paths["red"]]), sample(qa("red", image=False), index=1),
+            sample(two, [paths["blue"], paths["green"]], index=2)]
+    data = ConversationDataset(rows, tok, processor, TPI, max_length=64)
+    batch = collate([data[i] for i in range(3)], PAD)
+    expected = processor([paths["green"], paths["red"], paths["blue"], paths["green"]])
+    np.testing.assert_array_equal(batch["pixel_values"], expected)
+    assert [(r == tok.image_token_id).sum() for r in batch["input_ids"]] == [2 * TPI, 0, 2 * TPI]

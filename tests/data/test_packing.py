@@ -39,7 +39,8 @@ def _per_token_losses(logits, labels):
     return ce.numpy()[..., 0]
 
 
-def test_per_sample_losses_of_packed_and_padded_batches_are_equal(tiny_recipe, tmp_path):
+def _packed_and_alone_losses(recipe, samples):
+    """Each sample's loss alone (a batch of one) and packed with the others into shared rows."""
     import paddle
 
     from paddle_mm import builder
@@ -47,16 +48,15 @@ def test_per_sample_losses_of_packed_and_padded_batches_are_equal(tiny_recipe, t
     from paddle_mm.runtime import seed_everything
     from paddle_mm.training.batches import batch_inputs
 
-    recipe = tiny_recipe(str(tmp_path / "x"))
     tok = builder.load_tokenizer(recipe)
     cfg = builder.model_config_for(recipe, tok)
-    samples, _ = builder.read_samples(recipe.data.train, recipe)
-    picked = samples[:3] + samples[-3:]  # conversations and captions: uneven lengths, all with images
-    data = ConversationDataset(picked, tok, builder.image_processor_for(recipe), cfg.tokens_per_image, 2048)
-    items = [data[i] for i in range(len(data))]
     seed_everything(0)
     model = builder.build_model(cfg, tok)
     model.eval()
+    # as NextTokenObjective builds it: a Qwen2-VL's items carry their grids and M-RoPE positions
+    data = ConversationDataset(samples, tok, builder.image_processor_for(recipe), builder.fixed_image_tokens(cfg),
+                               2048, rope_tokens=model.rope_tokens() if hasattr(model, "rope_tokens") else None)
+    items = [data[i] for i in range(len(data))]
 
     def sample_loss(per_token, labels):
         keep = labels[1:] != -100
@@ -82,7 +82,78 @@ def test_per_sample_losses_of_packed_and_padded_batches_are_equal(tiny_recipe, t
             span = slice(start, start + lengths[i])
             packed[i] = sample_loss(np.append(per_token[row], 0.0)[span][:-1], batch["labels"][row, span])
             start += lengths[i]
-    np.testing.assert_allclose([packed[i] for i in range(len(items))], alone, rtol=1e-5, atol=1e-5)
+    return [packed[i] for i in range(len(items))], alone
+
+
+def test_per_sample_losses_of_packed_and_padded_batches_are_equal(tiny_recipe, tmp_path):
+    from paddle_mm import builder
+
+    recipe = tiny_recipe(str(tmp_path / "x"))
+    samples, _ = builder.read_samples(recipe.data.train, recipe)
+    picked = samples[:3] + samples[-3:]  # conversations and captions: uneven lengths, all with images
+    packed, alone = _packed_and_alone_losses(recipe, picked)
+    np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_per_sample_losses_with_several_images_per_sample_are_the_same_packed(tiny_recipe, tmp_path):
+    """Samples of 0 to 3 images, tags in different places: packed rows hold images of several
+    samples, and each image's features must still land on its own sample's positions."""
+    from dataclasses import replace
+
+    from paddle_mm import builder
+
+    recipe = tiny_recipe(str(tmp_path / "x"))
+    samples, _ = builder.read_samples(recipe.data.train, recipe)
+    images = sorted({p for s in samples for p in s.images})[:6]
+    base = samples[0]
+    made = []
+    for k, (n, question) in enumerate([(2, "<image>\n<image>\nwhich image has more circles?"),
+                                       (0, "what colour is the circle?"),
+                                       (3, "<image> then <image>\nand <image>: is the red square in all?"),
+                                       (1, "<image>\nhow many shapes are there?"),
+                                       (2, "first <image>, second <image>")]):
+        made.append(replace(base, id=f"multi-{k}", images=images[k: k + n],
+                            turns=[("user", question), ("assistant", "yes"), ("user", "and?"), ("assistant", "no")]))
+    packed, alone = _packed_and_alone_losses(recipe, made)
+    np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
+    # Swapping a two-image sample's images changes its loss: the features follow their own tags.
+    swapped = replace(made[0], images=made[0].images[::-1])
+    _, alone_swapped = _packed_and_alone_losses(recipe, [swapped] + made[1:])
+    assert abs(alone_swapped[0] - alone[0]) > 1e-6
+
+
+def test_qwen2_vl_per_sample_losses_with_images_of_several_sizes_are_the_same_packed(tiny_recipe, tmp_path):
+    """A Qwen2-VL (images at their own size, M-RoPE positions): packed rows carry each sample's own
+    rope_index positions and the images' grids in packed order; 0 to 3 images per sample, of
+    four sizes (each its own token count)."""
+    from dataclasses import replace
+
+    from PIL import Image
+    from tiny import TINY_QWEN2_VL
+
+    from paddle_mm import builder
+
+    recipe = tiny_recipe(str(tmp_path / "x"), *TINY_QWEN2_VL)
+    samples, _ = builder.read_samples(recipe.data.train, recipe)
+    scenes = sorted({p for s in samples for p in s.images})[:6]
+    images = []
+    for k, (w, h) in enumerate([(48, 48), (112, 56), (56, 140), (84, 84), (150, 60), (48, 48)]):
+        images.append(str(tmp_path / f"{k}.png"))
+        Image.open(scenes[k]).resize((w, h)).save(images[-1])
+    base = samples[0]
+    made = []
+    for k, (n, question) in enumerate([(2, "<image>\n<image>\nwhich image has more circles?"),
+                                       (0, "what colour is the circle?"),
+                                       (3, "<image> then <image>\nand <image>: is the red square in all?"),
+                                       (1, "<image>\nhow many shapes are there?"),
+                                       (2, "first <image>, second <image>")]):
+        made.append(replace(base, id=f"multi-{k}", images=images[k: k + n],
+                            turns=[("user", question), ("assistant", "yes"), ("user", "and?"), ("assistant", "no")]))
+    packed, alone = _packed_and_alone_losses(recipe, made)
+    np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
+    swapped = replace(made[0], images=made[0].images[::-1])  # two sizes: the grids follow their own tags
+    _, alone_swapped = _packed_and_alone_losses(recipe, [swapped] + made[1:])
+    assert abs(alone_swapped[0] - alone[0]) > 1e-6
 
 
 def test_a_packed_run_trains_and_rejects_rows_shorter_than_max_length(tiny_recipe, tmp_path):

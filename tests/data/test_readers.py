@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from PIL import Image
+from files import png, write_json
 
 from paddle_mm.data.readers import (
     IMAGE_TOKEN,
@@ -14,17 +14,6 @@ from paddle_mm.data.readers import (
     read_vqav2,
 )
 from paddle_mm.errors import DataError
-
-
-def png(path, color=(255, 0, 0)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (4, 4), color).save(path)
-    return path
-
-
-def write_json(path, data):
-    path.write_text(json.dumps(data))
-    return path
 
 
 def write_jsonl(path, records):

@@ -231,3 +231,24 @@ def test_demo_data_and_cache(tmp_path):
     syn.generate_demo_data(tmp_path, 30, 10, 10, seed=2)
     assert len(_load(res["train"], "llava")) == 30
     assert json.loads(Path(res["manifest"]).read_text())["num_train"] == 30
+
+
+def _content_digest(root: Path) -> str:
+    """sha256 over every file's name and content, a PNG's by its decoded pixels (so a zlib build
+    that compresses differently does not count as a change to the data)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(np.asarray(Image.open(p)).tobytes() if p.suffix == ".png" else p.read_bytes())
+    return h.hexdigest()
+
+
+def test_default_demo_data_is_what_it_was(tmp_path):
+    """The demo's figures rest on these files: the multi-image and clip questions are opt-in
+    (data/synthetic_multi.py), so generate_demo_data writes exactly what it wrote before them
+    (digest taken at commit 6fa70cd, before they were added)."""
+    syn.generate_demo_data(tmp_path, 12, 4, 4, seed=0)
+    assert _content_digest(tmp_path) == "d150752350ee79bf2dff82002f68758189e7876e08c92ce85f18005e73647fc0"

@@ -13,6 +13,7 @@ from PIL import Image
 
 from paddle_mm.config import InferConfig
 from paddle_mm.data.image import ImageProcessor
+from paddle_mm.errors import DataError
 from paddle_mm.inference import requests as infer
 
 
@@ -111,3 +112,31 @@ def test_sigkilled_batch_inference_resumes_without_repeating(demo_data, tmp_path
     assert main(["infer", run, "--input", requests, "--output", output]) == 0
     answered = _answers(output)
     assert answered[: len(before)] == before and sorted(answered) == sorted(good_ids)
+
+
+def test_a_request_over_several_images_widens_the_prompt_and_keeps_their_order(tmp_path):
+    paths = []
+    for name in ("a", "b", "c"):
+        paths.append(str(tmp_path / f"{name}.png"))
+        Image.new("RGB", (8, 8), "red").save(paths[-1])
+    cfg = InferConfig(vqa_prompt="<image>\n{question}\nOne word.")
+    s = infer.request_to_sample({"id": "q", "task": "vqa", "images": paths[:2], "prompt": "which has more?"}, cfg)
+    assert s.images == paths[:2] and s.turns == [("user", "<image>\n<image>\nwhich has more?\nOne word.")]
+    s = infer.request_to_sample({"task": "caption", "images": paths}, cfg)
+    assert s.turns[0][1].count("<image>") == 3
+    chat = {"task": "chat", "images": paths[::-1], "messages": [{"role": "user", "content": "<image> or <image> or <image>?"}]}
+    assert infer.request_to_sample(chat, cfg).images == paths[::-1]
+    untagged = {"task": "chat", "images": paths[:2], "messages": [{"role": "user", "content": "same?"}]}
+    assert infer.request_to_sample(untagged, cfg).turns == [("user", "<image>\n<image>\nsame?")]
+    bad = [({"images": paths[:1], "image": paths[0], "prompt": "q"}, "'image' or 'images', not both"),
+           ({"images": paths[0], "prompt": "q"}, "'images' must be a list of image paths, got str"),
+           ({"images": [paths[0], str(tmp_path / "gone.png")], "prompt": "q"}, "image not found"),
+           ({"task": "chat", "images": paths[:2], "messages": [{"role": "user", "content": "<image> q"}]},
+            "1 <image> tags but 2 images")]
+    for req, cause in bad:
+        with pytest.raises(DataError) as info:
+            infer.request_to_sample(req, cfg, "reqs.jsonl", 4)
+        assert str(info.value).startswith("reqs.jsonl, record 4: ") and cause in str(info.value)
+    with pytest.raises(DataError, match=r"^reqs.jsonl, record 4: the prompt template holds 2 <image> tags"):
+        infer.request_to_sample({"images": paths, "prompt": "q"}, InferConfig(vqa_prompt="<image><image>{question}"),
+                                "reqs.jsonl", 4)

@@ -45,5 +45,31 @@ def test_user_turns_are_worded_like_the_training_prompts():
     infer = InferConfig(caption_prompt="<image>\nDescribe the image briefly.", vqa_prompt="<image>\nQ: {question}")
     assert user_text("what shape?", 1, infer) == "<image>\nQ: what shape?"
     assert user_text("", 1, infer) == "<image>\nDescribe the image briefly."
-    assert user_text("compare them", 2, infer) == "<image>\n<image>\ncompare them"
+    assert user_text("compare them", 2, infer) == "<image>\n<image>\nQ: compare them"
+    assert user_text("", 2, infer) == "<image>\n<image>\nDescribe the image briefly."
+    assert user_text("compare", 2, InferConfig(vqa_prompt="{question}")) == "<image>\n<image>\ncompare"
     assert user_text("hello", 0, infer) == "hello"
+
+
+def test_several_image_parts_in_one_message_keep_their_order():
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def url(colour):
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4), colour).save(buf, format="PNG")
+        return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
+
+    messages = [{"role": "user", "content": [url("red"), {"type": "text", "text": "which is blue?"}, url("blue")]},
+                {"role": "assistant", "content": "second"},
+                {"role": "user", "content": [url("green"), {"type": "text", "text": "and this?"}]}]
+    job = parse_chat_request({"model": "m", "messages": messages}, "m", InferConfig(), ServerLimits())
+    colours = [tuple(np.asarray(im)[0, 0]) for im in job.sample.images]
+    assert colours == [(255, 0, 0), (0, 0, 255), (0, 128, 0)]
+    assert job.sample.turns == [("user", "<image>\n<image>\nwhich is blue?"), ("assistant", "second"),
+                                ("user", "<image>\nand this?")]
+    with pytest.raises(ApiError, match="more than 2 images"):
+        parse_chat_request({"model": "m", "messages": messages}, "m", InferConfig(), ServerLimits(max_images=2))

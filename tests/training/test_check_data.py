@@ -110,3 +110,35 @@ def test_check_data_reads_the_held_out_sets_too(demo_data, tmp_path):
     missing = report["by_reason"]["image_missing"]["examples"][0]
     assert missing["path"] == f"{tmp_path}/eval.json" and "missing.png" in missing["message"] and code == 1
     assert report["by_reason"]["duplicate"]["examples"][0]["id"] == "train-00000"
+
+
+def test_check_data_on_several_images_and_videos(demo_data, tmp_path):
+    """Records with two images and with a video folder are usable; a video's bad frame, a video
+    folder that is missing, and tags that do not match the images are each reported once."""
+    root = tmp_path / "data"
+    for k, colour in enumerate(("red", "blue", "green")):
+        (root / "clip").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), colour).save(root / "clip" / f"{k}.png")
+    (root / "broken_clip").mkdir()
+    Image.new("RGB", (16, 16)).save(root / "broken_clip" / "0.png")
+    (root / "broken_clip" / "1.png").write_text("not a frame")
+    frames = ["clip/0.png", "clip/1.png"]
+    records = [
+        {"id": "two", "image": frames, "conversations": _turns("<image>\n<image>\nwhich image is red?", "first")},
+        {"id": "clip", "video": "clip", "conversations": _turns("<video>\nwhich colour comes last?", "green")},
+        {"id": "bad-frame", "video": "broken_clip", "conversations": _turns("which way?", "left")},
+        {"id": "no-clip", "video": "gone", "conversations": _turns("<video>\nq")},
+        {"id": "three-tags", "image": frames, "conversations": _turns("<image><image><image>\nq")},
+    ]
+    (root / "multi.json").write_text(json.dumps(records))
+    code, report = _check(demo_data, tmp_path, [f"data.train=[{{path: {root}/multi.json, format: llava}}]"])
+    counts = {reason: entry["count"] for reason, entry in report["by_reason"].items()}
+    assert counts == {"image_unreadable": 1, "image_missing": 1, "tag_mismatch": 1} and code == 1
+    assert (report["records"], report["usable"]) == (5, 2)
+    by = report["by_reason"]
+    assert by["image_unreadable"]["examples"][0]["id"] == "bad-frame"
+    assert "broken_clip/1.png" in by["image_unreadable"]["examples"][0]["message"]
+    assert "video folder not found: 'gone'" in by["image_missing"]["examples"][0]["message"]
+    assert "record 4: 3 <image> tags but 2 images" in by["tag_mismatch"]["examples"][0]["message"]
+    # the video's 3 frames take 3 images' tokens: 9 tokens per 48 px demo image
+    assert report["tokens"]["max"] >= 3 * 9
