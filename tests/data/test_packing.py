@@ -95,6 +95,21 @@ def test_per_sample_losses_of_packed_and_padded_batches_are_equal(tiny_recipe, t
     np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
 
 
+def _multi_image_samples(base, images):
+    """Five conversations of 0 to 3 of `images`, their tags in different places."""
+    from dataclasses import replace
+
+    made = []
+    for k, (n, question) in enumerate([(2, "<image>\n<image>\nwhich image has more circles?"),
+                                       (0, "what colour is the circle?"),
+                                       (3, "<image> then <image>\nand <image>: is the red square in all?"),
+                                       (1, "<image>\nhow many shapes are there?"),
+                                       (2, "first <image>, second <image>")]):
+        made.append(replace(base, id=f"multi-{k}", images=images[k: k + n],
+                            turns=[("user", question), ("assistant", "yes"), ("user", "and?"), ("assistant", "no")]))
+    return made
+
+
 def test_per_sample_losses_with_several_images_per_sample_are_the_same_packed(tiny_recipe, tmp_path):
     """Samples of 0 to 3 images, tags in different places: packed rows hold images of several
     samples, and each image's features must still land on its own sample's positions."""
@@ -105,15 +120,7 @@ def test_per_sample_losses_with_several_images_per_sample_are_the_same_packed(ti
     recipe = tiny_recipe(str(tmp_path / "x"))
     samples, _ = builder.read_samples(recipe.data.train, recipe)
     images = sorted({p for s in samples for p in s.images})[:6]
-    base = samples[0]
-    made = []
-    for k, (n, question) in enumerate([(2, "<image>\n<image>\nwhich image has more circles?"),
-                                       (0, "what colour is the circle?"),
-                                       (3, "<image> then <image>\nand <image>: is the red square in all?"),
-                                       (1, "<image>\nhow many shapes are there?"),
-                                       (2, "first <image>, second <image>")]):
-        made.append(replace(base, id=f"multi-{k}", images=images[k: k + n],
-                            turns=[("user", question), ("assistant", "yes"), ("user", "and?"), ("assistant", "no")]))
+    made = _multi_image_samples(samples[0], images)
     packed, alone = _packed_and_alone_losses(recipe, made)
     np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
     # Swapping a two-image sample's images changes its loss: the features follow their own tags.
@@ -140,15 +147,7 @@ def test_qwen2_vl_per_sample_losses_with_images_of_several_sizes_are_the_same_pa
     for k, (w, h) in enumerate([(48, 48), (112, 56), (56, 140), (84, 84), (150, 60), (48, 48)]):
         images.append(str(tmp_path / f"{k}.png"))
         Image.open(scenes[k]).resize((w, h)).save(images[-1])
-    base = samples[0]
-    made = []
-    for k, (n, question) in enumerate([(2, "<image>\n<image>\nwhich image has more circles?"),
-                                       (0, "what colour is the circle?"),
-                                       (3, "<image> then <image>\nand <image>: is the red square in all?"),
-                                       (1, "<image>\nhow many shapes are there?"),
-                                       (2, "first <image>, second <image>")]):
-        made.append(replace(base, id=f"multi-{k}", images=images[k: k + n],
-                            turns=[("user", question), ("assistant", "yes"), ("user", "and?"), ("assistant", "no")]))
+    made = _multi_image_samples(samples[0], images)
     packed, alone = _packed_and_alone_losses(recipe, made)
     np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
     swapped = replace(made[0], images=made[0].images[::-1])  # two sizes: the grids follow their own tags
