@@ -244,14 +244,9 @@ class Qwen2VLModel(nn.Layer):
                                  f"but the {kind}s give {count} features")
             if count == 0:
                 continue
-            order = paddle.clip(paddle.cumsum(at.flatten().astype("int64")) - 1, min=0)
-
-            def placed(rows, into):  # the k-th position of this kind takes the k-th row
-                return paddle.where(at.unsqueeze(-1), paddle.gather(rows.astype(into.dtype), order).reshape(into.shape),
-                                    into)
-
-            embeds = placed(features, embeds)
-            deep = [placed(rows, into) for rows, into in zip(deep_features, deep)]
+            # The k-th position of this kind takes the k-th row, as for fixed-size images.
+            embeds = write_image_features(embeds, at, features, count)
+            deep = [write_image_features(into, at, rows, count) for rows, into in zip(deep_features, deep)]
         if not deep or not bool(is_vision.any()):
             return embeds, {}
         where = paddle.nonzero(is_vision.flatten()).flatten()
