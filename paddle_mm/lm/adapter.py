@@ -103,8 +103,7 @@ def dense_mask_from_row_indices(row_indices: paddle.Tensor) -> paddle.Tensor:
     """
     length = row_indices.shape[2]
     rows = paddle.arange(length, dtype="int32").reshape([1, 1, length, 1])
-    cols = paddle.arange(length, dtype="int32").reshape([1, 1, 1, length])
-    return (cols <= rows) & (rows < row_indices.reshape([-1, 1, 1, length]))
+    return causal_mask(length) & (rows < row_indices.reshape([-1, 1, 1, length]))
 
 
 def run_backbone(lm, inputs_embeds, attention_mask=None, past_key_values=None, use_cache=False,
