@@ -35,9 +35,13 @@ class Objective:
     def make_batch(self, items: list[dict], pad_token_id: int, data_cfg) -> dict:
         return make_batch(items, pad_token_id, data_cfg)
 
+    # With labels, VisionLanguageModel returns per-token losses and projects only the labelled
+    # positions onto the vocabulary; the align models take no labels.
+    model_takes_labels = False
+
     def model_inputs(self, batch: dict) -> dict:
         """The model's keyword arguments for a batch; loss() gets what the model returns for them."""
-        return batch_inputs(batch)
+        return batch_inputs(batch, labels=self.model_takes_labels)
 
     def text_vocab(self, model) -> str:
         """A second tokenizer's vocabulary file the run folder must hold ("" when none)."""
@@ -52,6 +56,7 @@ class NextTokenObjective(Objective):
     """pretrain and instruct: next-token cross-entropy on caption or assistant tokens."""
 
     token_weighted = True  # the loop scales each term by world / (labelled tokens of the global batch)
+    model_takes_labels = True
 
     def __init__(self, stage: str):
         self.stage = stage
@@ -65,8 +70,6 @@ class NextTokenObjective(Objective):
                                    builder.fixed_image_tokens(model_cfg), recipe.data.max_length, recipe.data.on_error,
                                    recipe.data.system_prompt, rope_tokens)
 
-    def model_inputs(self, batch: dict) -> dict:
-        return batch_inputs(batch, labels=True)  # the model returns per-token losses, projecting only those
 
     def loss(self, out, logits, batch: dict, figures: dict | None = None):
         """The micro-batch's loss term: here the sum over its labelled tokens (out: the model's
@@ -126,6 +129,7 @@ class DPOObjective(Objective):
     """dpo: preference pairs against the frozen start (training/preference.py); per-pair mean loss."""
 
     figure_sums = preference.FIGURE_SUMS
+    model_takes_labels = True
 
     def __init__(self, stage: str):
         self.stage = stage
@@ -164,9 +168,6 @@ class DPOObjective(Objective):
 
     def make_batch(self, items: list[dict], pad_token_id: int, data_cfg) -> dict:
         return preference.collate_pairs(items, pad_token_id)
-
-    def model_inputs(self, batch: dict) -> dict:
-        return batch_inputs(batch, labels=True)
 
     def loss(self, out, logits, batch: dict, figures: dict | None = None):
         """The mean over the micro-batch's pairs (+ sft_weight times the chosen rows' next-token mean);
