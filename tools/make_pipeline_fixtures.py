@@ -71,16 +71,21 @@ LLAMA3_TEMPLATE = (
 )
 
 
-def make_images() -> None:
-    """Noise images (every resize filter differs on noise), drawn from a fixed seed."""
+def write_noise_images(folder: str, sizes: dict, rng) -> None:
+    """Noise PNGs (every resize filter differs on noise) of {file name: (width, height)}, drawn from rng in order."""
     import numpy as np
     from PIL import Image
 
-    folder = os.path.join(ROOT, "images")
     os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for name, (w, h) in IMAGES.items():
+    for name, (w, h) in sizes.items():
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(folder, name))
+
+
+def make_images() -> None:
+    """The pipeline fixtures' noise images, drawn from a fixed seed."""
+    import numpy as np
+
+    write_noise_images(os.path.join(ROOT, "images"), IMAGES, np.random.default_rng(0))
 
 
 def _tokenizer(tf, specials: list[str], bos: str | None, eos: str, pad: str, add_bos: bool, template: str):

@@ -30,7 +30,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from make_pipeline_fixtures import _tokenizer, _vocab  # noqa: E402
+from make_pipeline_fixtures import _tokenizer, _vocab, write_noise_images  # noqa: E402
 from make_reference_fixtures import perturb_, save_reference, transformers_module  # noqa: E402
 
 GREEDY_STEPS = 16
@@ -71,19 +71,12 @@ CORPUS = ["which image has more circles?", "which way does the circle move?", "i
 
 
 def make_media() -> None:
-    """Noise images and frames (every resize filter differs on noise), from a fixed seed."""
+    """Noise images, then the clip's noise frames, from one fixed-seed generator."""
     import numpy as np
-    from PIL import Image
 
-    folder = os.path.join(ROOT, "images")
-    os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
-    for name, (w, h) in IMAGES.items():
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(folder, name))
-    w, h = FRAME_SIZE
-    for k in range(FRAMES):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-            os.path.join(folder, f"frame{k}.png"))
+    write_noise_images(os.path.join(ROOT, "images"), IMAGES, rng)
+    write_noise_images(os.path.join(ROOT, "images"), {f"frame{k}.png": FRAME_SIZE for k in range(FRAMES)}, rng)
 
 
 def _configs(tf, name: str, tok):
