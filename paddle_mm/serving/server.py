@@ -31,6 +31,7 @@ import queue
 import re
 import sys
 import threading
+import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -74,6 +75,13 @@ class Engine:
         self.max_batch = max_batch
         self._jobs: queue.Queue = queue.Queue()
         self._held: list = []  # taken from the queue but not batchable with the batch then formed
+        # Open client connections (ChatServer counts them). A batch about to start waits up to
+        # gather_s while more clients are connected than requests are queued: without it, the clients
+        # of the batch just answered, asking again a few ms later, found the next batch started
+        # without them, and 8 clients settled into two alternating batches of 4 (measured).
+        self.gather_s = 0.02
+        self._connected = 0
+        self._arrival = threading.Condition()
         self.batch_sizes: collections.Counter = collections.Counter()  # generations run, by batch size
         threading.Thread(target=self._work, name="paddle_mm-model", daemon=True).start()
 
@@ -91,6 +99,23 @@ class Engine:
                            "messages")
         return n
 
+    def connected(self, change: int) -> None:
+        """A client connection opened (+1) or closed (-1)."""
+        with self._arrival:
+            self._connected += change
+            self._arrival.notify_all()
+
+    def _gather(self) -> None:
+        """Before a batch forms: wait (up to gather_s) while it is not full and connected clients
+        have no request queued, as the clients just answered will soon ask again."""
+        deadline = time.monotonic() + self.gather_s
+        with self._arrival:
+            while 1 + len(self._held) + self._jobs.qsize() < min(self.max_batch, self._connected):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._arrival.wait(left)
+
     def answer(self, job: ChatJob, on_delta=None, gone=None) -> tuple[str, str, dict]:
         """(text, finish_reason, usage), computed on the model thread; on_delta(text), called on this
         thread, sees the answer as it grows. If on_delta raises, or gone() turns true (the client
@@ -98,7 +123,9 @@ class Engine:
         prompt_tokens = self.check_length(job)
         events: queue.Queue = queue.Queue()
         cancelled = threading.Event()
-        self._jobs.put((job, events, cancelled))
+        with self._arrival:
+            self._jobs.put((job, events, cancelled))
+            self._arrival.notify_all()
         while True:
             try:
                 kind, value = events.get(timeout=None if gone is None else 0.25)
@@ -128,6 +155,8 @@ class Engine:
     def _work(self) -> None:
         while True:
             first = self._held.pop(0) if self._held else self._jobs.get()
+            if self.max_batch > 1:
+                self._gather()
             with self.lock:
                 batch = self._batch_with(first)
                 self.batch_sizes[len(batch)] += 1
@@ -249,9 +278,11 @@ class ChatServer(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request, client_address):
+        self.engine.connected(+1)
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.engine.connected(-1)
             self.connections.release()
 
     def _turn_away(self, request) -> None:

@@ -100,3 +100,47 @@ def test_an_api_key_is_asked_of_v1_requests_only(served):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_batch_waits_for_connected_clients_requests(served, data_url):
+    """The clients of a batch just answered ask again a moment later: the next batch waits for
+    them (up to gather_s) while more clients are connected than requests are queued, and a lone
+    client's request does not wait."""
+    import http.client
+    import json
+
+    from paddle_mm.serving.server import Engine
+
+    engine = Engine(served["run_dir"], num_threads=1)  # its own, so no other test's open connections count
+    body = json.dumps({"model": served["model"], "max_tokens": 2, "temperature": 0, "messages": [{"role": "user",
+                       "content": [_image_part(data_url(served["images"][0])), {"type": "text", "text": "?"}]}]})
+    with side_server(engine) as (server, _):
+        def ask(conn, out):
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            out.append((r.status, json.loads(r.read()), time.monotonic()))
+
+        engine.gather_s = 10.0  # far longer than the test's gap, so the wait is what decides the batch
+        conns = [http.client.HTTPConnection(*server.server_address[:2], timeout=60) for _ in range(2)]
+        for c in conns:
+            c.connect()
+        deadline = time.time() + 30
+        while engine._connected < 2 and time.time() < deadline:  # noqa: SLF001
+            time.sleep(0.01)
+        before = engine.batch_sizes.copy()
+        first, second = [], []
+        t0 = time.monotonic()
+        t = threading.Thread(target=ask, args=(conns[0], first))
+        t.start()
+        time.sleep(0.5)  # the first request is queued alone; the second client asks later
+        ask(conns[1], second)
+        t.join(60)
+        assert engine.batch_sizes - before == {2: 1}
+        assert first[0][0] == second[0][0] == 200 and first[0][2] - t0 >= 0.5
+        conns[1].close()
+        while engine._connected > 1 and time.time() < deadline:  # noqa: SLF001
+            time.sleep(0.01)
+        alone, t1 = [], time.monotonic()
+        ask(conns[0], alone)  # connected clients: 1, queued: 1, so no wait
+        assert alone[0][0] == 200 and alone[0][2] - t1 < 5.0
+        conns[0].close()
