@@ -2,7 +2,7 @@
 
     python tools/dpo_experiment.py --out runs/dpo_exp [--instruct-steps 400 --dpo-steps 800]
 
-Quick-sized demo data (1000 train / 20 val / 60 test scenes) and the quick demo's stage
+Quick-sized demo data (1000 train / 20 val / 60 test scenes, or --test-scenes N) and the quick demo's stage
 lengths (pretrain 150, instruct 400 steps): short enough that the instruct model still
 hallucinates. DPO (recipes/demo/dpo.yaml) then trains on the bundled preference pairs of the
 train scenes. Before and after DPO, on the test scenes:
@@ -108,11 +108,12 @@ def main() -> None:
                                              "train.eval_answers=0", "data.eval=[]", *threads]), quiet=True)
         times[stage] = time.time() - t
     before_file = os.path.join(args.out, "report_instruct.json")
-    if args.reuse_instruct and os.path.isfile(before_file):  # the same run, so the same figures
-        before = json.load(open(before_file, encoding="utf-8"))
-    else:
-        before = evaluate(os.path.join(args.out, "instruct"), data, pope_file,
-                          os.path.join(args.out, "predictions_instruct.json"))
+    before = json.load(open(before_file, encoding="utf-8")) if args.reuse_instruct and os.path.isfile(before_file) else {}
+    # The same run gives the same figures, but only on the same held-out scenes.
+    if before.get("test_scenes") != args.test_scenes:
+        before = {"test_scenes": args.test_scenes,
+                  **evaluate(os.path.join(args.out, "instruct"), data, pope_file,
+                             os.path.join(args.out, "predictions_instruct.json"))}
         with open(before_file, "w", encoding="utf-8") as f:
             json.dump(before, f, indent=1)
 
