@@ -71,19 +71,20 @@ def evaluate_chair(model, tokenizer, data_dir: str, split: str, image_processor,
 # How a rejected caption invents an object: "swap" renames one of the scene's objects as any
 # colour-shape the scene lacks, "shape" and "colour" change only that one attribute (the near
 # misses a model that half-sees makes: a green circle where there is a green square), "add"
-# puts one more, absent, object in an empty cell.
-CAPTION_EDITS = ("swap", "shape", "colour", "add")
+# puts one more, absent, object in an empty cell. "every_shape" is one "shape" edit per object of
+# the scene (each object in turn), for a model whose errors are mostly wrong shapes.
+CAPTION_EDITS = ("swap", "shape", "colour", "add", "every_shape")
 # The bundled pairs'. On 500 held-out scenes (tools/dpo_experiment.py --test-scenes 500) the demo's
 # instruct model names a present colour 99% of the time but a present shape 71%, and adding the
 # shape edit took CHAIR-i from -1.7% to -7.8% at 300 DPO steps (the colour edit was not measured).
 DEFAULT_CAPTION_EDITS = ("shape", "swap", "add")
 
 
-def hallucinated_scene(scene: dict, rng: np.random.Generator, edit: str) -> dict:
-    """The scene with one object the image does not hold, by `edit` (CAPTION_EDITS). A "shape" or
-    "colour" edit that finds no absent object that way (every other shape of that colour is
-    there too) is a "swap"."""
-    if edit not in CAPTION_EDITS:
+def hallucinated_scene(scene: dict, rng: np.random.Generator, edit: str, target: int | None = None) -> dict:
+    """The scene with one object the image does not hold, by `edit` (CAPTION_EDITS but
+    "every_shape"), changing object `target` (an index; None: drawn). A "shape" or "colour" edit
+    that finds no absent object that way (every other shape of that colour is there too) is a "swap"."""
+    if edit not in CAPTION_EDITS or edit == "every_shape":
         raise ValueError(f"caption edit {edit!r} is not one of {CAPTION_EDITS}")
     present = {(o["colour"], o["shape"]) for o in scene["objects"]}
     objects = [dict(o) for o in scene["objects"]]
@@ -97,7 +98,7 @@ def hallucinated_scene(scene: dict, rng: np.random.Generator, edit: str) -> dict
                         "position": position_name(row, col, grid)})
         objects.sort(key=lambda o: (o["row"], o["col"]))  # captions list the objects row-major
         return {**scene, "objects": objects}
-    target = objects[int(rng.integers(len(objects)))]
+    target = objects[int(rng.integers(len(objects))) if target is None else target]
     near = {"shape": [(target["colour"], s) for s in SHAPES],
             "colour": [(c, target["shape"]) for c in COLOURS]}.get(edit, [])
     choices = [k for k in near if k not in present] or [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
@@ -133,9 +134,13 @@ def write_preference_pairs(data_dir: str, split: str = "train", seed: int = 0, p
     pairs = []
     for rec in scenes:
         for edit in caption_edits:
-            pairs.append({"id": f"{rec['image_id']}-caption-{edit}", "image": rec["image"],
-                          "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"}],
-                          "chosen": rec["caption"], "rejected": caption(hallucinated_scene(rec, rng, edit))})
+            each = range(len(rec["objects"])) if edit == "every_shape" else [None]
+            for i in each:
+                wrong = hallucinated_scene(rec, rng, "shape" if i is not None else edit, target=i)
+                pairs.append({"id": f"{rec['image_id']}-caption-{edit}" + ("" if i is None else f"-{i}"),
+                              "image": rec["image"],
+                              "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"}],
+                              "chosen": rec["caption"], "rejected": caption(wrong)})
         own = (model_captions or {}).get(rec["image_id"])
         if own and set(mentioned_objects(own, SCENE_VOCABULARY)) - set(scene_objects(rec)):
             pairs.append({"id": f"{rec['image_id']}-caption-model", "image": rec["image"],
