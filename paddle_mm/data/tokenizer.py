@@ -201,6 +201,10 @@ class Tokenizer:
                 raise DataError("<conversation>", f"unknown role {role!r}; expected one of {ROLES}")
             if not isinstance(text, str):
                 raise DataError("<conversation>", f"{role} turn text must be a string, got {type(text).__name__}")
+            if role == "assistant" and IMAGE_TOKEN in text:
+                # Its image tokens would be labelled: the model trained to write image placeholders.
+                raise DataError("<conversation>", f"an assistant turn holds an {IMAGE_TOKEN} tag; images go in "
+                                "user or system turns")
         sizes = _ImageSizes(tokens_per_image)
         if self.template is not None:
             out = self._encode_templated(turns, sizes, system, add_generation_prompt)

@@ -187,6 +187,12 @@ def test_add_generation_prompt_ends_with_open_assistant_header(bpe):
     assert ids == plain + header
 
 
+def test_encode_chat_refuses_an_image_tag_in_an_assistant_turn(bpe):
+    """Its image tokens would carry labels (found by test_properties: [("assistant", "<image>")])."""
+    with pytest.raises(DataError, match="assistant turn holds an <image> tag"):
+        bpe.encode_chat([("user", "hi"), ("assistant", "see <image>")], 4)
+
+
 def test_encode_chat_unknown_role_raises(bpe):
     with pytest.raises(DataError, match="unknown role 'robot'"):
         bpe.encode_chat([("user", "hi"), ("robot", "beep")], tokens_per_image=1)

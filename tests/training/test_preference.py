@@ -260,7 +260,8 @@ def test_pair_turns_refuses_a_plain_conversation():
 def test_bundled_pairs_reject_an_answer_naming_an_absent_object(demo_data):
     """Chosen: the scene's own caption, or the right yes/no about an object; rejected: a caption
     naming one object the scene lacks (one of its own renamed: wholly, or in its shape or its colour
-    alone; or one added), or the wrong yes/no.
+    alone; or one added; every_shape: each object in turn given a shape the scene lacks in its
+    colour), or the wrong yes/no.
     Checked with CHAIR's mention matcher."""
     from paddle_mm.data.synthetic import COLOURS, SHAPES
     from paddle_mm.eval.hallucination import CAPTION_EDITS, SCENE_VOCABULARY, write_preference_pairs
@@ -273,7 +274,7 @@ def test_bundled_pairs_reject_an_answer_naming_an_absent_object(demo_data):
         rec = scenes[os.path.relpath(sample.images[0], demo_data["data"])]
         held = {f"{o['colour']} {o['shape']}" for o in rec["objects"]}
         chosen, rejected = sample.turns[-1][1], sample.meta["rejected"]
-        kind = sample.id.rsplit("-", 1)[1] if "-caption-" in sample.id else "presence"
+        kind = sample.id.split("-caption-")[1].split("-")[0] if "-caption-" in sample.id else "presence"
         kinds[kind] = kinds.get(kind, 0) + 1
         if kind == "presence":
             (asked,) = mentioned_objects(sample.turns[0][1], SCENE_VOCABULARY)
@@ -289,9 +290,15 @@ def test_bundled_pairs_reject_an_answer_naming_an_absent_object(demo_data):
             assert len(chosen.split()) == len(rejected.split()) and 1 <= len(changed) <= 2, sample.id
             if kind != "swap":
                 ((was, now),) = changed
-                assert {was, now} <= set(SHAPES if kind == "shape" else COLOURS), sample.id
+                assert {was, now} <= set(COLOURS if kind == "colour" else SHAPES), sample.id
+            if kind == "every_shape":  # the object the id names is the one changed
+                index = int(sample.id.rsplit("-", 1)[1])
+                words = chosen.replace(",", "").split()
+                assert [i for i, w in enumerate(words) if w in SHAPES][index] == \
+                    [i for i, (a, b) in enumerate(zip(words, rejected.replace(",", "").split())) if a != b][0]
+    objects = sum(len(s["objects"]) for s in scenes.values())
     assert kinds == {"swap": len(scenes), "shape": len(scenes), "colour": len(scenes), "add": len(scenes),
-                     "presence": kinds["presence"]}
+                     "every_shape": objects, "presence": kinds["presence"]}
 
 
 def test_bundled_presence_pairs_prefer_yes_and_no_equally_on_every_scene(demo_data):
