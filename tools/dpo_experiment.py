@@ -99,6 +99,9 @@ def main() -> None:
                     "CAPTION_EDITS; default: the bundled pairs')")
     ap.add_argument("--model-captions", action="store_true",
                     help="also reject the --start run's own captions of the train scenes where they hallucinate")
+    ap.add_argument("--model-corrections", action="store_true",
+                    help="with --model-captions: also reject each such caption against itself mended, the objects "
+                    "it meant named rightly (eval/hallucination.py corrected_caption)")
     ap.add_argument("--reuse-instruct", action="store_true",
                     help="start from OUT/instruct as an earlier call left it (the stages are deterministic)")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides for the DPO stage (train.dpo.beta=0.2 ...)")
@@ -138,7 +141,8 @@ def main() -> None:
     start = os.path.join(args.out, args.start)
     edits = {} if args.caption_edits is None else {"caption_edits": [e for e in args.caption_edits.split(",") if e]}
     pairs = write_preference_pairs(data, "train", presence_per_image=args.presence_per_image, **edits,
-                                   model_captions=own_captions(start, data) if args.model_captions else None)
+                                   model_captions=own_captions(start, data) if args.model_captions else None,
+                                   model_corrections=args.model_corrections)
     t = time.time()
     dpo = load_recipe(os.path.join(bundled_recipes(), "demo", "dpo.yaml"), Recipe, [
         f"data.tokenizer={os.path.join(args.out, 'tokenizer', 'tokenizer.json')}",
@@ -154,7 +158,8 @@ def main() -> None:
               "reward_margin_curve": curve, "dpo_recipe": {"steps": args.dpo_steps, **vars(dpo.train.dpo)},
               "overrides": args.overrides,
               "pairs": {"presence_per_image": args.presence_per_image, "caption_edits": args.caption_edits,
-                        "model_captions": args.model_captions},
+                        "model_captions": args.model_captions,
+                        "model_corrections": args.model_corrections},
               "wall_s": {**times, "total": time.time() - t0}}
     with open(os.path.join(args.out, f"report_{args.dpo_name}.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)

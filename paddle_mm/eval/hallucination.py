@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -106,12 +107,37 @@ def hallucinated_scene(scene: dict, rng: np.random.Generator, edit: str, target:
     return {**scene, "objects": objects}
 
 
+_MENTION = re.compile(r"^an? (\w+) (\w+) (?:at|in) the (.+)$")
+
+
+def corrected_caption(own: str, scene: dict) -> str | None:
+    """A model's caption mended: each "a <colour> <shape> at the <position>" becomes the scene
+    object it most likely meant (the same colour in that cell, else the same colour and shape,
+    else another object of that colour), and a part that means none is dropped; the objects are
+    listed as the scene's captions list them. None where a part does not parse or nothing is
+    left. Against the model's own caption this is a pair that differs where the model erred (as
+    in RLHF-V's corrections), not in the objects it left out as the true caption does."""
+    meant: list[dict] = []
+    for part in re.split(r", | and ", own.strip()):
+        m = _MENTION.match(part)
+        if m is None:
+            return None
+        colour, shape, position = m.groups()
+        free = [o for o in scene["objects"] if o["colour"] == colour and not any(o is x for x in meant)]
+        pick = ([o for o in free if o["position"] == position] or [o for o in free if o["shape"] == shape] or free)
+        if pick:
+            meant.append(pick[0])
+    meant.sort(key=lambda o: (o["row"], o["col"]))
+    return caption({"objects": meant}) if meant else None
+
+
 def _draw(choices: list, rng: np.random.Generator):
     return choices[int(rng.integers(len(choices)))]
 
 
 def write_preference_pairs(data_dir: str, split: str = "train", seed: int = 0, presence_per_image: int = 3,
-                           caption_edits: Sequence[str] = DEFAULT_CAPTION_EDITS, model_captions: dict | None = None) -> str:
+                           caption_edits: Sequence[str] = DEFAULT_CAPTION_EDITS, model_captions: dict | None = None,
+                           model_corrections: bool = False) -> str:
     """Preference pairs (format llava_pairs) from a split's scenes, for train.stage dpo; {split}_pairs.json
     beside the demo data (never written by generate_demo_data, so the demo's files stay as they
     were). Returns its path.
@@ -124,7 +150,9 @@ def write_preference_pairs(data_dir: str, split: str = "train", seed: int = 0, p
     scenes', so pairs of the train split know nothing of the test scenes POPE is measured on.
     model_captions ({image_id: caption}, a model's own captions of the split, evaluate_chair's
     predictions): each one that names an object its scene lacks is one more rejected caption,
-    the hallucination that model really makes rather than an invented one.
+    the hallucination that model really makes rather than an invented one. model_corrections:
+    each such caption is also rejected against itself mended (corrected_caption), where that
+    names no absent object and is not the true caption.
     """
     if split == "test":
         raise ValueError(f"{data_dir}: preference pairs from the test scenes would train on the held-out "
@@ -146,6 +174,12 @@ def write_preference_pairs(data_dir: str, split: str = "train", seed: int = 0, p
             pairs.append({"id": f"{rec['image_id']}-caption-model", "image": rec["image"],
                           "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"}],
                           "chosen": rec["caption"], "rejected": own})
+            mended = corrected_caption(own, rec) if model_corrections else None
+            # A mended caption that is the true one adds nothing to the pair above.
+            if mended and mended not in (own, rec["caption"]) and not set(mentioned_objects(mended, SCENE_VOCABULARY)) - set(scene_objects(rec)):
+                pairs.append({"id": f"{rec['image_id']}-caption-mended", "image": rec["image"],
+                              "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"}],
+                              "chosen": mended, "rejected": own})
     images = [(rec["image"], scene_objects(rec)) for rec in scenes]
     ids = {rec["image"]: rec["image_id"] for rec in scenes}
     if presence_per_image:

@@ -357,3 +357,46 @@ def test_a_models_own_hallucinated_caption_becomes_a_rejected_one(demo_data):
         (pair,) = json.load(f)
     assert pair["id"] == f"{second['image_id']}-caption-model"
     assert (pair["chosen"], pair["rejected"]) == (second["caption"], own[second["image_id"]])
+
+
+def test_a_models_caption_mended_names_the_objects_it_meant():
+    """corrected_caption, hand-worked: a wrong shape keeps its cell's object, a wrong cell finds the
+    object of that colour and shape, an object of a colour the scene lacks (or one already taken)
+    is dropped, and the result is listed row-major; an unparsed part or nothing left gives None."""
+    from paddle_mm.eval.hallucination import corrected_caption
+
+    def obj(colour, shape, row, col, position):
+        return {"colour": colour, "shape": shape, "row": row, "col": col, "position": position}
+
+    scene = {"objects": [obj("red", "square", 0, 0, "top left"), obj("blue", "circle", 1, 1, "center"),
+                         obj("green", "triangle", 2, 1, "bottom")]}
+    own = ("a green triangle at the top, a red circle at the top left, a yellow square at the right "
+           "and a red square at the left")
+    assert corrected_caption(own, scene) == "a red square at the top left and a green triangle at the bottom"
+    assert corrected_caption("a blue square at the right", scene) == "a blue circle in the center"
+    assert corrected_caption("a yellow circle at the top", scene) is None
+    assert corrected_caption("a red square near the top left", scene) is None
+
+
+def test_model_corrections_add_the_mended_caption_as_a_chosen_one(demo_data):
+    """model_corrections: a hallucinating caption is also rejected against itself mended, unless the
+    mended caption is the true one (that pair is already there)."""
+    from paddle_mm.data.synthetic import SHAPES
+    from paddle_mm.eval.hallucination import write_preference_pairs
+
+    scenes = json.load(open(os.path.join(demo_data["data"], "train_scenes.json")))
+    many, one = (next(s for s in scenes if (len(s["objects"]) > 1) == wanted) for wanted in (True, False))
+    own = {}
+    for scene in (many, one):
+        first, held = scene["objects"][0], {(o["colour"], o["shape"]) for o in scene["objects"]}
+        wrong = next(s for s in SHAPES if (first["colour"], s) not in held)
+        own[scene["image_id"]] = scene["caption"].split(", ")[0].split(" and ")[0].replace(first["shape"], wrong)
+    with open(write_preference_pairs(demo_data["data"], "train", presence_per_image=0, caption_edits=(),
+                                     model_captions=own, model_corrections=True)) as f:
+        pairs = {p["id"]: (p["chosen"], p["rejected"]) for p in json.load(f)}
+    first = many["objects"][0]
+    place = "in the center" if first["position"] == "center" else f"at the {first['position']}"
+    assert pairs == {f"{many['image_id']}-caption-model": (many["caption"], own[many["image_id"]]),
+                     f"{many['image_id']}-caption-mended": (f"a {first['colour']} {first['shape']} {place}",
+                                                            own[many["image_id"]]),
+                     f"{one['image_id']}-caption-model": (one["caption"], own[one["image_id"]])}
