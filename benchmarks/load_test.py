@@ -1,6 +1,6 @@
 """A bounded load test of `paddle-mm serve` on loopback: N clients share a fixed number of requests.
 
-    python benchmarks/load_test.py RUN_DIR [--clients 1 4 8] [--max-batch 1 8] [--requests 40] [--bad-every 5]
+    python benchmarks/load_test.py RUN_DIR [--clients 1 4 8] [--max-batch 1 8] [--join both] [--requests 40] [--bad-every 5]
 
 For each client count it starts the server on 127.0.0.1 with a port of its own, sends the
 requests (about the run's test images, VQA questions and caption requests in turn; every
@@ -8,7 +8,9 @@ k-th one deliberately bad: an image_url without data), after a warm-up, and prin
 answered (200), refused (a JSON error with a 4xx/5xx status) or failed (no usable answer:
 connection error, timeout, garbage). The server answers the requests waiting together in one
 batched generation, so throughput grows with the clients while a batch step costs little more
-than one row's.
+than one row's; with joining (the default), requests also join a generation already running and
+rows leave it as they end, instead of each batch lasting as long as its longest answer
+(`--join both` prints the batch limits with joining off and on).
 """
 from __future__ import annotations
 
@@ -119,6 +121,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="the model's CPU threads (0: every core)")
     parser.add_argument("--max-batch", type=int, nargs="+", default=[1, 8],
                         help="the server's batch limits to compare (1: one request at a time, the reference)")
+    parser.add_argument("--join", choices=["on", "off", "both"], default="both",
+                        help="whether requests join a running generation (max-batch > 1)")
     args = parser.parse_args()
 
     from paddle_mm.serving.server import ChatServer, Engine
@@ -138,10 +142,12 @@ def main() -> None:
     run_load(server.url, bodies, 2)
     server.shutdown()
     server.server_close()
-    print(f"{'batch':>5} {'clients':>7} {'answered':>8} {'refused':>7} {'failed':>6} {'lost':>4} {'p50 s':>7} "
+    print(f"{'batch':>6} {'clients':>7} {'answered':>8} {'refused':>7} {'failed':>6} {'lost':>4} {'p50 s':>7} "
           f"{'p95 s':>7} {'req/s':>6} {'tok/s':>6} {'wall s':>7} {'x 1 client':>10}")
-    for max_batch in args.max_batch:
-        engine.max_batch = max_batch
+    joins = {"on": [True], "off": [False], "both": [False, True]}[args.join]
+    for max_batch, join in [(b, j) for b in args.max_batch for j in (joins if b > 1 else [False])]:
+        engine.max_batch, engine.join = max_batch, join
+        label = f"{max_batch}{'+j' if join else ''}"
         single = None
         for clients in args.clients:
             server = ChatServer(engine, "127.0.0.1", 0)
@@ -152,7 +158,7 @@ def main() -> None:
                 server.shutdown()
                 server.server_close()
             single = single or r["requests_per_s"]
-            print(f"{max_batch:>5} {r['clients']:>7} {r['answered']:>8} {r['refused']:>7} {r['failed']:>6} "
+            print(f"{label:>6} {r['clients']:>7} {r['answered']:>8} {r['refused']:>7} {r['failed']:>6} "
                   f"{r['lost']:>4} {r['p50_s']:>7.3f} {r['p95_s']:>7.3f} {r['requests_per_s']:>6.2f} "
                   f"{r['tokens_per_s']:>6.1f} {r['wall_s']:>7.1f} {r['requests_per_s'] / single:>9.2f}x")
 

@@ -1,6 +1,6 @@
 """Where the time of bench_reference.py's steps goes: paddle.profiler's operator summary (CPU).
 
-    python benchmarks/profile_step.py [--what train|generate|packed] [--steps 2] [--top 25]
+    python benchmarks/profile_step.py [--what train|generate|packed] [--steps 2] [--top 25] [--batch 4]
 
 The same model and inputs as bench_reference.py's paddle_mm side (one warm-up step first, so
 the summary holds steady-state work). Prints the operators sorted by total CPU time.
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_reference as bench  # noqa: E402
 
 
-def workload(what: str):
+def workload(what: str, batch: int = 1):
     import paddle
 
     from paddle_mm.data.dataset import collate
@@ -31,7 +31,7 @@ def workload(what: str):
     rng = np.random.default_rng(0)
     if what == "generate":
         model.eval()
-        ids, pix = bench._prompt(rng, 1)
+        ids, pix = bench._prompt(rng, batch)
         ids, pix = paddle.to_tensor(ids), paddle.to_tensor(pix)
         return lambda: model.generate(ids, None, pix, max_new_tokens=bench.NEW_TOKENS, eos_token_id=None)
     model.train()
@@ -65,13 +65,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=1, help="--what generate: prompts per generation (the bench's 1 and 4)")
     args = ap.parse_args()
     import paddle.profiler as profiler
 
     from paddle_mm.runtime import configure_cpu
 
     configure_cpu(args.threads)
-    run = workload(args.what)
+    run = workload(args.what, args.batch)
     run()  # warm-up
     prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU], on_trace_ready=lambda _: None)  # no trace file
     prof.start()

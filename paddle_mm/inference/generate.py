@@ -46,19 +46,9 @@ def generate_answers(
     if isinstance(image_processor, Qwen2VLProcessor):
         return _native_resolution_answers(model, tokenizer, samples, image_processor, infer, blind, system, on_token)
     answers: dict[str, str] = {}
-    tpi = model.tokens_per_image
     for start in range(0, len(samples), infer.batch_size):
-        chunk = samples[start: start + infer.batch_size]
-        items = []
-        for s in chunk:
-            ids, _ = tokenizer.encode_chat(prompt_turns(s), tpi, system=system, add_generation_prompt=True)
-            if blind:
-                pixels = np.stack([image_processor.blank() for _ in s.images]) if s.images else None
-            else:
-                pixels = image_processor(s.images) if s.images else None
-            items.append({"id": s.id, "input_ids": np.asarray(ids, "int64"), "labels": np.asarray(ids, "int64"),
-                          "pixel_values": pixels})
-        batch = collate(items, tokenizer.pad_token_id, padding_side="left")
+        batch = encode_prompts(model, tokenizer, samples[start: start + infer.batch_size], image_processor, system,
+                               blind)
         pixel_values = None if batch["pixel_values"] is None else paddle.to_tensor(batch["pixel_values"])
         outs = model.generate(
             paddle.to_tensor(batch["input_ids"]),
@@ -75,6 +65,43 @@ def generate_answers(
         for sid, out in zip(batch["ids"], outs):
             answers[sid] = tokenizer.decode(out).strip()
     return answers
+
+
+def encode_prompts(model, tokenizer: Tokenizer, samples: Sequence[Sample], image_processor: ImageProcessor,
+                   system: str = "", blind: bool = False) -> dict:
+    """The samples' prompts as collate() batches them, left-padded, with their images' pixels, for a
+    model of fixed-size image tokens (model.VisionLanguageModel)."""
+    items = []
+    for s in samples:
+        ids, _ = tokenizer.encode_chat(prompt_turns(s), model.tokens_per_image, system=system, add_generation_prompt=True)
+        if blind:
+            pixels = np.stack([image_processor.blank() for _ in s.images]) if s.images else None
+        else:
+            pixels = image_processor(s.images) if s.images else None
+        items.append({"id": s.id, "input_ids": np.asarray(ids, "int64"), "labels": np.asarray(ids, "int64"),
+                      "pixel_values": pixels})
+    return collate(items, tokenizer.pad_token_id, padding_side="left")
+
+
+def joinable(model, infer: InferConfig) -> bool:
+    """Whether requests to this model with these settings can join a running batch (decoding.RunningBatch):
+    fixed-size image tokens, a backbone kv_decode covers, no beam search."""
+    from paddle_mm.lm.decoding import RunningBatch
+    from paddle_mm.model import VisionLanguageModel
+
+    return isinstance(model, VisionLanguageModel) and infer.num_beams == 1 and RunningBatch.supports(model.language_model)
+
+
+def prompt_embeddings(model, tokenizer: Tokenizer, samples: Sequence[Sample], image_processor: ImageProcessor,
+                      system: str = ""):
+    """(embeddings [n, L, D] with the image features written in, mask [n, L]) of the samples' left-padded
+    prompts: what RunningBatch.add takes (no gradient)."""
+    import paddle
+
+    batch = encode_prompts(model, tokenizer, samples, image_processor, system)
+    pixels = None if batch["pixel_values"] is None else paddle.to_tensor(batch["pixel_values"])
+    with paddle.no_grad():
+        return model.embed(paddle.to_tensor(batch["input_ids"]), pixels), paddle.to_tensor(batch["attention_mask"])
 
 
 def prompt_length(model, tokenizer: Tokenizer, image_processor, sample: Sample, system: str = "") -> int:

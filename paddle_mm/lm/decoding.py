@@ -6,6 +6,7 @@ left-padded attention mask, so every row's next token is read from the last colu
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import paddle
 import paddle.nn.functional as F
@@ -75,6 +76,78 @@ def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id, do_sample: bool 
             mask = paddle.concat([mask, paddle.ones([b, 1], dtype=mask.dtype)], axis=1)
         step_embeds = new_embeds if use_cache else paddle.concat([step_embeds, new_embeds], axis=1)
     return out
+
+
+@dataclass
+class Row:
+    """One answer of a RunningBatch: on_token(token id) sees each kept token as it is chosen and
+    ends the row by returning True; the row also ends at eos or after max_new_tokens tokens."""
+    max_new_tokens: int
+    on_token: Callable[[int], bool | None] | None = None
+    tokens: list[int] = field(default_factory=list)
+
+
+class RunningBatch:
+    """Decoding in which rows join between steps and leave as they end (continuous batching): a
+    server keeps its batch full instead of every batch lasting as long as its longest answer.
+    One sampling setting for all rows; the backbones kv_decode covers (`supports`), whose
+    PreallocatedDecoder rows can be dropped and merged. A row's tokens are those `decode` gives
+    it in a batch of its own, up to the float rounding of a batch of another size."""
+
+    def __init__(self, lm, eos_token_id, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0):
+        self.lm, self.stops, self.sampling = lm, stop_set(eos_token_id), (do_sample, temperature, top_p)
+        self.rows: list[Row] = []
+        self._decoder = None
+        self._next = None  # [B]: the token each row reads next
+
+    @staticmethod
+    def supports(lm) -> bool:
+        return kv_decode.supports(lm)
+
+    def add(self, embeds, mask, rows: list[Row]) -> list[Row]:
+        """Prefill new rows (prompt embeddings [n, L, D], left-padded mask [n, L]) and choose their
+        first tokens; returns the rows that ended there. The batch is unchanged if it raises."""
+        logits, cache = run_language_model(self.lm, embeds, mask, None, use_cache=True, last_only=True)
+        fresh = kv_decode.PreallocatedDecoder(self.lm, cache, mask, max(r.max_new_tokens for r in rows))
+        ids = pick(logits[:, -1].astype("float32"), *self.sampling)
+        live, ended = self._emit(rows, ids)
+        if live:
+            if len(live) < len(rows):
+                fresh.keep(live)
+                ids = paddle.gather(ids, paddle.to_tensor(live, dtype="int64"))
+            self._decoder = fresh if self._decoder is None else self._decoder.merged(fresh)
+            self._next = ids if self._next is None else paddle.concat([self._next, ids])
+            self.rows += [rows[i] for i in live]
+        return ended
+
+    def step(self) -> list[Row]:
+        """One more token for every row; returns the rows that ended."""
+        logits = self._decoder.step(self.lm.get_input_embeddings()(self._next.unsqueeze(-1)))
+        ids = pick(logits[:, -1].astype("float32"), *self.sampling)
+        live, ended = self._emit(self.rows, ids)
+        if not live:
+            self._decoder = self._next = None
+        elif len(live) < len(self.rows):
+            self._decoder.keep(live)
+            ids = paddle.gather(ids, paddle.to_tensor(live, dtype="int64"))
+        self.rows = [self.rows[i] for i in live]
+        if live:
+            self._next = ids
+        return ended
+
+    def _emit(self, rows: list[Row], ids) -> tuple[list[int], list[Row]]:
+        """Each row's chosen token kept or not: (indices of the rows that go on, rows that ended)."""
+        live, ended = [], []
+        for i, (row, t) in enumerate(zip(rows, ids.tolist())):
+            done = t in self.stops
+            if not done:
+                row.tokens.append(t)
+                done = bool(row.on_token is not None and row.on_token(t)) or len(row.tokens) >= row.max_new_tokens
+            if done:
+                ended.append(row)
+            else:
+                live.append(i)
+        return live, ended
 
 
 def pick(logits, do_sample: bool, temperature: float, top_p: float):

@@ -18,11 +18,16 @@ The rest of every layer is PaddleFormers' own (its rotary tables, activation and
 are called as they are), so greedy tokens are the same as on its path;
 tests/lm/test_kv_decode.py checks logits (<= 1e-5) and tokens against it.
 
+Rows may leave (`keep`) and join (`merged`) between steps, for continuous batching
+(decoding.RunningBatch): buffers are aligned on the column the next token goes to, a shorter
+history padded on the left with masked columns, and columns no row attends any more are dropped.
+
 Backbones this does not cover (OPT, LoRA-wrapped layers, sliding-window attention, flashmask)
 keep the backbone's own cached step (`supports`).
 """
 from __future__ import annotations
 
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle.incubate.nn.functional import fused_rms_norm
@@ -92,6 +97,55 @@ class PreallocatedDecoder:
         self.filled = length
         self.positions = mask.astype("int64").sum(axis=-1, keepdim=True)  # [B, 1]: the next token's position
         self.rotate = _rotate_half_matrix(head_dim, first.dtype)
+
+    @property
+    def rows(self) -> int:
+        return self.bias.shape[0]
+
+    def keep(self, rows: list[int]) -> None:
+        """Only these rows (indices, in this order) go on; leading columns none of them attends are dropped."""
+        index = paddle.to_tensor(rows, dtype="int64")
+        self.keys = [paddle.gather(k, index) for k in self.keys]
+        self.values = [paddle.gather(v, index) for v in self.values]
+        self.bias, self.positions = paddle.gather(self.bias, index), paddle.gather(self.positions, index)
+        open_columns = np.nonzero((self.bias[:, 0, 0, :self.filled].numpy() == 0).any(axis=0))[0]
+        first = int(open_columns[0]) if open_columns.size else self.filled
+        if first:
+            self.keys = [k[:, :, first:] for k in self.keys]
+            self.values = [v[:, :, first:] for v in self.values]
+            self.bias = self.bias[:, :, :, first:]
+            self.filled -= first
+
+    def _padded(self, left: int, right: int) -> None:
+        """`left` masked columns before the history and `right` more free ones after the buffers."""
+        if not left and not right:
+            return
+        b, h, _, d = self.keys[0].shape
+        dtype = self.keys[0].dtype
+        minimum = paddle.finfo(dtype).min
+
+        def grow(buf, fill, shape, axis):  # along the column axis, skipping empty parts
+            before = [paddle.full(shape(left), fill, dtype)] if left else []
+            after = [paddle.full(shape(right), fill, dtype)] if right else []
+            return paddle.concat(before + [buf] + after, axis=axis)
+
+        self.keys = [grow(k, 0.0, lambda n: [b, h, n, d], 2) for k in self.keys]
+        self.values = [grow(v, 0.0, lambda n: [b, h, n, d], 2) for v in self.values]
+        self.bias = grow(self.bias, minimum, lambda n: [b, 1, 1, n], 3)
+        self.filled += left
+
+    def merged(self, other: "PreallocatedDecoder") -> "PreallocatedDecoder":
+        """This decoder with other's rows after its own (other is used up): both aligned on the
+        next column, with room for whichever needs more steps."""
+        room = max(self.bias.shape[-1] - self.filled, other.bias.shape[-1] - other.filled)
+        filled = max(self.filled, other.filled)
+        for dec in (self, other):
+            dec._padded(filled - dec.filled, room - (dec.bias.shape[-1] - dec.filled))
+        self.keys = [paddle.concat(pair) for pair in zip(self.keys, other.keys)]
+        self.values = [paddle.concat(pair) for pair in zip(self.values, other.values)]
+        self.bias = paddle.concat([self.bias, other.bias])
+        self.positions = paddle.concat([self.positions, other.positions])
+        return self
 
     def step(self, embeds):
         """embeds [B, 1, D] of the newest token -> logits [B, 1, V]; the token's keys and values are kept."""

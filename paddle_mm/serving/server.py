@@ -10,7 +10,10 @@ thread per request ran several times slower than one warm thread. The model thre
 request waiting when it is free (up to ServerLimits.max_batch, those with the same sampling
 settings and no seed) and answers them in one batched generation: a batch of 8 decodes nearly
 as fast per step as a batch of 1, so concurrent clients share the model's time instead of
-queueing for it. Each row ends at its own stop string, max_tokens or departed client. Streamed
+queueing for it. Each row ends at its own stop string, max_tokens or departed client, and
+leaves the batch; between steps, requests that arrived meanwhile join it (continuous batching,
+decoding.RunningBatch, where the backbone allows: otherwise a batch runs to its longest
+answer and newcomers wait for the next). Streamed
 text goes back through a queue per request, so a slow reader does not hold up the model.
 
 Crafted requests are refused early and cheaply (see ServerLimits and http_guard.py): a request
@@ -61,7 +64,8 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 class Engine:
     """The model of one run folder and the one thread that runs it, answering one ChatJob at a time."""
 
-    def __init__(self, run_dir: str, model_name: str = "", num_threads: int = 0, max_batch: int = 8):
+    def __init__(self, run_dir: str, model_name: str = "", num_threads: int = 0, max_batch: int = 8,
+                 join: bool = True):
         from paddle_mm.api import load  # a run folder or a downloaded one, as the Python API loads it
         from paddle_mm.runtime import configure_cpu
 
@@ -82,7 +86,9 @@ class Engine:
         self.gather_s = 0.02
         self._connected = 0
         self._arrival = threading.Condition()
-        self.batch_sizes: collections.Counter = collections.Counter()  # generations run, by batch size
+        self.batch_sizes: collections.Counter = collections.Counter()  # generations started, by batch size
+        self.join = join  # requests may join a running generation (where joinable())
+        self.joins: collections.Counter = collections.Counter()  # requests joining a running one, by count
         threading.Thread(target=self._work, name="paddle_mm-model", daemon=True).start()
 
     def system_prompt(self, job: ChatJob) -> str:
@@ -153,6 +159,8 @@ class Engine:
         return text, finish, usage
 
     def _work(self) -> None:
+        from paddle_mm.inference.generate import joinable
+
         while True:
             first = self._held.pop(0) if self._held else self._jobs.get()
             if self.max_batch > 1:
@@ -163,6 +171,10 @@ class Engine:
                 live = [entry for entry in batch if not entry[2].is_set()]  # clients that left while queued
                 if not live:
                     continue
+                if self.join and self.max_batch > 1 and live[0][0].seed is None \
+                        and joinable(self.model, live[0][0].infer):
+                    self._run_joined(live)
+                    continue
                 streams = self._generate(live)
             for (_, events, _), stream in zip(live, streams):
                 if stream is not None:
@@ -172,15 +184,91 @@ class Engine:
         """The oldest waiting job and every waiting job that can share its generation (the same
         sampling settings, no seed: a seeded request is answered alone, so its seed alone decides
         its sample), up to max_batch; the rest wait for the next batch, in order."""
-        batch, kept = [first], []
-        candidates = self._held + self._drain()
-        for entry in candidates:
-            if len(batch) < self.max_batch and self._batchable(first[0], entry[0]):
-                batch.append(entry)
+        return [first] + self._take(first[0], self.max_batch - 1)
+
+    def _take(self, template: ChatJob, room: int) -> list:
+        """Up to `room` waiting jobs that can share a generation with `template`, oldest first."""
+        taken, kept = [], []
+        for entry in self._held + self._drain():
+            if len(taken) < room and self._batchable(template, entry[0]):
+                taken.append(entry)
             else:
                 kept.append(entry)
         self._held = kept
-        return batch
+        return taken
+
+    def _run_joined(self, batch: list) -> None:
+        """Decode the batch's rows together; after every step, the rows that ended are answered and
+        leave, and jobs waiting meanwhile that can share the generation join it, up to max_batch rows."""
+        import paddle
+
+        from paddle_mm.lm.decoding import RunningBatch
+
+        template = batch[0][0]
+        a = template.infer
+        running = RunningBatch(self.model.language_model, self.tokenizer.stop_ids, a.do_sample, a.temperature, a.top_p)
+        owners: dict[int, tuple] = {}  # id(row) -> ((job, events, cancelled), stream)
+        with paddle.no_grad():
+            self._decode_joined(template, running, batch, owners)
+
+    def _decode_joined(self, template: ChatJob, running, batch: list, owners: dict) -> None:
+        self._join(running, batch, owners)
+        while running.rows:
+            try:
+                ended = running.step()
+            except Exception as e:  # noqa: BLE001 (each request's thread answers with the error)
+                for row in running.rows:
+                    owners.pop(id(row))[0][1].put(("error", e))
+                return
+            for row in ended:
+                self._answered(owners.pop(id(row)))
+            room = self.max_batch - len(running.rows)
+            if running.rows and room > 0 and (self._held or not self._jobs.empty()):
+                newcomers = [e for e in self._take(template, room) if not e[2].is_set()]
+                if newcomers:
+                    self.joins[len(newcomers)] += 1
+                    self._join(running, newcomers, owners)
+
+    def _join(self, running, entries: list, owners: dict) -> None:
+        """Prefill these jobs into the running batch. If that fails, those that have had no text yet
+        are tried again one by one, and one failing alone gets the error."""
+        from paddle_mm.inference.generate import prompt_embeddings
+        from paddle_mm.lm.decoding import Row
+
+        rows, streams = [], []
+        for job, events, cancelled in entries:
+            stream = TextStream(self.tokenizer, job.stop, lambda d, ev=events: ev.put(("delta", d)))
+
+            def on_token(token: int, stream=stream, cancelled=cancelled) -> bool:
+                if cancelled.is_set():  # its client left
+                    return True
+                try:
+                    stream.add(token)
+                except StopGeneration:
+                    return True
+                return False
+
+            rows.append(Row(job.infer.max_new_tokens, on_token))
+            streams.append(stream)
+        try:
+            embeds, mask = prompt_embeddings(self.model, self.tokenizer, [job.sample for job, _, _ in entries],
+                                             self.image_processor, self.system_prompt(entries[0][0]))
+            ended = running.add(embeds, mask, rows)
+        except Exception as e:  # noqa: BLE001
+            for entry, stream in zip(entries, streams):
+                if len(entries) == 1 or stream.ids:
+                    entry[1].put(("error", e))
+                else:
+                    self._join(running, [entry], owners)
+            return
+        owners.update({id(row): (entry, stream) for row, entry, stream in zip(rows, entries, streams)})
+        for row in ended:
+            self._answered(owners.pop(id(row)))
+
+    @staticmethod
+    def _answered(owner: tuple) -> None:
+        (_, events, _), stream = owner
+        events.put(("done", (stream.finish(), stream.ids, stream.stopped)))
 
     def _drain(self) -> list:
         out = []

@@ -75,3 +75,45 @@ def test_lora_and_opt_keep_the_backbone_step():
     add_lora(lm, LoraConfig(enabled=True, r=2, alpha=4))
     assert not kv_decode.supports(lm)
     assert not kv_decode.supports(make_lm("opt"))
+
+
+def _left_padded(prompts):
+    """[n, L, D] embeddings and their [n, L] mask for prompts of their own lengths, left-padded."""
+    length = max(p.shape[1] for p in prompts)
+    x = paddle.concat([paddle.concat([paddle.zeros([1, length - p.shape[1], p.shape[2]]), p], axis=1)
+                       for p in prompts])
+    mask = paddle.to_tensor([[0] * (length - p.shape[1]) + [1] * p.shape[1] for p in prompts], dtype="int64")
+    return x, mask
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_rows_that_join_and_leave_a_running_batch_get_their_own_tokens(family):
+    """Continuous batching: a row joining a running batch after some steps, a row leaving at eos,
+    at its stop callback or its budget, each gives the greedy tokens it gets decoded alone."""
+    from paddle_mm.lm.decoding import Row, RunningBatch
+
+    lm = make_lm(family, seed=3)
+    prompts = [embeds(1, n, seed=10 + n) for n in (9, 4, 6, 3)]
+    budgets = [6, 10, 14, 9]  # the first row leaves before the later ones
+    with paddle.no_grad():
+        alone = [decode(lm, p, paddle.ones([1, p.shape[1]], dtype="int64"), n, None)[0]
+                 for p, n in zip(prompts, budgets)]
+    eos = alone[1][4]  # rows end where this token first comes
+    expected = [row[:row.index(eos)] if eos in row else row for row in alone]
+    expected[3] = expected[3][:3]  # row 3's callback ends it at its third token
+    rows = [Row(n) for n in budgets[:3]] + [Row(budgets[3], on_token=lambda t, seen=[]: seen.append(t) or len(seen) == 3)]
+    batch = RunningBatch(lm, eos)
+    ended, widths = [], []
+    with paddle.no_grad():
+        ended += batch.add(prompts[0], paddle.ones([1, 9], dtype="int64"), rows[:1])
+        for _ in range(3):
+            ended += batch.step()
+        ended += batch.add(*_left_padded(prompts[1:3]), rows[1:3])  # two rows join the one running
+        ended += batch.step()
+        ended += batch.add(*_left_padded(prompts[3:]), rows[3:])
+        while batch.rows:
+            widths.append(batch._decoder.bias.shape[-1])  # noqa: SLF001
+            ended += batch.step()
+    assert [r.tokens for r in rows] == expected
+    assert sorted(map(id, ended)) == sorted(map(id, rows)) and batch._decoder is None  # noqa: SLF001
+    assert min(widths) < max(widths)  # columns no row attends any more were dropped

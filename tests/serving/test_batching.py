@@ -46,6 +46,78 @@ def test_concurrent_requests_are_one_generation_each_answered_as_alone(served, d
     assert together[1].usage.completion_tokens == 3 and together[1].choices[0].finish_reason == "length"
 
 
+def test_a_request_arriving_mid_generation_joins_it(served, data_url, monkeypatch):
+    """Continuous batching: a request that comes while a generation runs joins it at the next step
+    (engine.joins), rather than waiting for it to end, and is answered as it would be alone."""
+    from paddle_mm.lm.decoding import RunningBatch
+
+    engine = served["server"].engine
+    first, second = (3, "", {"max_tokens": 12}), (0, "what colour is the circle?", {"max_tokens": 8})
+    with side_server(engine) as (_, client):
+        alone = [_ask(client, served, data_url, i, q, **kw) for i, q, kw in (first, second)]
+        step, running = RunningBatch.step, threading.Event()
+
+        def step_once_the_second_waits(self):
+            if not running.is_set():
+                running.set()
+                deadline = time.time() + 30
+                while engine._jobs.qsize() < 1 and time.time() < deadline:  # noqa: SLF001
+                    time.sleep(0.01)
+            return step(self)
+
+        monkeypatch.setattr(RunningBatch, "step", step_once_the_second_waits)
+        before, out = engine.joins.copy(), {}
+        thread = threading.Thread(target=lambda: out.__setitem__(0, _ask(client, served, data_url, first[0], first[1],
+                                                                          **first[2])))
+        thread.start()
+        assert running.wait(30)
+        out[1] = _ask(client, served, data_url, second[0], second[1], **second[2])
+        thread.join(60)
+    assert engine.joins - before == {1: 1}
+    for k in (0, 1):
+        assert out[k].choices[0].message.content == alone[k].choices[0].message.content
+        assert out[k].usage.completion_tokens == alone[k].usage.completion_tokens
+
+
+def test_a_request_failing_to_join_fails_alone(served, data_url, monkeypatch):
+    """A prefill that fails for one of the jobs joining together: the others are answered, that one
+    gets the error."""
+    import paddle_mm.inference.generate as generate
+
+    engine = served["server"].engine
+    real = generate.prompt_embeddings
+
+    def failing_on_boom(model, tokenizer, samples, *args, **kwargs):
+        if any("boom" in text for s in samples for _, text in s.turns):
+            raise RuntimeError("boom")
+        return real(model, tokenizer, samples, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "prompt_embeddings", failing_on_boom)
+    with side_server(engine) as (_, client):
+        alone = _ask(client, served, data_url, 0, "what colour is the circle?", max_tokens=8)
+        out: dict[str, object] = {}
+        before = engine.batch_sizes.copy()
+
+        def ask(question):
+            try:
+                out[question] = _ask(client, served, data_url, 0, question, max_tokens=8)
+            except openai.APIStatusError as e:
+                out[question] = e
+
+        with engine.lock:
+            threads = [threading.Thread(target=ask, args=(q,)) for q in ("boom?", "what colour is the circle?")]
+            for t in threads:
+                t.start()
+            deadline = time.time() + 30
+            while engine._jobs.qsize() < 1 and time.time() < deadline:  # noqa: SLF001
+                time.sleep(0.01)
+        for t in threads:
+            t.join(60)
+    assert engine.batch_sizes - before == {2: 1}  # the two went as one batch, whose prefill failed
+    assert isinstance(out["boom?"], openai.APIStatusError) and out["boom?"].status_code >= 500
+    assert out["what colour is the circle?"].choices[0].message.content == alone.choices[0].message.content
+
+
 def test_a_seeded_request_is_answered_alone(served, data_url):
     engine = served["server"].engine
     with side_server(engine) as (_, client):
