@@ -1,6 +1,6 @@
 """SFT briefly, then DPO: does preference tuning cut hallucination on held-out scenes?
 
-    python tools/dpo_experiment.py --out runs/dpo_exp [--instruct-steps 400 --dpo-steps 800]
+    python tools/dpo_experiment.py --out runs/dpo_exp [--instruct-steps 400 --dpo-steps 1600]
 
 Quick-sized demo data (1000 train scenes; 20 val / 60 test, or --val-scenes / --test-scenes N) and the
 quick demo's stage lengths (pretrain 150, instruct 400 steps): short enough that the instruct model
@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/dpo_exp")
     ap.add_argument("--pretrain-steps", type=int, default=150)
     ap.add_argument("--instruct-steps", type=int, default=400)
-    ap.add_argument("--dpo-steps", type=int, default=800)
+    ap.add_argument("--dpo-steps", type=int, default=1600, help="the bundled recipe's")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--test-scenes", type=int, default=SIZES["quick"][2],
                     help="held-out scenes to measure on (the train and val splits, and so the runs, stay the same: "
