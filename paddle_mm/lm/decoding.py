@@ -28,9 +28,9 @@ def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id, do_sample: bool 
            positions=None, prefill=None) -> list[list[int]]:
     """Greedy or sampled decoding; returns the new ids of each row, cut at eos.
 
-    With the cache, the prompt runs through the backbone and the new tokens through
-    kv_decode.PreallocatedDecoder where it covers the backbone (fast_steps=False: the backbone's
-    own cached step throughout, what the tests compare it with).
+    With the cache, the prompt and the new tokens run through kv_decode.PreallocatedDecoder
+    where it covers the backbone (fast_steps=False: the backbone's own prompt pass and cached
+    step throughout, what the tests compare it with).
 
     on_token(row, token id) is called as each kept token is chosen (streaming); when it returns
     True that row ends there (a batched server request that met its stop string or lost its
@@ -54,11 +54,11 @@ def decode(lm, embeds, mask, max_new_tokens: int, eos_token_id, do_sample: bool 
         extra = prefill(step_embeds.shape[1]) if prefill is not None and start == 0 else {}
         if fast is not None:
             logits = fast.step(step_embeds)
+        elif use_cache and step == 0 and fast_steps and positions is None and kv_decode.supports(lm):
+            fast, logits = kv_decode.PreallocatedDecoder.prefill(lm, step_embeds, mask, max_new_tokens)
         elif use_cache:
             logits, cache = run_language_model(lm, step_embeds, mask, cache, use_cache=True, last_only=True,
                                                position_ids=pos, **extra)
-            if step == 0 and fast_steps and positions is None and kv_decode.supports(lm):
-                fast = kv_decode.PreallocatedDecoder(lm, cache, mask, max_new_tokens)
         else:  # recompute the whole sequence each step: the reference the cache must match
             logits, _ = run_language_model(lm, step_embeds, mask, position_ids=pos, **extra)
         next_ids = pick(logits[:, -1].astype("float32"), do_sample, temperature, top_p)
@@ -107,8 +107,7 @@ class RunningBatch:
     def add(self, embeds, mask, rows: list[Row]) -> list[Row]:
         """Prefill new rows (prompt embeddings [n, L, D], left-padded mask [n, L]) and choose their
         first tokens; returns the rows that ended there. The batch is unchanged if it raises."""
-        logits, cache = run_language_model(self.lm, embeds, mask, None, use_cache=True, last_only=True)
-        fresh = kv_decode.PreallocatedDecoder(self.lm, cache, mask, max(r.max_new_tokens for r in rows))
+        fresh, logits = kv_decode.PreallocatedDecoder.prefill(self.lm, embeds, mask, max(r.max_new_tokens for r in rows))
         ids = pick(logits[:, -1].astype("float32"), *self.sampling)
         live, ended = self._emit(rows, ids)
         if live:

@@ -39,9 +39,10 @@ def test_preallocated_steps_give_the_backbone_logits(family, overrides):
     tokens = [paddle.to_tensor(rng.integers(0, 64, (3, 1))) for _ in range(STEPS)]
     expected, _ = backbone_steps(lm, x, mask, tokens)
     with paddle.no_grad():
-        _, cache = run_language_model(lm, x, mask, None, use_cache=True, last_only=True)
-        fast = kv_decode.PreallocatedDecoder(lm, cache, mask, STEPS)
+        prompt, _ = run_language_model(lm, x, mask, None, use_cache=True, last_only=True)
+        fast, first = kv_decode.PreallocatedDecoder.prefill(lm, x, mask, STEPS)
         got = np.stack([fast.step(lm.get_input_embeddings()(t))[:, -1].numpy() for t in tokens])
+    assert np.abs(first.numpy() - prompt.numpy()).max() < 1e-5  # the prompt pass
     assert np.abs(got - expected).max() < 1e-5
 
 
@@ -60,8 +61,7 @@ def test_the_buffers_refuse_a_step_past_their_size():
     lm = make_lm()
     x, mask = embeds(1, 4), paddle.ones([1, 4], dtype="int64")
     with paddle.no_grad():
-        _, cache = run_language_model(lm, x, mask, None, use_cache=True, last_only=True)
-        fast = kv_decode.PreallocatedDecoder(lm, cache, mask, 1)
+        fast, _ = kv_decode.PreallocatedDecoder.prefill(lm, x, mask, 1)
         fast.step(embeds(1, 1))
         with pytest.raises(ValueError, match="KV buffers hold 5 positions"):
             fast.step(embeds(1, 1))
