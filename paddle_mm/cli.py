@@ -182,7 +182,7 @@ def _serve(args) -> None:
 
     limits = ServerLimits(max_request_bytes=args.max_request_mb * 2**20, max_image_bytes=args.max_image_mb * 2**20,
                           max_image_pixels=args.max_image_pixels, max_tokens=args.max_tokens,
-                          max_batch=args.max_batch)
+                          max_batch=args.max_batch, join=not args.no_join)
     serve(args.run_dir, host=args.host, port=args.port, model_name=args.model_name,
           local_image_root=args.allow_local_images, limits=limits, num_threads=args.threads,
           allowed_hosts=tuple(args.allow_host), api_key=args.api_key or os.environ.get("PADDLE_MM_API_KEY", ""))
@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
     p.add_argument("--max-tokens", type=int, default=512, help="the most new tokens a request may ask for")
     p.add_argument("--max-batch", type=int, default=8, help="requests answered together in one generation")
+    p.add_argument("--no-join", action="store_true",
+                   help="answer batch by batch: no request joins a running generation (lower p95 latency under "
+                   "load here, higher median)")
     p.add_argument("--api-key", default="", help="ask /v1/ requests for 'Authorization: Bearer KEY' "
                    "(default: $PADDLE_MM_API_KEY, else no key)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0: every core)")

@@ -45,6 +45,7 @@ class ServerLimits:
     max_connections: int = 128  # open at once; more are answered 503 and closed
     max_arrival_s: float = 60.0  # from a request's first byte to its body's last; then 408
     max_batch: int = 8  # requests answered together in one batched generation
+    join: bool = True  # requests may join a running generation (continuous batching, where the backbone allows)
 
 
 class ApiError(Exception):

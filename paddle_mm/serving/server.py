@@ -618,7 +618,7 @@ def make_server(run_dir: str, host: str = "127.0.0.1", port: int = 8000, model_n
     allowed_hosts: Host names accepted besides the loopback's, when bound to it (a proxy's).
     api_key: when set, /v1/ requests without `Authorization: Bearer <api_key>` get a 401."""
     limits = limits or ServerLimits()
-    return ChatServer(Engine(run_dir, model_name, num_threads, limits.max_batch), host, port, limits,
+    return ChatServer(Engine(run_dir, model_name, num_threads, limits.max_batch, limits.join), host, port, limits,
                       local_image_root, access_log, allowed_hosts, api_key)
 
 

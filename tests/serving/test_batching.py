@@ -216,3 +216,25 @@ def test_a_batch_waits_for_connected_clients_requests(served, data_url):
         ask(conns[0], alone)  # connected clients: 1, queued: 1, so no wait
         assert alone[0][0] == 200 and alone[0][2] - t1 < 5.0
         conns[0].close()
+
+
+def test_no_join_answers_batch_by_batch(served, data_url, monkeypatch):
+    """paddle-mm serve --no-join: ServerLimits(join=False) reaches the engine, whose requests then
+    go through whole-batch generation (no RunningBatch) and are answered as with joining."""
+    from paddle_mm.cli import build_parser
+    from paddle_mm.lm.decoding import RunningBatch
+    from paddle_mm.serving.server import ServerLimits, make_server
+
+    assert build_parser().parse_args(["serve", served["run_dir"], "--no-join"]).no_join
+    server = make_server(served["run_dir"], port=0, limits=ServerLimits(join=False), num_threads=1)
+    try:
+        assert server.engine.join is False
+        with side_server(served["server"].engine) as (_, client):
+            joined = _ask(client, served, data_url, 3, "", max_tokens=12)
+        calls, step = [], RunningBatch.step
+        monkeypatch.setattr(RunningBatch, "step", lambda self: calls.append(1) or step(self))
+        with side_server(server.engine) as (_, client):
+            whole = _ask(client, served, data_url, 3, "", max_tokens=12)
+        assert not calls and whole.choices[0].message.content == joined.choices[0].message.content
+    finally:
+        server.server_close()
