@@ -54,6 +54,9 @@ def supports(lm) -> bool:
             return False
         if not all(hasattr(n, "variance_epsilon") for n in (layer.input_layernorm, layer.post_attention_layernorm)):
             return False
+    rope_type = getattr(lm.model.rotary_emb, "rope_type", "default")
+    if not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
+        return False  # their frequencies follow the longest position asked for: no fixed table
     return True
 
 

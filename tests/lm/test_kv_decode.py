@@ -117,3 +117,12 @@ def test_rows_that_join_and_leave_a_running_batch_get_their_own_tokens(family):
     assert [r.tokens for r in rows] == expected
     assert sorted(map(id, ended)) == sorted(map(id, rows)) and batch._decoder is None  # noqa: SLF001
     assert min(widths) < max(widths)  # columns no row attends any more were dropped
+
+
+def test_a_dynamic_rope_keeps_the_backbone_step():
+    """Dynamic NTK scaling changes the frequencies with the longest position asked for, so the
+    fixed rotary tables of the preallocated steps would not be the backbone's."""
+    lm = make_lm()
+    assert kv_decode.supports(lm)
+    lm.model.rotary_emb.rope_type = "dynamic"
+    assert not kv_decode.supports(lm)
