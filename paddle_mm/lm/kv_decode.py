@@ -109,11 +109,10 @@ class PreallocatedDecoder:
         self.rotate = _rotate_half_matrix(self.head_dim, dtype)
         self._cos = self._sin = None  # [P, d]: the backbone's rotary tables for positions 0..P-1
 
-    def _rotary(self, x, positions):
-        """cos, sin [B, 1, n, d] at positions [B, n]: rows of tables the backbone's rotary_emb made
-        once (each position's angle is a single product, so a row is what a call at that position
-        gives), instead of a call per step."""
-        need = int(positions.max()) + 1
+    def _rotary(self, x, positions, need: int):
+        """cos, sin [B, 1, n, d] at positions [B, n] (all below `need`): rows of tables the backbone's
+        rotary_emb made once (each position's angle is a single product, so a row is what a call at
+        that position gives), instead of a call per step."""
         if self._cos is None or self._cos.shape[0] < need:
             size = max(need, 2 * (0 if self._cos is None else self._cos.shape[0]), 64)
             cos, sin = self.lm.model.rotary_emb(x, paddle.arange(size, dtype="int64").unsqueeze(0))
@@ -134,7 +133,7 @@ class PreallocatedDecoder:
 
         dec = cls(lm, mask, max_new_tokens, embeds.dtype)
         b, length = mask.shape
-        cos, sin = dec._rotary(embeds, position_ids_from_mask(mask))  # [B, 1, L, d]
+        cos, sin = dec._rotary(embeds, position_ids_from_mask(mask), length)  # [B, 1, L, d]
         keep = causal_mask(length) & mask.astype("bool").reshape([b, 1, 1, length])  # [B, 1, L, L]
         minimum = paddle.finfo(embeds.dtype).min
         bias = paddle.where(keep, paddle.zeros([], embeds.dtype), paddle.full([], minimum, embeds.dtype)).unsqueeze(1)
@@ -226,7 +225,7 @@ class PreallocatedDecoder:
         if t >= self.bias.shape[-1]:
             raise ValueError(f"the KV buffers hold {t} positions; decode more tokens with a larger max_new_tokens")
         self.bias[:, :, :, t] = 0.0
-        cos, sin = self._rotary(embeds, self.positions)  # [B, 1, 1, d]
+        cos, sin = self._rotary(embeds, self.positions, t + 1)  # [B, 1, 1, d]; a position never exceeds t
         x = embeds
         b = x.shape[0]
         groups = self.heads // self.kv_heads
