@@ -176,7 +176,8 @@ def write_preference_pairs(data_dir: str, split: str = "train", seed: int = 0, p
                           "chosen": rec["caption"], "rejected": own})
             mended = corrected_caption(own, rec) if model_corrections else None
             # A mended caption that is the true one adds nothing to the pair above.
-            if mended and mended not in (own, rec["caption"]) and not set(mentioned_objects(mended, SCENE_VOCABULARY)) - set(scene_objects(rec)):
+            absent = mended and set(mentioned_objects(mended, SCENE_VOCABULARY)) - set(scene_objects(rec))
+            if mended and mended not in (own, rec["caption"]) and not absent:
                 pairs.append({"id": f"{rec['image_id']}-caption-mended", "image": rec["image"],
                               "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"}],
                               "chosen": mended, "rejected": own})

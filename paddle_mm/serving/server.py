@@ -209,10 +209,10 @@ class Engine:
         running = RunningBatch(self.model.language_model, self.tokenizer.stop_ids, a.do_sample, a.temperature, a.top_p)
         owners: dict[int, tuple] = {}  # id(row) -> ((job, events, cancelled), stream)
         with paddle.no_grad():
-            self._decode_joined(template, running, batch, owners)
+            self._join(running, batch, owners)
+            self._decode_joined(template, running, owners)
 
-    def _decode_joined(self, template: ChatJob, running, batch: list, owners: dict) -> None:
-        self._join(running, batch, owners)
+    def _decode_joined(self, template: ChatJob, running, owners: dict) -> None:
         while running.rows:
             try:
                 ended = running.step()
@@ -237,18 +237,9 @@ class Engine:
 
         rows, streams = [], []
         for job, events, cancelled in entries:
-            stream = TextStream(self.tokenizer, job.stop, lambda d, ev=events: ev.put(("delta", d)))
-
-            def on_token(token: int, stream=stream, cancelled=cancelled) -> bool:
-                if cancelled.is_set():  # its client left
-                    return True
-                try:
-                    stream.add(token)
-                except StopGeneration:
-                    return True
-                return False
-
-            rows.append(Row(job.infer.max_new_tokens, on_token))
+            stream = self._stream(job, events)
+            rows.append(Row(job.infer.max_new_tokens,
+                            lambda token, stream=stream, cancelled=cancelled: _ends_row(stream, cancelled, token)))
             streams.append(stream)
         try:
             embeds, mask = prompt_embeddings(self.model, self.tokenizer, [job.sample for job, _, _ in entries],
@@ -264,6 +255,10 @@ class Engine:
         owners.update({id(row): (entry, stream) for row, entry, stream in zip(rows, entries, streams)})
         for row in ended:
             self._answered(owners.pop(id(row)))
+
+    def _stream(self, job: ChatJob, events: queue.Queue) -> TextStream:
+        """The answer's text as it grows, its deltas sent to the request's thread."""
+        return TextStream(self.tokenizer, job.stop, lambda d: events.put(("delta", d)))
 
     @staticmethod
     def _answered(owner: tuple) -> None:
@@ -282,8 +277,7 @@ class Engine:
         """Answer (job, events, cancelled) entries in one generation; each row stops on its own.
         A failure goes to the requests as an error (None in their place); one request's failure
         does not fail its batch-mates that have had no text yet: they are answered again alone."""
-        streams = [TextStream(self.tokenizer, job.stop, lambda d, ev=events: ev.put(("delta", d)))
-                   for job, events, _ in batch]
+        streams = [self._stream(job, events) for job, events, _ in batch]
         try:
             self._generate_together(batch, streams)
             return streams
@@ -312,13 +306,7 @@ class Engine:
         def on_token(row_id: str, token: int) -> bool:
             """True ends the row: its client left, its stop string came, or its own max_tokens is reached."""
             k = int(row_id)
-            if batch[k][2].is_set():
-                return True
-            try:
-                streams[k].add(token)
-            except StopGeneration:
-                return True
-            return len(streams[k].ids) >= jobs[k].infer.max_new_tokens
+            return _ends_row(streams[k], batch[k][2], token) or len(streams[k].ids) >= jobs[k].infer.max_new_tokens
 
         if len(jobs) == 1 and jobs[0].seed is not None:
             paddle.seed(jobs[0].seed)
@@ -332,6 +320,18 @@ class Engine:
         a, b = first.infer, other.infer
         return first.seed is None and other.seed is None and self.system_prompt(first) == self.system_prompt(other) \
             and (a.do_sample, a.temperature, a.top_p, a.num_beams) == (b.do_sample, b.temperature, b.top_p, b.num_beams)
+
+
+def _ends_row(stream: TextStream, cancelled: threading.Event, token: int) -> bool:
+    """Add a new token to a row's stream; True when the row ends there (its client left, or its
+    stop string came)."""
+    if cancelled.is_set():
+        return True
+    try:
+        stream.add(token)
+    except StopGeneration:
+        return True
+    return False
 
 
 class ChatServer(ThreadingHTTPServer):

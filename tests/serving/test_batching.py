@@ -15,6 +15,21 @@ def _ask(client, served, data_url, image: int, question: str, **kw):
                                           **{"temperature": 0, **kw})
 
 
+def _while_busy(engine, asks) -> None:
+    """Run the asks on threads of their own while the model thread waits for the engine's lock,
+    until all but one are queued (that one is held by the model thread), then let them go as one
+    batch and wait for every answer."""
+    with engine.lock:
+        threads = [threading.Thread(target=ask) for ask in asks]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while engine._jobs.qsize() < len(asks) - 1 and time.time() < deadline:  # noqa: SLF001
+            time.sleep(0.01)
+    for t in threads:
+        t.join(60)
+
+
 REQUESTS = [(0, "what colour is the circle?", {"max_tokens": 8}),
             (1, "", {"max_tokens": 3}),  # its own, shorter budget
             (2, "how many shapes are there?", {"max_tokens": 8}),
@@ -27,16 +42,8 @@ def test_concurrent_requests_are_one_generation_each_answered_as_alone(served, d
         alone = [_ask(client, served, data_url, i, q, **kw) for i, q, kw in REQUESTS]
         before = engine.batch_sizes.copy()
         together: dict[int, object] = {}
-        with engine.lock:  # the model is busy: all four wait, then go as one batch
-            threads = [threading.Thread(target=lambda k=k, r=r: together.__setitem__(
-                k, _ask(client, served, data_url, r[0], r[1], **r[2]))) for k, r in enumerate(REQUESTS)]
-            for t in threads:
-                t.start()
-            deadline = time.time() + 30
-            while engine._jobs.qsize() < len(REQUESTS) - 1 and time.time() < deadline:  # noqa: SLF001
-                time.sleep(0.01)  # one job is held by the model thread, waiting for the lock
-        for t in threads:
-            t.join(60)
+        _while_busy(engine, [lambda k=k, r=r: together.__setitem__(k, _ask(client, served, data_url, r[0], r[1], **r[2]))
+                             for k, r in enumerate(REQUESTS)])  # the model is busy: all four wait, then go as one batch
     assert engine.batch_sizes - before == {4: 1}
     for k, (i, q, kw) in enumerate(REQUESTS):
         a, b = alone[k].choices[0], together[k].choices[0]
@@ -104,15 +111,7 @@ def test_a_request_failing_to_join_fails_alone(served, data_url, monkeypatch):
             except openai.APIStatusError as e:
                 out[question] = e
 
-        with engine.lock:
-            threads = [threading.Thread(target=ask, args=(q,)) for q in ("boom?", "what colour is the circle?")]
-            for t in threads:
-                t.start()
-            deadline = time.time() + 30
-            while engine._jobs.qsize() < 1 and time.time() < deadline:  # noqa: SLF001
-                time.sleep(0.01)
-        for t in threads:
-            t.join(60)
+        _while_busy(engine, [lambda q=q: ask(q) for q in ("boom?", "what colour is the circle?")])
     assert engine.batch_sizes - before == {2: 1}  # the two went as one batch, whose prefill failed
     assert isinstance(out["boom?"], openai.APIStatusError) and out["boom?"].status_code >= 500
     assert out["what colour is the circle?"].choices[0].message.content == alone.choices[0].message.content
@@ -123,17 +122,8 @@ def test_a_seeded_request_is_answered_alone(served, data_url):
     with side_server(engine) as (_, client):
         before = engine.batch_sizes.copy()
         results = []
-        with engine.lock:
-            threads = [threading.Thread(target=lambda s=s: results.append(_ask(
-                client, served, data_url, 0, "describe it", max_tokens=4, seed=s, temperature=1.0)))
-                for s in (None, 3)]
-            for t in threads:
-                t.start()
-            deadline = time.time() + 30
-            while engine._jobs.qsize() < 1 and time.time() < deadline:  # noqa: SLF001
-                time.sleep(0.01)
-        for t in threads:
-            t.join(60)
+        _while_busy(engine, [lambda s=s: results.append(_ask(client, served, data_url, 0, "describe it", max_tokens=4,
+                                                             seed=s, temperature=1.0)) for s in (None, 3)])
     assert len(results) == 2
     assert engine.batch_sizes - before == {1: 2}
 
