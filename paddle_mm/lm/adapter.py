@@ -13,6 +13,7 @@ from __future__ import annotations
 import paddle
 
 from paddle_mm.config import LMConfig
+from paddle_mm.lm import full_forward
 
 # family -> (config class, model class) names in paddleformers.transformers
 _FAMILIES = {
@@ -115,7 +116,8 @@ def run_backbone(lm, inputs_embeds, attention_mask=None, past_key_values=None, u
     that may not see it) and their own position_ids instead; with attn_implementation
     "flashmask" (GPU) the backbone's variable-length kernel reads them directly, with the
     others they become a dense [B, 1, L, L] mask here. extra: further inputs of the backbone's
-    forward (Qwen3-VL's DeepStack features).
+    forward (Qwen3-VL's DeepStack features). Without a cache, the Qwen2, Llama and Qwen3
+    layers run through lm/full_forward.py (the same arithmetic in cheaper ops).
     """
     b, length = inputs_embeds.shape[:2]
     past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -134,6 +136,9 @@ def run_backbone(lm, inputs_embeds, attention_mask=None, past_key_values=None, u
         # No padding: on CPU, Paddle 3.3.1's sdpa builds a [B, H, L, L] triu mask in every layer
         # for a causal call without a mask (profiled); one causal mask per length does instead.
         attention_mask = causal_mask(length)
+    if past_key_values is None and not use_cache and not extra and full_forward.supports(lm):
+        return full_forward.forward(lm, inputs_embeds, attention_mask, position_ids,
+                                    kwargs.get("attn_mask_startend_row_indices")), None
     out = lm.model(
         input_ids=None,
         inputs_embeds=inputs_embeds,

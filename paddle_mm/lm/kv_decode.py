@@ -32,6 +32,8 @@ import paddle.nn.functional as F
 from paddle import _C_ops
 from paddle.incubate.nn.functional import fused_rms_norm
 
+from paddle_mm.lm.full_forward import rotate_half_matrix
+
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -76,16 +78,6 @@ def _mlp(mlp, x):
     return _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
 
 
-def _rotate_half_matrix(dim: int, dtype) -> paddle.Tensor:
-    """R with x @ R == concat([-x2, x1]) for x = concat([x1, x2]) along the last axis."""
-    half = dim // 2
-    r = paddle.zeros([dim, dim], dtype="float32")
-    idx = paddle.arange(half)
-    r[idx + half, idx] = -1.0  # output column j < half takes -x[j + half]
-    r[idx, idx + half] = 1.0  # output column j >= half takes x[j - half]
-    return r.astype(dtype)
-
-
 class PreallocatedDecoder:
     """Holds the KV buffers of one generation; `step(embeds)` gives the next position's logits."""
 
@@ -106,7 +98,7 @@ class PreallocatedDecoder:
         self.bias = bias  # [B, 1, 1, capacity]: 0 where a row may attend
         self.filled = 0  # columns written
         self.positions = mask.astype("int64").sum(axis=-1, keepdim=True)  # [B, 1]: the next token's position
-        self.rotate = _rotate_half_matrix(self.head_dim, dtype)
+        self.rotate = rotate_half_matrix(self.head_dim, dtype)
         self._cos = self._sin = None  # [P, d]: the backbone's rotary tables for positions 0..P-1
 
     def _rotary(self, x, positions, need: int):
