@@ -70,10 +70,11 @@ def rms_norm(norm, x):
     return out * norm.weight
 
 
-def _attention(attn, q, k, v, bias):
+def attention(attn, q, k, v, bias):
     """The math path of Paddle's CPU sdpa (scaled queries, + bias, softmax, dropout) in [B, H, L, d]
     throughout: grouped heads as a reshape of the queries, not repeated keys, and four transposes
-    a layer instead of ten (a transpose's gradient is a strided copy, 3-5 ms each here)."""
+    a layer instead of ten (a transpose's gradient is a strided copy, 3-5 ms each here). Also
+    kv_decode's prompt pass. q [B, H, L, d], k and v [B, Hkv, L, d], bias [B or 1, 1, L, L] -> [B, L, H * d]."""
     import paddle.nn.functional as F
 
     b, heads, length, d = q.shape
@@ -89,7 +90,7 @@ def _attention(attn, q, k, v, bias):
 
 def _layer(layer, x, mask, row_indices, bias, cos_q, sin_q, cos_k, sin_k):
     """One decoder layer: x [B, L, D] -> [B, L, D]. cos/sin: the rotary tables spread over the query
-    and key heads ([B, H, L, d], same-shape multiplies); bias: the additive mask of _attention, or
+    and key heads ([B, H, L, d], same-shape multiplies); bias: the additive mask of `attention`, or
     None for the backbone's attention function (mask, row_indices)."""
     attn = layer.self_attn
     b, length = x.shape[0], x.shape[1]
@@ -107,7 +108,7 @@ def _layer(layer, x, mask, row_indices, bias, cos_q, sin_q, cos_k, sin_k):
     q = (q * cos_q + paddle.matmul(q, rotate) * sin_q).astype(dtype)
     k = (k * cos_k + paddle.matmul(k, rotate) * sin_k).astype(dtype)
     if bias is not None:
-        out = _attention(attn, q, k, v, bias)
+        out = attention(attn, q, k, v, bias)
     else:
         from paddleformers.nn.attention.interface import ALL_ATTENTION_FUNCTIONS
 
