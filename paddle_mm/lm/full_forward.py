@@ -74,7 +74,7 @@ def attention(attn, q, k, v, bias):
     """The math path of Paddle's CPU sdpa (scaled queries, + bias, softmax, dropout) in [B, H, L, d]
     throughout: grouped heads as a reshape of the queries, not repeated keys, and four transposes
     a layer instead of ten (a transpose's gradient is a strided copy, 3-5 ms each here). Also
-    kv_decode's prompt pass. q [B, H, L, d], k and v [B, Hkv, L, d], bias [B or 1, 1, L, L] -> [B, L, H * d]."""
+    kv_decode's prompt pass. q [B, H, L, d], k and v [B, Hkv, L, d], bias [B or 1, 1 or H, L, L] -> [B, L, H * d]."""
     import paddle.nn.functional as F
 
     b, heads, length, d = q.shape
@@ -126,8 +126,21 @@ def _additive_bias(config, mask, row_indices, x):
             or "cpu" not in str(x.place).lower():
         return None
     if mask.dtype == paddle.bool:
-        return paddle.where(mask, paddle.zeros([], x.dtype), paddle.full([], -float("inf"), x.dtype))
-    return mask
+        mask = paddle.where(mask, paddle.zeros([], x.dtype), paddle.full([], -float("inf"), x.dtype))
+    return spread_bias(mask, x.shape[0], config.num_attention_heads)
+
+
+SPREAD_LIMIT = 1 << 28  # bytes: a larger mask is added by broadcast
+
+
+def spread_bias(bias, batch: int, heads: int):
+    """An additive mask [B or 1, 1, L, L] made [B, H, L, L] once, so each layer's add is same-shape
+    (a broadcast add over the heads took 3x as long on CPU); kept as it is past SPREAD_LIMIT."""
+    if bias.shape[1] == heads and bias.shape[0] == batch:
+        return bias
+    shape = [batch, heads] + list(bias.shape[2:])
+    size = batch * heads * bias.shape[2] * bias.shape[3] * paddle.finfo(bias.dtype).bits // 8
+    return bias.expand(shape) if size <= SPREAD_LIMIT else bias
 
 
 def forward(lm, inputs_embeds, attention_mask, position_ids, attn_mask_startend_row_indices=None):

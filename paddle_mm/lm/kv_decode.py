@@ -32,7 +32,7 @@ import paddle.nn.functional as F
 from paddle import _C_ops
 from paddle.incubate.nn.functional import fused_rms_norm
 
-from paddle_mm.lm.full_forward import attention, rotate_half_matrix
+from paddle_mm.lm.full_forward import attention, rotate_half_matrix, spread_bias
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -142,7 +142,8 @@ class PreallocatedDecoder:
         tables = [t.expand([b, n, length, dec.head_dim]) for n in (dec.heads, dec.kv_heads) for t in (cos, sin)]
         keep = causal_mask(length) & mask.astype("bool").reshape([b, 1, 1, length])  # [B, 1, L, L]
         minimum = paddle.finfo(embeds.dtype).min
-        bias = paddle.where(keep, paddle.zeros([], embeds.dtype), paddle.full([], minimum, embeds.dtype))
+        bias = spread_bias(paddle.where(keep, paddle.zeros([], embeds.dtype), paddle.full([], minimum, embeds.dtype)),
+                           b, dec.heads)
         x = embeds
         for i, layer in enumerate(dec.layers):
             q, k, v = dec._rotated_qkv(layer, x, *tables)

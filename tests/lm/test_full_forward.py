@@ -92,3 +92,16 @@ def test_backbones_it_does_not_read_keep_their_forward():
     lm.config.layer_types = ["sliding_attention"] * 2
     assert not full_forward.supports(lm)
     assert not full_forward.supports(make_lm("opt"))
+
+
+def test_a_mask_past_the_spread_limit_is_added_by_broadcast(monkeypatch):
+    lm = make_lm("qwen2")
+    lm.train()
+    mask = paddle.to_tensor(MASK, dtype="int64")
+    positions = position_ids_from_mask(mask)
+    bias = paddle.zeros([1, 1, 7, 7])
+    assert full_forward.spread_bias(bias, 3, 4).shape == [3, 4, 7, 7]
+    monkeypatch.setattr(full_forward, "SPREAD_LIMIT", 0)
+    assert full_forward.spread_bias(bias, 3, 4).shape == [1, 1, 7, 7]
+    assert_same(lm, lambda x: full_forward.forward(lm, x, mask, positions),
+                lambda x: backbone(lm, x, mask, positions), embeds(3, 7))
