@@ -114,17 +114,23 @@ def run_backbone(lm, inputs_embeds, attention_mask=None, past_key_values=None, u
     attention_mask covers the cached and the new positions ([B, past + L]). Packed rows pass
     attn_mask_startend_row_indices ([B, 1, L, 1]: for each key column, the first query row
     that may not see it) and their own position_ids instead; with attn_implementation
-    "flashmask" (GPU) the backbone's variable-length kernel reads them directly, with the
-    others they become a dense [B, 1, L, L] mask here. extra: further inputs of the backbone's
+    "flashmask" (GPU) the backbone's variable-length kernel reads them directly; on CPU with
+    sdpa, the Qwen2, Llama and Qwen3 layers attend sample by sample (full_forward.Segments);
+    otherwise they become a dense [B, 1, L, L] mask here. extra: further inputs of the backbone's
     forward (Qwen3-VL's DeepStack features). Without a cache, the Qwen2, Llama and Qwen3
     layers run through lm/full_forward.py (the same arithmetic in cheaper ops).
     """
     b, length = inputs_embeds.shape[:2]
     past = past_key_values.get_seq_length() if past_key_values is not None else 0
     kwargs = dict(extra)
+    uncached = past_key_values is None and not use_cache and not extra and full_forward.supports(lm)
     if attn_mask_startend_row_indices is not None:
         if lm.config._attn_implementation == "flashmask":
             kwargs["attn_mask_startend_row_indices"] = attn_mask_startend_row_indices
+        elif uncached and position_ids is not None and full_forward.attends_by_segments(lm, inputs_embeds):
+            segments = full_forward.Segments(attn_mask_startend_row_indices, lm.config.num_attention_heads,
+                                             inputs_embeds.dtype)
+            return full_forward.forward(lm, inputs_embeds, None, position_ids, segments=segments), None
         else:
             attention_mask = dense_mask_from_row_indices(attn_mask_startend_row_indices)
     elif attention_mask is None:
@@ -136,7 +142,7 @@ def run_backbone(lm, inputs_embeds, attention_mask=None, past_key_values=None, u
         # No padding: on CPU, Paddle 3.3.1's sdpa builds a [B, H, L, L] triu mask in every layer
         # for a causal call without a mask (profiled); one causal mask per length does instead.
         attention_mask = causal_mask(length)
-    if past_key_values is None and not use_cache and not extra and full_forward.supports(lm):
+    if uncached:
         return full_forward.forward(lm, inputs_embeds, attention_mask, position_ids,
                                     kwargs.get("attn_mask_startend_row_indices")), None
     out = lm.model(

@@ -67,6 +67,38 @@ def test_run_backbone_takes_it_for_packed_rows():
                 lambda x: backbone(lm, x, dense, positions), embeds(2, 7))
 
 
+def row_ends(rows: list[list[int]]) -> paddle.Tensor:
+    """[B, 1, L, 1] sample ends (data/packing.py's form) for rows of the given sample lengths."""
+    ends = []
+    for lengths in rows:
+        ends.append([start + n for start, n in zip(np.cumsum([0] + lengths[:-1]), lengths) for _ in range(n)])
+    return paddle.to_tensor(ends, dtype="int32").reshape([len(rows), 1, -1, 1])
+
+
+@pytest.mark.parametrize("family, overrides", [("qwen2", {}), ("qwen3", {}), ("llama", {"num_kv_heads": 1})])
+def test_packed_rows_attend_sample_by_sample_as_the_dense_mask_does(family, overrides):
+    lm = make_lm(family, **overrides)
+    lm.train()
+    # 9, 6 and 5 share a group (each more than half its longest), then 4 and 3, 2 alone, the 1s.
+    rows = row_ends([[9, 3, 2, 1, 1], [6, 5, 4, 1]])
+    segments = full_forward.Segments(rows, lm.config.num_attention_heads, "float32")
+    assert [(count, width) for *_, count, width in segments.groups] == [(3, 9), (2, 4), (1, 2), (3, 1)]
+    positions = paddle.to_tensor([[*range(9), *range(3), 0, 1, 0, 0], [*range(6), *range(5), *range(4), 0]],
+                                 dtype="int64")
+    assert full_forward.attends_by_segments(lm, embeds(2, 16))
+    assert_same(lm, lambda x: run_backbone(lm, x, position_ids=positions, attn_mask_startend_row_indices=rows)[0],
+                lambda x: backbone(lm, x, dense_mask_from_row_indices(rows), positions), embeds(2, 16))
+    enable_recompute(lm)
+    assert_same(lm, lambda x: run_backbone(lm, x, position_ids=positions, attn_mask_startend_row_indices=rows)[0],
+                lambda x: backbone(lm, x, dense_mask_from_row_indices(rows), positions), embeds(2, 16))
+
+
+def test_row_ends_that_do_not_form_samples_are_an_error():
+    bad = paddle.to_tensor([[3, 3, 4, 4]], dtype="int32").reshape([1, 1, 4, 1])  # column 2's sample would be [2, 4)
+    with pytest.raises(ValueError, match="packed row 0: column 0's sample ends at 3"):
+        full_forward.Segments(bad, 2, "float32")
+
+
 def test_lora_layers_and_recompute():
     lm = make_lm("qwen3")
     add_lora(lm, LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
