@@ -46,6 +46,8 @@ def _load(run_dir: str):
 
 
 def _infer(args) -> None:
+    import os
+
     from paddle_mm.inference.generate import generate_answers
     from paddle_mm.inference.requests import request_to_sample, run_requests
 
@@ -53,6 +55,14 @@ def _infer(args) -> None:
     infer = recipe.infer
     if args.max_new_tokens:
         infer.max_new_tokens = args.max_new_tokens
+    if args.mrope_advance:
+        if not hasattr(model.config, "mrope_advance"):
+            raise SystemExit("--mrope-advance: only Qwen2-VL models have M-RoPE positions")
+        model.config.mrope_advance = args.mrope_advance
+    if args.video_fps:
+        if not hasattr(getattr(proc, "settings", None), "fps"):
+            raise SystemExit("--video-fps: this model reads a clip as its frames; it has no frame rate")
+        proc.settings.fps = args.video_fps
     if args.input:
         if not args.output:
             raise SystemExit("--input needs --output (a JSONL file answers are appended to)")
@@ -60,9 +70,13 @@ def _infer(args) -> None:
         print(json.dumps(counts))
         return
     if args.task == "chat" and not args.prompt:
+        if args.video:
+            raise SystemExit("--video: give the chat's first turn with --prompt (the stdin chat takes images only)")
         _chat_loop(args.image, model, tokenizer, proc, infer)
         return
     request = {"id": "0", "task": args.task, "images": args.image, "prompt": args.prompt}
+    if args.video:  # one folder of frames, or the frame files
+        request["video"] = args.video[0] if len(args.video) == 1 and os.path.isdir(args.video[0]) else args.video
     answers = generate_answers(model, tokenizer, [request_to_sample(request, infer, "command line")], proc, infer)
     print(answers["0"])
 
@@ -211,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["vqa", "caption", "chat"], default="vqa")
     p.add_argument("--image", action="append", default=[],
                    help="an image file; repeat it for a question over several images (in that order)")
+    p.add_argument("--video", nargs="+", default=[], metavar="FRAMES",
+                   help="a clip after the images: a folder of frame files (name order) or the frame files")
+    p.add_argument("--video-fps", type=float, default=0.0,
+                   help="the clip's frames per second (Qwen2.5-VL's temporal positions; default: the folder's)")
+    p.add_argument("--mrope-advance", choices=["max", "extent"], default="",
+                   help="Qwen2-VL: the text after a clip starts past its largest position (max: Qwen's code, "
+                        "transformers 4.57; the default) or past its start plus its larger side (extent: 5.x)")
     p.add_argument("--prompt", default="", help="the question; for --task chat without it, read turns from stdin")
     p.add_argument("--input", help="JSONL of requests")
     p.add_argument("--output", help="JSONL the answers are appended to")

@@ -109,18 +109,25 @@ def test_the_loss_trains_vision_merger_and_lm():
 
 
 @pytest.mark.parametrize("model,tag", QWEN2_VL_FOLDERS)
-def test_paddle_mm_infer_answers_over_two_images_as_transformers(model, tag, capsys):
+def test_paddle_mm_infer_answers_as_transformers_from_the_folder_and_the_files(model, tag, capsys):
+    """Every fixture case (a wide and a tall image, two images, a clip, an image and a clip) through the
+    command line: the folder's template and processor, the files, 16 greedy tokens."""
     folder = qwen2_vl_folder(model, tag)
-    with open(os.path.join(folder, "reference.json")) as f:
-        question = json.load(f)["cases"]["two_images"]["question"]
-    images = qwen2_vl_cases(model, tag)["two_images"]["images"]
-    args = ["infer", folder, "--image", images[0], "--image", images[1], "--prompt", question,
-            "--max-new-tokens", "16"]
-    assert main(args) in (0, None)
     tokenizer = _loaded(model, tag)[1]
-    greedy = reference(f"qwen2_vl/{model}/{tag}")["two_images.greedy"].tolist()
-    stop = next((k for k, t in enumerate(greedy) if t in tokenizer.stop_ids), len(greedy))
-    assert capsys.readouterr().out.rstrip("\n") == tokenizer.decode(greedy[:stop]).strip()
+    ref = reference(f"qwen2_vl/{model}/{tag}")
+    cases = qwen2_vl_cases(model, tag)
+    clips = {"video", "image_and_video"} if model != "qwen3_vl" else set()  # Qwen3-VL: images only
+    assert {"wide", "tall", "two_images"} | clips <= set(cases)
+    for case, c in cases.items():
+        args = ["infer", folder, *[a for image in c["images"] for a in ("--image", image)], "--prompt", c["question"],
+                "--max-new-tokens", "16"]
+        if c["frames"]:
+            args += ["--video", *c["frames"], "--video-fps", "1",  # the fixtures' clips: 1 frame a second
+                     "--mrope-advance", MROPE_RULE[tag]]
+        assert main(args) in (0, None)
+        greedy = ref[f"{case}.greedy"].tolist()
+        stop = next((k for k, t in enumerate(greedy) if t in tokenizer.stop_ids), len(greedy))
+        assert capsys.readouterr().out.rstrip("\n") == tokenizer.decode(greedy[:stop]).strip(), case
 
 
 def test_a_recipe_builds_a_tiny_qwen2_vl_from_scratch_that_trains(tmp_path):

@@ -127,10 +127,9 @@ class _Reader:
             folder = self._inside_root(raw, "video")
             if not os.path.isdir(folder):
                 raise _Bad(f"video folder not found: {raw!r} (looked for {folder})", "image_missing")
-            names = sorted((n for n in os.listdir(folder) if n.lower().endswith(FRAME_SUFFIXES)), key=_natural)
-            if not names:
+            paths = folder_frames(folder)
+            if not paths:
                 raise _Bad(f"video folder {raw!r} holds no frame files ({', '.join(FRAME_SUFFIXES)})", "image_missing")
-            paths = [os.path.join(folder, n) for n in names]
         elif isinstance(raw, list) and raw:
             paths = [self.resolve(f) for f in raw]
         else:
@@ -179,22 +178,32 @@ class _Reader:
         return self._with_frames(index, sid, resolved, self.frames(videos[0]), turns, meta)
 
     def _with_frames(self, index, sid, images, frames, turns, meta) -> Sample:
-        """The sample with its <video> tag replaced by one <image> tag per frame and the frames put
-        among the images in reading order."""
-        ordered, spans, out_turns = [], [], []
-        pending = iter(images)
-        for role, text in turns:
-            pieces = []
-            for piece in _TAGS.split(text):
-                if piece == IMAGE_TOKEN:
-                    ordered.append(next(pending))
-                elif piece == VIDEO_TOKEN:
-                    spans.append((len(ordered), len(frames)))
-                    ordered.extend(frames)
-                    piece = "\n".join([IMAGE_TOKEN] * len(frames))
-                pieces.append(piece)
-            out_turns.append((role, "".join(pieces)))
-        return Sample(str(sid), ordered, out_turns, self.path, index, dict(meta or {}), spans)
+        return with_video(Sample(str(sid), images, turns, self.path, index, dict(meta or {})), frames)
+
+
+def with_video(sample: Sample, frames: list[str]) -> Sample:
+    """The sample with its one <video> tag replaced by one <image> tag per frame and the frames put
+    among its images in reading order (Sample.videos records where)."""
+    ordered, spans, out_turns = [], [], []
+    pending = iter(sample.images)
+    for role, text in sample.turns:
+        pieces = []
+        for piece in _TAGS.split(text):
+            if piece == IMAGE_TOKEN:
+                ordered.append(next(pending))
+            elif piece == VIDEO_TOKEN:
+                spans.append((len(ordered), len(frames)))
+                ordered.extend(frames)
+                piece = "\n".join([IMAGE_TOKEN] * len(frames))
+            pieces.append(piece)
+        out_turns.append((role, "".join(pieces)))
+    return Sample(sample.id, ordered, out_turns, sample.source, sample.index, sample.meta, spans)
+
+
+def folder_frames(folder: str) -> list[str]:
+    """A folder's frame files in name order, numbers by value (2.png before 10.png)."""
+    names = sorted((n for n in os.listdir(folder) if n.lower().endswith(FRAME_SUFFIXES)), key=_natural)
+    return [os.path.join(folder, n) for n in names]
 
 
 def _natural(name: str) -> list:

@@ -4,7 +4,9 @@ A request is {"id", "task": "vqa"|"caption"|"chat", "image": path (optional for 
 "prompt": text} or, for chat, "messages": [{"role": "user"|"assistant", "content": text}, ...].
 "images": [path, ...] in place of "image" asks about several images at once: a vqa or caption
 prompt's <image> then stands for all of them, one tag a line (readers.visual_prompt); a chat's
-tags say where each goes (none: all before the first message).
+tags say where each goes (none: all before the first message). "video": a folder of frame files
+(taken in name order) or a list of them is one clip, after the images (a vqa or caption prompt)
+or where a chat's <video> tag stands; Qwen2-VL models read it as a clip, the others as its frames.
 Answers are appended to the output JSONL batch by batch (flushed), so a rerun skips the ids
 already answered instead of starting over (a line a kill cut short is dropped and answered
 again); a bad request is written to <output>.errors.jsonl with its reason and the rest go on.
@@ -16,7 +18,7 @@ import os
 from collections.abc import Iterator
 
 from paddle_mm.config import InferConfig
-from paddle_mm.data.readers import IMAGE_TOKEN, Sample, visual_prompt
+from paddle_mm.data.readers import IMAGE_TOKEN, VIDEO_TOKEN, Sample, folder_frames, visual_prompt, with_video
 from paddle_mm.errors import DataError, PaddleMMError
 from paddle_mm.inference.generate import generate_answers
 
@@ -31,27 +33,31 @@ def request_to_sample(req: dict, infer: InferConfig, source: str = "<request>", 
     if task not in TASKS:
         raise DataError(source, f"unknown task {task!r}; expected one of {TASKS}", index)
     images = _request_images(req, source, index)
+    frames = _request_video(req, source, index)
+    videos = int(frames is not None)
     try:
         if task == "caption":
-            turns = [("user", visual_prompt(infer.caption_prompt, len(images)))]
+            turns = [("user", visual_prompt(infer.caption_prompt, len(images), videos))]
         elif task == "vqa":
             question = req.get("prompt") or req.get("question")
             if not isinstance(question, str) or not question.strip():
                 raise DataError(source, "a vqa request needs a non-empty 'prompt'", index)
-            turns = [("user", visual_prompt(infer.vqa_prompt, len(images)).format(question=question.strip()))]
+            turns = [("user", visual_prompt(infer.vqa_prompt, len(images), videos).format(question=question.strip()))]
         else:
             turns = _chat_turns(req, source, index)
-            tags = sum(text.count(IMAGE_TOKEN) for _, text in turns)
-            if images and tags == 0:
-                turns[0] = (turns[0][0], visual_prompt(turns[0][1], len(images)))
+            tags = sum(text.count(IMAGE_TOKEN) + text.count(VIDEO_TOKEN) for _, text in turns)
+            if (images or videos) and tags == 0:
+                turns[0] = (turns[0][0], visual_prompt(turns[0][1], len(images), videos))
     except DataError:
         raise
     except ValueError as e:  # a prompt template that cannot be worded for several images
         raise DataError(source, str(e), index) from None
-    tags = sum(text.count(IMAGE_TOKEN) for _, text in turns)
-    if tags != len(images):
-        raise DataError(source, f"{tags} {IMAGE_TOKEN} tags but {len(images)} images", index)
-    return Sample(id=str(req.get("id", index)), images=images, turns=turns, source=source, index=index)
+    for tag, count, noun in ((IMAGE_TOKEN, len(images), "images"), (VIDEO_TOKEN, videos, "videos")):
+        tags = sum(text.count(tag) for _, text in turns)
+        if tags != count:
+            raise DataError(source, f"{tags} {tag} tags but {count} {noun}", index)
+    sample = Sample(id=str(req.get("id", index)), images=images, turns=turns, source=source, index=index)
+    return sample if frames is None else with_video(sample, frames)
 
 
 def _request_images(req: dict, source: str, index: int) -> list[str]:
@@ -67,6 +73,26 @@ def _request_images(req: dict, source: str, index: int) -> list[str]:
         if not isinstance(path, str) or not os.path.isfile(path):
             raise DataError(source, f"image not found: {path!r}", index)
     return list(images)
+
+
+def _request_video(req: dict, source: str, index: int) -> list[str] | None:
+    """The request's clip as frame files: "video" is a folder of them or a list; None without one."""
+    raw = req.get("video")
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        if not os.path.isdir(raw):
+            raise DataError(source, f"video folder not found: {raw!r}", index)
+        frames = folder_frames(raw)
+        if not frames:
+            raise DataError(source, f"video folder {raw!r} holds no frame files", index)
+        return frames
+    if not isinstance(raw, list) or not raw:
+        raise DataError(source, f"'video' must be a folder or a non-empty list of frame files, got {raw!r}", index)
+    for path in raw:
+        if not isinstance(path, str) or not os.path.isfile(path):
+            raise DataError(source, f"video frame not found: {path!r}", index)
+    return list(raw)
 
 
 def _chat_turns(req: dict, source: str, index: int) -> list[tuple[str, str]]:

@@ -140,3 +140,31 @@ def test_a_request_over_several_images_widens_the_prompt_and_keeps_their_order(t
     with pytest.raises(DataError, match=r"^reqs.jsonl, record 4: the prompt template holds 2 <image> tags"):
         infer.request_to_sample({"images": paths, "prompt": "q"}, InferConfig(vqa_prompt="<image><image>{question}"),
                                 "reqs.jsonl", 4)
+
+
+def test_a_request_with_a_video_puts_its_frames_after_the_images_as_one_clip(tmp_path):
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for name in ("f10.png", "f2.png", "f1.png", "notes.txt"):  # frames in name order, numbers by value
+        (clip / name).write_text("x") if name.endswith(".txt") else Image.new("RGB", (8, 8)).save(clip / name)
+    image = str(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), "red").save(image)
+    cfg = InferConfig(vqa_prompt="<image>\n{question}")
+    s = infer.request_to_sample({"image": image, "video": str(clip), "prompt": "what moves?"}, cfg)
+    assert s.images == [image] + [str(clip / n) for n in ("f1.png", "f2.png", "f10.png")]
+    assert s.videos == [(1, 3)] and s.turns == [("user", "<image>\n" * 4 + "what moves?")]
+    frames = [str(clip / "f2.png"), str(clip / "f1.png")]  # a list keeps its order
+    chat = {"task": "chat", "video": frames, "messages": [{"role": "user", "content": "first <video> then?"}]}
+    s = infer.request_to_sample(chat, cfg)
+    assert s.images == frames and s.videos == [(0, 2)] and s.turns == [("user", "first <image>\n<image> then?")]
+    (tmp_path / "empty").mkdir()
+    bad = [({"video": str(tmp_path / "gone"), "prompt": "q"}, "video folder not found"),
+           ({"video": str(tmp_path / "empty"), "prompt": "q"}, "holds no frame files"),
+           ({"video": [frames[0], str(tmp_path / "gone.png")], "prompt": "q"}, "video frame not found"),
+           ({"video": 3, "prompt": "q"}, "'video' must be a folder or a non-empty list of frame files"),
+           ({"task": "chat", "video": frames, "messages": [{"role": "user", "content": "<video> <video>"}]},
+            "2 <video> tags but 1 videos")]
+    for req, cause in bad:
+        with pytest.raises(DataError) as info:
+            infer.request_to_sample(req, cfg, "reqs.jsonl", 4)
+        assert str(info.value).startswith("reqs.jsonl, record 4: ") and cause in str(info.value)
