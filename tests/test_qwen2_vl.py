@@ -2,8 +2,6 @@
 tokens as transformers computed them (tools/make_qwen2_vl_fixtures.py), through the model and
 through `paddle-mm infer`."""
 import functools
-import json
-import os
 
 import numpy as np
 import paddle
