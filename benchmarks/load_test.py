@@ -11,6 +11,11 @@ batched generation, so throughput grows with the clients while a batch step cost
 than one row's; with joining (the default), requests also join a generation already running and
 rows leave it as they end, instead of each batch lasting as long as its longest answer
 (`--join both` prints the batch limits with joining off and on).
+
+The clients run in a process of their own (`--clients-in process`, the default), as real clients
+do: client threads inside the server's process take the interpreter lock from the model thread,
+whose decode steps are mostly Python dispatch. `--clients-in server` keeps them in the server's
+process, as this benchmark did before.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import base64
 import glob
 import http.client
 import json
+import multiprocessing
 import os
 import threading
 import time
@@ -123,6 +129,8 @@ def main() -> None:
                         help="the server's batch limits to compare (1: one request at a time, the reference)")
     parser.add_argument("--join", choices=["on", "off", "both"], default="both",
                         help="whether requests join a running generation (max-batch > 1)")
+    parser.add_argument("--clients-in", choices=["process", "server"], default="process",
+                        help="the clients' threads in a process of their own, or in the server's")
     args = parser.parse_args()
 
     from paddle_mm.serving.server import ChatServer, Engine
@@ -135,11 +143,20 @@ def main() -> None:
     engine = Engine(args.run_dir, num_threads=args.threads)
     bodies = make_bodies(engine.model_name, images, args.requests, args.max_tokens, args.bad_every)
     print(f"{args.requests} requests ({args.max_tokens} new tokens max, every {args.bad_every}th bad) "
-          f"against {args.run_dir}, {args.threads or 'all'} model thread(s), {os.cpu_count()} cores")
+          f"against {args.run_dir}, {args.threads or 'all'} model thread(s), {os.cpu_count()} cores, "
+          f"clients in {'their own process' if args.clients_in == 'process' else 'the server process'}")
+    # spawn, not fork: a forked copy of a process running Paddle's threads may hang.
+    clients_process = multiprocessing.get_context("spawn").Pool(1) if args.clients_in == "process" else None
+
+    def load(url: str, clients: int) -> dict:
+        if clients_process is None:
+            return run_load(url, bodies, clients)
+        return clients_process.apply(run_load, (url, bodies, clients))
+
     # Paddle's first calls at each sequence length are slow (kernel and allocator set-up): warm up.
     server = ChatServer(engine, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    run_load(server.url, bodies, 2)
+    load(server.url, 2)
     server.shutdown()
     server.server_close()
     print(f"{'batch':>6} {'clients':>7} {'answered':>8} {'refused':>7} {'failed':>6} {'lost':>4} {'p50 s':>7} "
@@ -153,7 +170,7 @@ def main() -> None:
             server = ChatServer(engine, "127.0.0.1", 0)
             threading.Thread(target=server.serve_forever, daemon=True).start()
             try:
-                r = run_load(server.url, bodies, clients)
+                r = load(server.url, clients)
             finally:
                 server.shutdown()
                 server.server_close()
@@ -161,6 +178,9 @@ def main() -> None:
             print(f"{label:>6} {r['clients']:>7} {r['answered']:>8} {r['refused']:>7} {r['failed']:>6} "
                   f"{r['lost']:>4} {r['p50_s']:>7.3f} {r['p95_s']:>7.3f} {r['requests_per_s']:>6.2f} "
                   f"{r['tokens_per_s']:>6.1f} {r['wall_s']:>7.1f} {r['requests_per_s'] / single:>9.2f}x")
+    if clients_process is not None:
+        clients_process.close()
+        clients_process.join()
 
 
 if __name__ == "__main__":
