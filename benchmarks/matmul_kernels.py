@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -48,14 +47,7 @@ SHAPES = [
 
 
 def _median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1e3
+    return 1e3 * bench._median_time(fn, repeats, warmup=3)
 
 
 def _arrays(rows: int, n_in: int, n_out: int):
