@@ -4,7 +4,8 @@ Each sample keeps its own positions (0, 1, ...) and sees only its own earlier to
 attention limits are carried as PaddleFormers' `attn_mask_startend_row_indices`
 ([rows, 1, L, 1], int32: for key column j, the first query row that may not attend to it,
 which is the end of j's sample), the form its variable-length (flashmask) kernel reads on
-GPU; other attention implementations expand it to a dense mask themselves.
+GPU. On CPU, Qwen2 / Llama / Qwen3 attend sample by sample from it (lm/full_forward.Segments);
+other backbones get it as a dense mask (lm/adapter.dense_mask_from_row_indices).
 """
 from __future__ import annotations
 
