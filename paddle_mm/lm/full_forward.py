@@ -145,6 +145,8 @@ class Segments:
         """row_indices [B, 1, L, 1] (data/packing.py: for key column j, the end of j's sample)."""
         import numpy as np
 
+        from paddle_mm.lm.adapter import causal_mask  # adapter imports this module
+
         ends = row_indices.numpy().reshape(row_indices.shape[0], row_indices.shape[2])
         b, length = ends.shape
         spans = []  # (flat start, token count)
@@ -171,9 +173,7 @@ class Segments:
             gather = np.array([start + np.where(t < n, t, 0) for start, n in members], dtype="int64")
             valid = np.concatenate([k * width + t[:n] for k, (_, n) in enumerate(members)]).astype("int64")
             keys = paddle.to_tensor(np.array([t < n for _, n in members])).reshape([len(members), 1, 1, width])
-            rows = paddle.arange(width, dtype="int32")
-            keep = (rows.reshape([1, 1, width, 1]) >= rows.reshape([1, 1, 1, width])) & keys
-            bias = paddle.where(keep, paddle.zeros([], dtype), paddle.full([], -float("inf"), dtype))
+            bias = _additive(causal_mask(width) & keys, dtype)
             self.groups.append((paddle.to_tensor(gather.reshape(-1)), paddle.to_tensor(valid),
                                 spread_bias(bias, len(members), heads), len(members), width))
             order.append(gather.reshape(-1)[valid])
@@ -202,8 +202,13 @@ def _additive_bias(config, mask, row_indices, x):
             or "cpu" not in str(x.place).lower():
         return None
     if mask.dtype == paddle.bool:
-        mask = paddle.where(mask, paddle.zeros([], x.dtype), paddle.full([], -float("inf"), x.dtype))
+        mask = _additive(mask, x.dtype)
     return spread_bias(mask, x.shape[0], config.num_attention_heads)
+
+
+def _additive(keep, dtype):
+    """A boolean mask (True: may attend) as the 0 / -inf one `attention` adds."""
+    return paddle.where(keep, paddle.zeros([], dtype), paddle.full([], -float("inf"), dtype))
 
 
 SPREAD_LIMIT = 1 << 28  # bytes: a larger mask is added by broadcast
@@ -236,12 +241,10 @@ def forward(lm, inputs_embeds, attention_mask, position_ids, attn_mask_startend_
         bias = _additive_bias(model.config, mask, row_indices, inputs_embeds)
     cos, sin = model.rotary_emb(inputs_embeds, position_ids)
     attn = model.layers[0].self_attn
-    if segments is None:
-        spread = {n: (cos.unsqueeze(1).expand([b, n, length, -1]), sin.unsqueeze(1).expand([b, n, length, -1]))
-                  for n in {attn.num_heads, attn.num_key_value_heads}}
-    else:
-        spread = {n: (cos.unsqueeze(2).expand([b, length, n, -1]), sin.unsqueeze(2).expand([b, length, n, -1]))
-                  for n in {attn.num_heads, attn.num_key_value_heads}}
+    # The tables in the layout the layer rotates in: [B, H, L, d], or [B, L, H, d] for segments.
+    axis, shape = (1, lambda n: [b, n, length, -1]) if segments is None else (2, lambda n: [b, length, n, -1])
+    spread = {n: (cos.unsqueeze(axis).expand(shape(n)), sin.unsqueeze(axis).expand(shape(n)))
+              for n in {attn.num_heads, attn.num_key_value_heads}}
     tables = spread[attn.num_heads] + spread[attn.num_key_value_heads]
     recompute = model.config.recompute_granularity == "full" and model.config.recompute_method == "uniform" \
         and model.config.recompute_num_layers == 1
