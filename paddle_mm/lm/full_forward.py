@@ -260,5 +260,6 @@ def forward(lm, inputs_embeds, attention_mask, position_ids, attn_mask_startend_
 
 
 def attends_by_segments(lm, x) -> bool:
-    """Whether packed rows go through `Segments` (Paddle's CPU sdpa; flashmask reads them on GPU)."""
-    return lm.config._attn_implementation == "sdpa" and "cpu" in str(x.place).lower() and supports(lm)
+    """Whether packed rows of a backbone this forward `supports` go through `Segments` (Paddle's CPU
+    sdpa; flashmask reads them on GPU). run_backbone has checked supports() already."""
+    return lm.config._attn_implementation == "sdpa" and "cpu" in str(x.place).lower()
