@@ -145,8 +145,6 @@ class Segments:
         """row_indices [B, 1, L, 1] (data/packing.py: for key column j, the end of j's sample)."""
         import numpy as np
 
-        from paddle_mm.lm.adapter import causal_mask  # adapter imports this module
-
         ends = row_indices.numpy().reshape(row_indices.shape[0], row_indices.shape[2])
         b, length = ends.shape
         spans = []  # (flat start, token count)
@@ -173,7 +171,8 @@ class Segments:
             gather = np.array([start + np.where(t < n, t, 0) for start, n in members], dtype="int64")
             valid = np.concatenate([k * width + t[:n] for k, (_, n) in enumerate(members)]).astype("int64")
             keys = paddle.to_tensor(np.array([t < n for _, n in members])).reshape([len(members), 1, 1, width])
-            bias = _additive(causal_mask(width) & keys, dtype)
+            rows = paddle.arange(width, dtype="int32")  # adapter.causal_mask's: adapter imports this module
+            bias = _additive((rows.reshape([1, 1, width, 1]) >= rows.reshape([1, 1, 1, width])) & keys, dtype)
             self.groups.append((paddle.to_tensor(gather.reshape(-1)), paddle.to_tensor(valid),
                                 spread_bias(bias, len(members), heads), len(members), width))
             order.append(gather.reshape(-1)[valid])
