@@ -1,9 +1,24 @@
 """paddle_mm: vision-language models from parts, trained and run from recipe files."""
 import os as _os
 
-# Paddle's bundled MKL takes a slow code path on AMD processors unless told otherwise; it reads
-# this once when it loads, so it has to be set before paddle is imported. A user's own setting wins.
-_os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+
+def _is_amd_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return "AuthenticAMD" in line
+    except OSError:
+        pass
+    return False
+
+
+# Paddle's bundled MKL (2019) takes a slow code path on AMD processors unless told to use its AVX2
+# one; it reads this once when it loads, so it is set before paddle is imported. Only on AMD: on an
+# Intel processor with AVX-512 the same setting forces the AVX2 path, which ran the bench's matrix
+# products 1.3-2.2x slower (docs/ARCHITECTURE.md, "the machine"). A user's own setting wins.
+if _is_amd_cpu():
+    _os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
 # PaddleFormers imports transformers without torch; its advice that torch is missing is noise here.
 _os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
