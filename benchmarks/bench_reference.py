@@ -96,7 +96,7 @@ def run_paddle(args) -> dict:
 
     from paddle_mm.data.packing import pack
     from paddle_mm.model import mean_nll
-    from paddle_mm.runtime import configure_cpu
+    from paddle_mm.runtime import configure_cpu, copying_views
     from paddle_mm.training.batches import batch_inputs
 
     if not args.raw:
@@ -110,6 +110,7 @@ def run_paddle(args) -> dict:
     t_ids, t_labels, t_pix = paddle.to_tensor(ids), paddle.to_tensor(labels), paddle.to_tensor(pixels)
     mask = paddle.ones_like(t_ids)
 
+    @copying_views()  # as the training loop runs a step
     def step():
         token_nll, _ = model(t_ids, mask, t_pix, t_labels)
         mean_nll(token_nll, t_labels).backward()  # the mean over labelled tokens, as the PyTorch side's
@@ -138,6 +139,7 @@ def run_paddle(args) -> dict:
     padded = [collate(items[i: i + 4], 0) for i in range(0, len(items), 4)]
     packed = [pack(items, 0, 1024)]
 
+    @copying_views()
     def epoch(batches):
         for batch in batches:
             labels = paddle.to_tensor(batch["labels"])

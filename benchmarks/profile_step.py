@@ -25,6 +25,7 @@ def workload(what: str, batch: int = 1):
     from paddle_mm.data.dataset import collate
     from paddle_mm.data.packing import pack
     from paddle_mm.model import mean_nll
+    from paddle_mm.runtime import copying_views
     from paddle_mm.training.batches import batch_inputs
 
     model = bench.paddle_model()
@@ -49,6 +50,7 @@ def workload(what: str, batch: int = 1):
                                                                    for i in range(0, len(items), 4)]
         inputs = [dict(batch_inputs(b), labels=paddle.to_tensor(b["labels"])) for b in batches]
 
+    @copying_views()  # as the training loop runs a step
     def step():
         for kw in inputs:
             token_nll, _ = model(**kw)

@@ -15,6 +15,7 @@ from paddle_mm.data.tokenizer import IGNORE_INDEX
 from paddle_mm.lm.adapter import build_language_model, run_backbone
 from paddle_mm.lm.decoding import beam_search, decode
 from paddle_mm.projectors import build_projector
+from paddle_mm.runtime import with_copying_views
 from paddle_mm.vision.vit import VisionTransformer
 
 
@@ -69,6 +70,7 @@ class VisionLanguageModel(nn.Layer):
 
     # generation ---------------------------------------------------------------------------
     @paddle.no_grad()
+    @with_copying_views
     def generate(
         self,
         input_ids,
@@ -309,6 +311,7 @@ class Qwen2VLModel(nn.Layer):
         return None, self.language_model.lm_head(hidden)
 
     @paddle.no_grad()
+    @with_copying_views
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, max_new_tokens: int = 32,
                  eos_token_id=None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,

@@ -4,7 +4,8 @@ Used by tests/training/test_checkpoints.py (a few kill points) and tools/kill_re
 Two ways to kill, both a real SIGKILL of the `paddle-mm train` process:
 - at a named point inside a checkpoint save (PADDLE_MM_CRASH_AT, see paddle_mm/training/checkpoints.py);
 - from outside, once the run has logged a randomly chosen step, after a random delay of up
-  to a step's length, so the kill lands anywhere in the following step or save.
+  to 1.5 steps' length (as measured while it runs), so the kill lands anywhere in the following
+  step or save.
 """
 from __future__ import annotations
 
@@ -55,19 +56,21 @@ def _last_step(metrics: str) -> int:
     return -1
 
 
-def run(command: list[str], crash_at: str = "", kill_at_step: int = 0, delay_s: float = 0.0,
+def run(command: list[str], crash_at: str = "", kill_at_step: int = 0, delay_steps: float = 0.0,
         timeout_s: float = 120) -> int:
     """Run training once; returns its exit code (-9 when killed). See run_with_stderr."""
-    return run_with_stderr(command, crash_at, kill_at_step, delay_s, timeout_s)[0]
+    return run_with_stderr(command, crash_at, kill_at_step, delay_steps, timeout_s)[0]
 
 
-def run_with_stderr(command: list[str], crash_at: str = "", kill_at_step: int = 0, delay_s: float = 0.0,
+def run_with_stderr(command: list[str], crash_at: str = "", kill_at_step: int = 0, delay_steps: float = 0.0,
                     timeout_s: float = 120) -> tuple[int, str]:
     """Run training once; returns its exit code (-9 when killed) and what it wrote to stderr.
 
-    kill_at_step: SIGKILL it `delay_s` after the log shows that step, counted only once the
-    log has been seen below it (the log of an earlier, killed attempt may run past it until
-    the resumed run trims it).
+    kill_at_step: SIGKILL it `delay_steps` steps' time after the log shows that step, counted only
+    once the log has been seen below it (the log of an earlier, killed attempt may run past it
+    until the resumed run trims it). A step's time is the shortest interval seen between two
+    logged steps, so the kill lands as far into the run whatever the machine's speed (a fixed delay
+    outlasted the last steps once they got faster, and the kill met a finished run).
     """
     proc = subprocess.Popen(command, env=_env(crash_at), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -75,11 +78,16 @@ def run_with_stderr(command: list[str], crash_at: str = "", kill_at_step: int = 
         metrics = os.path.join(_output_dir(command), "metrics.jsonl")
         seen_below = False
         deadline = time.time() + timeout_s
+        last, changed, step_s = -1, time.time(), None
         while proc.poll() is None and time.time() < deadline:
             step = _last_step(metrics)
+            if step != last:
+                if last >= 0 and step == last + 1:  # the shortest interval: one without a save in it
+                    step_s = min(step_s or 1e9, time.time() - changed)
+                last, changed = step, time.time()
             seen_below = seen_below or 0 <= step < kill_at_step or step == -1
             if seen_below and step >= kill_at_step:
-                time.sleep(delay_s)
+                time.sleep(delay_steps * (step_s or 0.03))
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.002)
@@ -124,5 +132,6 @@ def check_checkpoints_complete(run_dir: str) -> int:
 
 
 def random_kill(rng: random.Random, max_steps: int, start: int) -> tuple[int, float]:
-    """A step to wait for and a delay of up to ~1.5 steps (a step here takes 30-60 ms)."""
-    return rng.randint(start + 1, max_steps - 1), rng.uniform(0.0, 0.08)
+    """A step to wait for and a delay of up to 1.5 steps (in steps): the kill lands before the last
+    step ends, so the run is never found finished."""
+    return rng.randint(min(start + 1, max_steps - 2), max_steps - 2), rng.uniform(0.0, 1.5)

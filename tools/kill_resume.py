@@ -60,8 +60,8 @@ def main() -> int:
                 how, code = point, kh.run(command, crash_at=point)
             else:
                 step, delay = kh.random_kill(rng, 40, 0)
-                how, code = f"after step {step} + {delay * 1000:.0f} ms", kh.run(command, kill_at_step=step,
-                                                                                delay_s=delay)
+                how, code = f"after step {step} + {delay:.2f} steps", kh.run(command, kill_at_step=step,
+                                                                            delay_steps=delay)
             resumed_from = kh.check_checkpoints_complete(run_dir)
             kh.run(command)
             weights = load_tensors(os.path.join(run_dir, "model.safetensors"))

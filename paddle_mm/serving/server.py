@@ -203,12 +203,13 @@ class Engine:
         import paddle
 
         from paddle_mm.lm.decoding import RunningBatch
+        from paddle_mm.runtime import copying_views
 
         template = batch[0][0]
         a = template.infer
         running = RunningBatch(self.model.language_model, self.tokenizer.stop_ids, a.do_sample, a.temperature, a.top_p)
         owners: dict[int, tuple] = {}  # id(row) -> ((job, events, cancelled), stream)
-        with paddle.no_grad():
+        with paddle.no_grad(), copying_views():
             self._join(running, batch, owners)
             self._decode_joined(template, running, owners)
 

@@ -73,7 +73,7 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     and micro-batch), so N processes give the parameters one process with the same global
     batch gives.
     """
-    from paddle_mm.runtime import configure_cpu, seed_everything
+    from paddle_mm.runtime import configure_cpu, copying_views, seed_everything
 
     cfg = recipe.train
     objective = objective_for(cfg.stage)
@@ -156,7 +156,7 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
         loss_sum, step_figures = 0.0, {}
         for k, (batch, weight) in enumerate(batches):
             # Gradients are averaged across processes once, on the last micro-batch.
-            with distributed.no_sync(forward, world > 1 and k < len(batches) - 1):
+            with distributed.no_sync(forward, world > 1 and k < len(batches) - 1), copying_views():
                 with precision.autocast():
                     out, logits = forward(**objective.model_inputs(batch))
                 term = objective.loss(out, logits, batch, step_figures if weight else None)
@@ -179,7 +179,8 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
         # The interval's mean weighs each step by the labelled tokens of its global batch.
         add_to_interval(state, step_loss, global_tokens, step_figures)
         if logs:
-            evaluation = validator.evaluate(model, precision) if evaluates else None
+            with copying_views():
+                evaluation = validator.evaluate(model, precision) if evaluates else None
             figures = objective.figures(take_interval_sums(state, objective.figure_sums, world))
             record = runlog.write(step, take_interval_mean(state), step_loss, lr, grad_norm,
                                   {**figures, **(evaluation or {})})

@@ -38,7 +38,7 @@ def test_sigkilled_run_resumes_to_the_same_losses_and_weights(demo_data, referen
         kept = kh.log_lines(run_dir)[:start]  # steps 1..start, logged before that checkpoint
         if kill == "random":
             step, delay = kh.random_kill(rng, 40, start)
-            code, err = kh.run_with_stderr(command, kill_at_step=step, delay_s=delay)
+            code, err = kh.run_with_stderr(command, kill_at_step=step, delay_steps=delay)
         else:
             code, err = kh.run_with_stderr(command, crash_at=kill)
         assert code == -9, f"{kill}: the run was not killed"

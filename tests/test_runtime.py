@@ -1,0 +1,63 @@
+"""runtime.copying_views: the stride setting is restored, and a training step inside it gives the
+same loss and gradients as outside it (the views only change how tensors are copied)."""
+import numpy as np
+import paddle
+import pytest
+from test_model import ids_tensor, image_span, make_model, model_loss, pixels
+
+from paddle_mm.runtime import copying_views
+
+FLAG = "FLAGS_use_stride_kernel"
+
+
+def stride_flag() -> bool:
+    return paddle.get_flags([FLAG])[FLAG]
+
+
+def test_the_setting_before_is_restored_even_after_an_error():
+    before = stride_flag()
+    with copying_views():
+        assert stride_flag() is False
+        with copying_views():  # nested: the inner exit keeps the outer setting
+            pass
+        assert stride_flag() is False
+    assert stride_flag() == before
+    with pytest.raises(RuntimeError), copying_views():
+        raise RuntimeError("boom")
+    assert stride_flag() == before
+
+
+def test_a_transpose_inside_is_a_copy_with_the_same_values():
+    x = paddle.arange(24, dtype="float32").reshape([2, 3, 4])
+    with copying_views():
+        y = x.transpose([0, 2, 1])
+        assert y.is_contiguous()
+        np.testing.assert_array_equal(y.numpy(), x.numpy().transpose(0, 2, 1))
+    assert not x.transpose([0, 2, 1]).is_contiguous()  # a strided view again outside
+
+
+def _step(model, inside: bool):
+    ids = ids_tensor([[1] + image_span() + [7, 8, 9, 10], [1] + image_span() + [11, 12, 13, 2]])
+    labels = ids_tensor([[-100] * 17 + [7, 8, 9, 10], [-100] * 17 + [11, 12, 13, -100]])
+    mask = paddle.ones_like(ids)
+    model.clear_gradients()
+    if inside:
+        with copying_views():
+            loss = model_loss(model, ids, mask, pixels(2), labels)
+            loss.backward()
+    else:
+        loss = model_loss(model, ids, mask, pixels(2), labels)
+        loss.backward()
+    grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss), grads
+
+
+def test_a_training_step_inside_gives_the_same_loss_and_gradients():
+    model = make_model()
+    model.train()
+    loss_out, grads_out = _step(model, inside=False)
+    loss_in, grads_in = _step(model, inside=True)
+    assert abs(loss_in - loss_out) < 1e-6
+    assert grads_in.keys() == grads_out.keys() and len(grads_in) > 10
+    for name in grads_out:
+        np.testing.assert_allclose(grads_in[name], grads_out[name], rtol=1e-5, atol=1e-6, err_msg=name)
