@@ -169,6 +169,8 @@ def main() -> None:
         for clients in args.clients:
             server = ChatServer(engine, "127.0.0.1", 0)
             threading.Thread(target=server.serve_forever, daemon=True).start()
+            engine.batch_sizes.clear()
+            engine.joins.clear()
             try:
                 r = load(server.url, clients)
             finally:
@@ -178,6 +180,9 @@ def main() -> None:
             print(f"{label:>6} {r['clients']:>7} {r['answered']:>8} {r['refused']:>7} {r['failed']:>6} "
                   f"{r['lost']:>4} {r['p50_s']:>7.3f} {r['p95_s']:>7.3f} {r['requests_per_s']:>6.2f} "
                   f"{r['tokens_per_s']:>6.1f} {r['wall_s']:>7.1f} {r['requests_per_s'] / single:>9.2f}x")
+            if max_batch > 1:  # how the requests met: generations started and joins, by request count
+                print(f"{'':>15} batches by size {dict(sorted(engine.batch_sizes.items()))}, "
+                      f"joins by size {dict(sorted(engine.joins.items()))}")
     if clients_process is not None:
         clients_process.close()
         clients_process.join()

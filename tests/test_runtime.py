@@ -61,3 +61,39 @@ def test_a_training_step_inside_gives_the_same_loss_and_gradients():
     assert grads_in.keys() == grads_out.keys() and len(grads_in) > 10
     for name in grads_out:
         np.testing.assert_allclose(grads_in[name], grads_out[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_matmul_bias_gradients_keeps_the_forward_and_the_gradients():
+    from paddle_mm.runtime import matmul_bias_gradients
+
+    plain, swapped = make_model(seed=3), make_model(seed=3)
+    plain.train()
+    swapped.train()
+    linears = [n for n, layer in swapped.named_sublayers() if type(layer) is paddle.nn.Linear]
+    assert matmul_bias_gradients(swapped) == len(linears) > 10
+    assert not [n for n, layer in swapped.named_sublayers() if type(layer) is paddle.nn.Linear]
+    assert swapped.state_dict().keys() == plain.state_dict().keys()
+    loss_plain, grads_plain = _step(plain, inside=True)
+    loss_swapped, grads_swapped = _step(swapped, inside=True)
+    assert loss_swapped == loss_plain  # the forward is the same ops
+    assert grads_swapped.keys() == grads_plain.keys()
+    for name in grads_plain:
+        np.testing.assert_allclose(grads_swapped[name], grads_plain[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_matmul_bias_gradients_with_a_frozen_input_or_bias():
+    from paddle_mm.runtime import matmul_bias_gradients
+
+    layer = paddle.nn.Linear(4, 3)
+    matmul_bias_gradients(layer)
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal((2, 5, 4)).astype("float32"))
+    layer(x).sum().backward()  # x needs no gradient
+    np.testing.assert_allclose(layer.bias.grad.numpy(), np.full(3, 10.0), rtol=1e-6)
+    np.testing.assert_allclose(layer.weight.grad.numpy(), np.tile(x.numpy().reshape(-1, 4).sum(0)[:, None], (1, 3)),
+                               rtol=1e-5)
+    layer.clear_gradients(set_to_zero=False)
+    layer.bias.stop_gradient = True
+    x.stop_gradient = False
+    layer(x).sum().backward()
+    assert layer.bias.grad is None
+    np.testing.assert_allclose(x.grad.numpy(), np.broadcast_to(layer.weight.numpy().sum(1), (2, 5, 4)), rtol=1e-5)

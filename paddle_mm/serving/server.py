@@ -214,6 +214,7 @@ class Engine:
             self._decode_joined(template, running, owners)
 
     def _decode_joined(self, template: ChatJob, running, owners: dict) -> None:
+        waiting_since = None  # when jobs were first seen waiting to join
         while running.rows:
             try:
                 ended = running.step()
@@ -224,11 +225,26 @@ class Engine:
             for row in ended:
                 self._answered(owners.pop(id(row)))
             room = self.max_batch - len(running.rows)
-            if running.rows and room > 0 and (self._held or not self._jobs.empty()):
-                newcomers = [e for e in self._take(template, room) if not e[2].is_set()]
-                if newcomers:
-                    self.joins[len(newcomers)] += 1
-                    self._join(running, newcomers, owners)
+            waiting = len(self._held) + self._jobs.qsize()
+            if not (running.rows and room > 0 and waiting):
+                waiting_since = None
+                continue
+            waiting_since = waiting_since or time.monotonic()
+            if min(room, waiting) < self._join_group() and time.monotonic() - waiting_since < self.gather_s:
+                continue
+            newcomers = [e for e in self._take(template, room) if not e[2].is_set()]
+            if newcomers:
+                self.joins[len(newcomers)] += 1
+                self._join(running, newcomers, owners)
+            waiting_since = None
+
+    def _join_group(self) -> int:
+        """How many jobs join a running generation together: half the clients the batch could hold.
+        A join's vision pass and prefill cost about the same for 1 or 4 prompts of a small model
+        (per-op dispatch), and in a full server rows end about one a step, so joining each
+        newcomer at once spent half the model thread on prefills of one or two prompts (py-spy, 8
+        clients). Newcomers wait for room and company, at most gather_s."""
+        return max(1, min(self.max_batch, self._connected) // 2)
 
     def _join(self, running, entries: list, owners: dict) -> None:
         """Prefill these jobs into the running batch. If that fails, those that have had no text yet

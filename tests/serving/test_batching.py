@@ -73,6 +73,8 @@ def test_a_request_arriving_mid_generation_joins_it(served, data_url, monkeypatc
             return step(self)
 
         monkeypatch.setattr(RunningBatch, "step", step_once_the_second_waits)
+        # A lone newcomer waits up to gather_s for company (test below); none here, so it joins at once.
+        monkeypatch.setattr(engine, "gather_s", 0.0)
         before, out = engine.joins.copy(), {}
         thread = threading.Thread(target=lambda: out.__setitem__(0, _ask(client, served, data_url, first[0], first[1],
                                                                           **first[2])))
@@ -82,6 +84,57 @@ def test_a_request_arriving_mid_generation_joins_it(served, data_url, monkeypatc
         thread.join(60)
     assert engine.joins - before == {1: 1}
     for k in (0, 1):
+        assert out[k].choices[0].message.content == alone[k].choices[0].message.content
+        assert out[k].usage.completion_tokens == alone[k].usage.completion_tokens
+
+
+def test_newcomers_wait_for_company_and_join_together(served, data_url, monkeypatch):
+    """With a join group of two, a newcomer does not join the running generation alone: it waits
+    (up to gather_s) until a second one comes, and both join at one step, each answered as alone."""
+    from paddle_mm.lm.decoding import RunningBatch
+
+    engine = served["server"].engine
+    asks = [(3, "", {"max_tokens": 12}), (0, "what colour is the circle?", {"max_tokens": 6}),
+            (1, "how many shapes are there?", {"max_tokens": 6})]
+    with side_server(engine) as (_, client):
+        alone = [_ask(client, served, data_url, i, q, **kw) for i, q, kw in asks]
+        step, calls = RunningBatch.step, []
+
+        def waiting(n: int) -> None:
+            deadline = time.time() + 30
+            while engine._jobs.qsize() + len(engine._held) < n and time.time() < deadline:  # noqa: SLF001
+                time.sleep(0.01)
+
+        def step_as_they_come(self):
+            calls.append(len(calls) + 1)
+            if len(calls) == 1:
+                engine.gather_s = 30.0  # from here on only the group decides (the first batch did not wait)
+            waiting({1: 1, 2: 2}.get(len(calls), 0))  # the second request is queued by step 1, the third by step 2
+            return step(self)
+
+        monkeypatch.setattr(RunningBatch, "step", step_as_they_come)
+        monkeypatch.setattr(engine, "gather_s", engine.gather_s)  # restored after
+        monkeypatch.setattr(engine, "_join_group", lambda: 2)
+        before, out = engine.joins.copy(), {}
+
+        def ask(k: int) -> threading.Thread:
+            thread = threading.Thread(target=lambda: out.__setitem__(k, _ask(client, served, data_url, asks[k][0],
+                                                                              asks[k][1], **asks[k][2])))
+            thread.start()
+            return thread
+
+        threads = [ask(0)]
+        deadline = time.time() + 30
+        while not calls and time.time() < deadline:
+            time.sleep(0.01)
+        threads.append(ask(1))
+        while len(calls) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        threads.append(ask(2))
+        for thread in threads:
+            thread.join(60)
+    assert engine.joins - before == {2: 1}
+    for k in range(3):
         assert out[k].choices[0].message.content == alone[k].choices[0].message.content
         assert out[k].usage.completion_tokens == alone[k].usage.completion_tokens
 
