@@ -15,7 +15,7 @@ from paddle_mm.data.tokenizer import IGNORE_INDEX
 from paddle_mm.lm.adapter import build_language_model, run_backbone
 from paddle_mm.lm.decoding import beam_search, decode
 from paddle_mm.projectors import build_projector
-from paddle_mm.runtime import with_copying_views
+from paddle_mm.runtime import cpu_linears, with_copying_views
 from paddle_mm.vision.vit import VisionTransformer
 
 
@@ -32,6 +32,7 @@ class VisionLanguageModel(nn.Layer):
         self.vision_tower = VisionTransformer(cfg.vision)
         self.multi_modal_projector = build_projector(cfg.projector, cfg.vision.hidden_size, cfg.lm.hidden_size)
         self.language_model = build_language_model(cfg.lm, special_ids)
+        cpu_linears(self)
 
     @property
     def tokens_per_image(self) -> int:
@@ -198,6 +199,7 @@ class Qwen2VLModel(nn.Layer):
             PatchMerger(v.hidden_size, v.out_hidden_size, v.spatial_merge_size, norm_after_join=True)
             for _ in v.deepstack_visual_indexes])
         self.language_model = build_language_model(cfg.lm, special_ids)
+        cpu_linears(self)
 
     @property
     def tokens_per_image(self) -> int:

@@ -1,5 +1,5 @@
 """Process-wide settings: CPU threads and random seeds, and the CPU paths that change no figure but
-their float rounding (strided views off, bias gradients by a matrix product)."""
+their float rounding (strided views off, linears as addmm with the bias gradient by a matrix product)."""
 from __future__ import annotations
 
 import contextlib
@@ -69,43 +69,50 @@ def with_copying_views(fn):
     return wrapper
 
 
-class _BiasAdd(PyLayer):
-    """x + bias [D], whose bias gradient is ones [1, N] @ grad [N, D] instead of Paddle's reduction."""
+class _LinearWithBias(PyLayer):
+    """x W + b as one addmm (the bias fills the output before the products are added in), and in
+    backward the bias gradient as ones @ grad: the same sums as Paddle's matmul + add, in another order."""
 
     @staticmethod
-    def forward(ctx, x, bias):
-        ctx.bias_shape, ctx.grads = bias.shape, (not x.stop_gradient, not bias.stop_gradient)
-        return x + bias
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.grads = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
+        rows = x.reshape([-1, x.shape[-1]])
+        return paddle.addmm(bias.unsqueeze(0), rows, weight).reshape(x.shape[:-1] + [weight.shape[-1]])
 
     @staticmethod
     def backward(ctx, grad):
-        rows = grad.reshape([-1, grad.shape[-1]])
-        bias_grad = paddle.matmul(paddle.ones([1, rows.shape[0]], grad.dtype), rows).reshape(ctx.bias_shape)
-        return grad if ctx.grads[0] else None, bias_grad if ctx.grads[1] else None
+        x, weight = ctx.saved_tensor()
+        rows, grad_rows = x.reshape([-1, x.shape[-1]]), grad.reshape([-1, grad.shape[-1]])
+        need_x, need_w, need_b = ctx.grads
+        return (paddle.matmul(grad, weight, transpose_y=True) if need_x else None,
+                paddle.matmul(rows, grad_rows, transpose_x=True) if need_w else None,
+                paddle.matmul(paddle.ones([1, grad_rows.shape[0]], grad.dtype), grad_rows).reshape([-1])
+                if need_b else None)
 
 
-class _MatmulBiasGradLinear(paddle.nn.Linear):
-    """nn.Linear with the bias added by _BiasAdd: the same forward, the bias gradient by a matmul."""
+class _CpuLinear(paddle.nn.Linear):
+    """nn.Linear through _LinearWithBias: its parameters, names and results, other float rounding."""
 
     def forward(self, x):
-        y = paddle.matmul(x, self.weight)
-        return y if self.bias is None else _BiasAdd.apply(y, self.bias)
+        return paddle.matmul(x, self.weight) if self.bias is None else _LinearWithBias.apply(x, self.weight, self.bias)
 
 
-def matmul_bias_gradients(model) -> int:
-    """On CPU, make every plain nn.Linear of model (not LoRA's or other subclasses) take its bias
-    gradient as a matrix product with ones; returns how many. The same sums in another order.
+def cpu_linears(model) -> int:
+    """On CPU, route every plain nn.Linear of model (not LoRA's or other subclasses) through
+    _LinearWithBias; returns how many. Called by the models' constructors.
 
-    Why: Paddle 3.3's CPU gradient of a broadcast bias add reduces over the rows in a loop: 0.35 ms
-    for [642, 256], where ones @ grad takes 0.012 ms; a training step of the bench has about forty
-    bias adds (the ViT's, the projector's, Qwen2's q/k/v). Called by the training loop after the
-    model is built and LoRA added.
+    Why: Paddle 3.3's CPU linear is a matmul and then a broadcast add of the bias, whose kernel took
+    1.3 ms over [1028, 768] where addmm's whole product took 2.0 (the matmul alone 2.3); and the
+    add's gradient reduces over the rows in a loop, 0.35 ms for [642, 256] against 0.012 ms as
+    ones @ grad. The bench's model has about forty biased linears (the ViT's, the projector's,
+    Qwen2's q/k/v): its training step took 279 against 309 ms with the bias gradient alone.
     """
     if paddle.device.get_device() != "cpu":
         return 0
     layers = [layer for layer in model.sublayers(include_self=True) if type(layer) is paddle.nn.Linear]
     for layer in layers:
-        layer.__class__ = _MatmulBiasGradLinear
+        layer.__class__ = _CpuLinear
     return len(layers)
 
 

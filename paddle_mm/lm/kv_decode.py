@@ -68,9 +68,13 @@ def _rms_norm(norm, x):
 
 
 def _linear(layer, x):
-    """A plain nn.Linear applied by the kernel F.linear calls on CPU, without its per-call flag
-    lookups (a third of a Linear call's time at this size, profiled)."""
-    return _C_ops.linear(x, layer.weight, layer.bias)
+    """A plain nn.Linear applied without F.linear's per-call flag lookups (a third of a Linear call's
+    time at this size, profiled); with a bias, as one addmm, whose output starts as the bias (Paddle's
+    CPU linear adds it after the product with a broadcast add: 1.3 ms of 3.6 over [1028, 768])."""
+    if layer.bias is None:
+        return _C_ops.matmul(x, layer.weight, False, False)
+    rows = _C_ops.addmm(layer.bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), layer.weight, 1.0, 1.0)
+    return rows.reshape(x.shape[:-1] + [layer.weight.shape[-1]])
 
 
 def _mlp(mlp, x):

@@ -73,7 +73,7 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     and micro-batch), so N processes give the parameters one process with the same global
     batch gives.
     """
-    from paddle_mm.runtime import configure_cpu, copying_views, matmul_bias_gradients, seed_everything
+    from paddle_mm.runtime import configure_cpu, copying_views, seed_everything
 
     cfg = recipe.train
     objective = objective_for(cfg.stage)
@@ -92,7 +92,6 @@ def train(recipe: Recipe, quiet: bool = False) -> str:
     if cfg.recompute:
         distributed.enable_recompute(model)
     groups = apply_trainable(model, cfg)
-    matmul_bias_gradients(model)
     optimizer = build_optimizer(groups, cfg)
     samples, skipped = builder.read_samples(recipe.data.train, recipe)
     dataset = objective.build_dataset(model, samples, recipe, tokenizer, model_cfg)
