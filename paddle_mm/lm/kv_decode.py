@@ -98,7 +98,8 @@ class PreallocatedDecoder:
     """Holds the KV buffers of one generation; `step(embeds)` gives the next position's logits."""
 
     def __init__(self, lm, mask, max_new_tokens: int, dtype):
-        """Empty buffers for a prompt of mask's [B, L] (its padding) and max_new_tokens more; `prefill` fills them."""
+        """The attention bias for a prompt of mask's [B, L] (its padding) and max_new_tokens more;
+        `prefill` makes the KV buffers, each layer's prompt keys and values followed by free columns."""
         self.lm = lm
         self.layers = list(lm.model.layers)
         attn = self.layers[0].self_attn
@@ -106,8 +107,8 @@ class PreallocatedDecoder:
         self.scaling = attn.scaling
         b, length = mask.shape
         capacity = length + max_new_tokens
-        self.keys = [paddle.zeros([b, self.kv_heads, capacity, self.head_dim], dtype=dtype) for _ in self.layers]
-        self.values = [paddle.zeros([b, self.kv_heads, capacity, self.head_dim], dtype=dtype) for _ in self.layers]
+        self.keys: list = []
+        self.values: list = []
         minimum = paddle.finfo(dtype).min
         bias = paddle.full([b, 1, 1, capacity], minimum, dtype=dtype)
         bias[:, 0, 0, :length] = paddle.where(mask.astype("bool"), paddle.zeros([], dtype), paddle.full([], minimum, dtype))
@@ -149,10 +150,13 @@ class PreallocatedDecoder:
         bias = spread_bias(paddle.where(keep, paddle.zeros([], embeds.dtype), paddle.full([], minimum, embeds.dtype)),
                            b, dec.heads)
         x = embeds
-        for i, layer in enumerate(dec.layers):
+        # Free columns after the prompt's: a concat, not a write into zeros (set_value took 1.1 ms a
+        # layer for the bench's 4 x 265-token prompt, the concat a fraction of it).
+        free = paddle.zeros([b, dec.kv_heads, max_new_tokens, dec.head_dim], dtype=embeds.dtype)
+        for layer in dec.layers:
             q, k, v = dec._rotated_qkv(layer, x, *tables)
-            dec.keys[i][:, :, :length] = k
-            dec.values[i][:, :, :length] = v
+            dec.keys.append(paddle.concat([k, free], axis=2))
+            dec.values.append(paddle.concat([v, free], axis=2))
             x = x + _linear(layer.self_attn.o_proj, attention(layer.self_attn, q, k, v, bias))
             x = x + _mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, x))
         dec.filled = length
