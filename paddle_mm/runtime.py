@@ -9,9 +9,13 @@ import random
 
 import numpy as np
 import paddle
+import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
 _STRIDE_FLAG = "FLAGS_use_stride_kernel"
+# From this many rows a biased linear runs as addmm (below, its extra ops and the PyLayer's Python call
+# cost more than the broadcast add saves: a decode step of the demo's model; lm/kv_decode.py has the same).
+ADDMM_ROWS = 64
 
 
 def configure_cpu(num_threads: int = 0) -> int:
@@ -95,7 +99,12 @@ class _CpuLinear(paddle.nn.Linear):
     """nn.Linear through _LinearWithBias: its parameters, names and results, other float rounding."""
 
     def forward(self, x):
-        return paddle.matmul(x, self.weight) if self.bias is None else _LinearWithBias.apply(x, self.weight, self.bias)
+        if self.bias is None or x.size < ADDMM_ROWS * x.shape[-1]:  # a few rows: the add is small, the call is not
+            return F.linear(x, self.weight, self.bias)
+        if not paddle.is_grad_enabled():
+            rows = paddle.addmm(self.bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), self.weight)
+            return rows.reshape(x.shape[:-1] + [self.weight.shape[-1]])
+        return _LinearWithBias.apply(x, self.weight, self.bias)
 
 
 def cpu_linears(model) -> int:

@@ -63,8 +63,11 @@ def test_a_training_step_inside_gives_the_same_loss_and_gradients():
         np.testing.assert_allclose(grads_in[name], grads_out[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_cpu_linears_give_nn_linear_results_and_gradients():
+def test_cpu_linears_give_nn_linear_results_and_gradients(monkeypatch):
+    import paddle_mm.runtime as runtime
     from paddle_mm.runtime import _CpuLinear
+
+    monkeypatch.setattr(runtime, "ADDMM_ROWS", 1)  # the tiny model's inputs take the addmm path too
 
     swapped, plain = make_model(seed=3), make_model(seed=3)
     swapped.train()
@@ -83,16 +86,22 @@ def test_cpu_linears_give_nn_linear_results_and_gradients():
         np.testing.assert_allclose(grads_swapped[name], grads_plain[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_a_cpu_linear_with_a_frozen_input_weight_or_bias():
-    from paddle_mm.runtime import cpu_linears
+def test_a_cpu_linear_with_a_frozen_input_weight_or_bias(monkeypatch):
+    import paddle_mm.runtime as runtime
+    from paddle_mm.runtime import ADDMM_ROWS, cpu_linears
+
+    calls = []
+    apply = runtime._LinearWithBias.apply
+    monkeypatch.setattr(runtime._LinearWithBias, "apply", lambda *a: calls.append(1) or apply(*a))
 
     layer = paddle.nn.Linear(4, 3)
     assert cpu_linears(layer) == 1
-    x = paddle.to_tensor(np.random.default_rng(0).standard_normal((2, 5, 4)).astype("float32"))
+    rows = ADDMM_ROWS  # the addmm path (fewer rows take F.linear)
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal((2, rows // 2, 4)).astype("float32"))
     out = layer(x)
     np.testing.assert_allclose(out.numpy(), x.numpy() @ layer.weight.numpy() + layer.bias.numpy(), rtol=1e-5, atol=1e-6)
     out.sum().backward()  # x needs no gradient
-    np.testing.assert_allclose(layer.bias.grad.numpy(), np.full(3, 10.0), rtol=1e-6)
+    np.testing.assert_allclose(layer.bias.grad.numpy(), np.full(3, float(rows)), rtol=1e-6)
     np.testing.assert_allclose(layer.weight.grad.numpy(), np.tile(x.numpy().reshape(-1, 4).sum(0)[:, None], (1, 3)),
                                rtol=1e-5)
     layer.clear_gradients(set_to_zero=False)
@@ -100,4 +109,7 @@ def test_a_cpu_linear_with_a_frozen_input_weight_or_bias():
     x.stop_gradient = False
     layer(x).sum().backward()
     assert layer.bias.grad is None and layer.weight.grad is None
-    np.testing.assert_allclose(x.grad.numpy(), np.broadcast_to(layer.weight.numpy().sum(1), (2, 5, 4)), rtol=1e-5)
+    assert len(calls) == 2  # both calls above went through the PyLayer
+    layer(x[:, :1]).sum().backward()  # a few rows: F.linear
+    assert len(calls) == 2
+    np.testing.assert_allclose(x.grad.numpy(), np.broadcast_to(layer.weight.numpy().sum(1), (2, rows // 2, 4)), rtol=1e-5)
