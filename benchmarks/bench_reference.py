@@ -2,7 +2,7 @@
 
 Run by hand (needs the optional extras: pip install -r requirements-bench.txt):
 
-    python benchmarks/bench_reference.py [--threads N] [--quick]
+    python benchmarks/bench_reference.py [--threads N] [--quick] [--rounds R]
 
 Configuration: ViT and LM hidden 256, 4 layers each, 224 px images, patch 14 (256 image
 tokens), Qwen2 LM with vocabulary 32000, mlp2x_gelu projector, batch 2, random weights.
@@ -10,6 +10,9 @@ Each side runs in its own process (both frameworks bundle MKL/OpenMP; one proces
 them from sharing threads): paddle_mm with its CPU defaults, paddle_mm with Paddle's own
 defaults (one thread, MKL's generic path), and LlavaForConditionalGeneration (CLIP vision +
 Qwen2 text). Prints a markdown table with paddle_mm / PyTorch ratios (>1: paddle_mm better).
+With --rounds R the three sides run R times, taking turns, and each figure is the median of its
+R runs: on a shared machine a slow spell then hits every side alike (one run of PyTorch's step
+measured anywhere from 407 to 571 ms on the same idle VM).
 """
 from __future__ import annotations
 
@@ -353,6 +356,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=0, help="threads per side (0: every core)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--rounds", type=int, default=1, help="run the sides in turn this many times; medians")
     ap.add_argument("--side", choices=["paddle", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
     for name, default in (("data", ""), ("tokenizer", ""), ("repeats", 5), ("gen-repeats", 3),
@@ -375,10 +379,11 @@ def main() -> None:
             texts = [t["value"] for r in json.load(f) for t in r["conversations"]]
         os.makedirs(os.path.join(d, "tok"))
         args.tokenizer = Tokenizer.train_bpe(texts, vocab_size=500).save(os.path.join(d, "tok"))
-        tuned = _side("paddle", args, [])
-        raw = _side("paddle", args, ["--raw"])
-        ref = _side("torch", args, [])
-    print(f"\n{args.threads} threads per side; ratio = paddle_mm / PyTorch, oriented so >1 means paddle_mm is better\n")
+        runs = [(_side("paddle", args, []), _side("paddle", args, ["--raw"]), _side("torch", args, []))
+                for _ in range(max(1, args.rounds))]
+    tuned, raw, ref = ({k: float(np.median([r[side][k] for r in runs])) for k in runs[0][side]} for side in range(3))
+    print(f"\n{args.threads} threads per side, median of {len(runs)} round(s); ratio = paddle_mm / PyTorch, "
+          f"oriented so >1 means paddle_mm is better\n")
     print("| measurement | paddle_mm | paddle_mm, Paddle's defaults | HF transformers (PyTorch) | ratio |")
     print("|---|---|---|---|---|")
     for label, key, higher_better in ROWS:
