@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import random
+import threading
 
 import numpy as np
 import paddle
@@ -13,6 +14,7 @@ import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
 _STRIDE_FLAG = "FLAGS_use_stride_kernel"
+_views = {"depth": 0, "before": True, "lock": threading.Lock()}  # copying_views in use, on any thread
 # From this many rows a biased linear runs as addmm (below, its extra ops and the PyLayer's Python call
 # cost more than the broadcast add saves: a decode step of the demo's model; lm/kv_decode.py has the same).
 ADDMM_ROWS = 64
@@ -45,16 +47,25 @@ def copying_views():
     Only around computation (forward, backward, decoding), never around saving or loading:
     PaddleFormers' save_pretrained wrote uninitialised memory for the transposed weights with the
     views off, and code that writes through a view (x[0][1] = v meant to change x) sees a copy.
+    The flag is process-wide, so uses on several threads are counted: the first to enter turns the
+    views off and the last to leave restores them (each restoring its own "before" could leave them
+    off for good when two threads interleave).
     """
     if paddle.device.get_device() != "cpu":
         yield
         return
-    before = paddle.get_flags([_STRIDE_FLAG])[_STRIDE_FLAG]
-    paddle.set_flags({_STRIDE_FLAG: False})
+    with _views["lock"]:
+        if _views["depth"] == 0:
+            _views["before"] = paddle.get_flags([_STRIDE_FLAG])[_STRIDE_FLAG]
+            paddle.set_flags({_STRIDE_FLAG: False})
+        _views["depth"] += 1
     try:
         yield
     finally:
-        paddle.set_flags({_STRIDE_FLAG: before})
+        with _views["lock"]:
+            _views["depth"] -= 1
+            if _views["depth"] == 0:
+                paddle.set_flags({_STRIDE_FLAG: _views["before"]})
 
 
 def with_copying_views(fn):

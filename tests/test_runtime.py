@@ -27,6 +27,27 @@ def test_the_setting_before_is_restored_even_after_an_error():
     assert stride_flag() == before
 
 
+def test_overlapping_uses_on_two_threads_restore_the_setting_once_both_leave():
+    import threading
+
+    before = stride_flag()
+    inside, leave = threading.Event(), threading.Event()
+
+    def other():
+        with copying_views():
+            inside.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=other)
+    with copying_views():  # entered first, left first
+        thread.start()
+        assert inside.wait(30)
+    assert stride_flag() is False  # the other thread is still inside
+    leave.set()
+    thread.join(30)
+    assert stride_flag() == before
+
+
 def test_a_transpose_inside_is_a_copy_with_the_same_values():
     x = paddle.arange(24, dtype="float32").reshape([2, 3, 4])
     with copying_views():
