@@ -16,7 +16,7 @@ from paddle.autograd import PyLayer
 _STRIDE_FLAG = "FLAGS_use_stride_kernel"
 _views = {"depth": 0, "before": True, "lock": threading.Lock()}  # copying_views in use, on any thread
 # From this many rows a biased linear runs as addmm (below, its extra ops and the PyLayer's Python call
-# cost more than the broadcast add saves: a decode step of the demo's model; lm/kv_decode.py has the same).
+# cost more than the broadcast add saves: a decode step of the demo's model).
 ADDMM_ROWS = 64
 
 
@@ -84,6 +84,12 @@ def with_copying_views(fn):
     return wrapper
 
 
+def _addmm_linear(x, weight, bias):
+    """x [..., K] W [K, N] + bias [N] as one addmm over the rows of x."""
+    rows = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
+    return rows.reshape(x.shape[:-1] + [weight.shape[-1]])
+
+
 class _LinearWithBias(PyLayer):
     """x W + b as one addmm (the bias fills the output before the products are added in), and in
     backward the bias gradient as ones @ grad: the same sums as Paddle's matmul + add, in another order."""
@@ -92,8 +98,7 @@ class _LinearWithBias(PyLayer):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.grads = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
-        rows = x.reshape([-1, x.shape[-1]])
-        return paddle.addmm(bias.unsqueeze(0), rows, weight).reshape(x.shape[:-1] + [weight.shape[-1]])
+        return _addmm_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -113,8 +118,7 @@ class _CpuLinear(paddle.nn.Linear):
         if self.bias is None or x.size < ADDMM_ROWS * x.shape[-1]:  # a few rows: the add is small, the call is not
             return F.linear(x, self.weight, self.bias)
         if not paddle.is_grad_enabled():
-            rows = paddle.addmm(self.bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), self.weight)
-            return rows.reshape(x.shape[:-1] + [self.weight.shape[-1]])
+            return _addmm_linear(x, self.weight, self.bias)
         return _LinearWithBias.apply(x, self.weight, self.bias)
 
 

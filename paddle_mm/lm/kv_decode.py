@@ -35,7 +35,6 @@ from paddle.incubate.nn.functional import fused_rms_norm
 from paddle_mm.lm.full_forward import attention, rotate_half_matrix, spread_bias
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-_ADDMM_ROWS = 64  # from this many rows a linear runs as addmm, as runtime.ADDMM_ROWS says for the models' linears
 
 
 def supports(lm) -> bool:
@@ -69,13 +68,14 @@ def _rms_norm(norm, x):
 
 
 def _linear(layer, x):
-    """A plain nn.Linear applied without F.linear's per-call flag lookups (a third of a Linear call's
-    time at this size, profiled); with a bias, as one addmm, whose output starts as the bias (Paddle's
-    CPU linear adds it after the product with a broadcast add: 1.3 ms of 3.6 over [1028, 768])."""
-    if layer.bias is None or x.shape[0] * x.shape[1] < _ADDMM_ROWS:  # a decode step: the add is small
+    """A plain nn.Linear. A decode step's one position per row goes straight to the kernel F.linear
+    calls, without its per-call flag lookups (a third of a Linear call's time at this size,
+    profiled); a prompt's positions go through the layer's own forward, which the models'
+    constructors make one addmm on CPU (runtime.cpu_linears: Paddle's linear adds the bias after
+    the product with a broadcast add, 1.3 ms of 3.6 over [1028, 768])."""
+    if x.shape[1] == 1:
         return _C_ops.linear(x, layer.weight, layer.bias)
-    rows = _C_ops.addmm(layer.bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), layer.weight, 1.0, 1.0)
-    return rows.reshape(x.shape[:-1] + [layer.weight.shape[-1]])
+    return layer(x)
 
 
 def _mlp(mlp, x):
