@@ -134,3 +134,24 @@ def test_a_cpu_linear_with_a_frozen_input_weight_or_bias(monkeypatch):
     assert len(calls) == 2  # both calls above went through the PyLayer
     layer(x[:, :1]).sum().backward()  # a few rows: F.linear
     assert len(calls) == 2
+
+
+def test_configure_cpu_keeps_large_freed_blocks_for_the_next_tensor():
+    """Once configured, a new 31 MiB tensor reuses a freed block: no page fault per 4 KiB written
+    (without it glibc maps each such block fresh and every page faults, about 8000 here)."""
+    import platform
+    import resource
+
+    from paddle_mm.runtime import configure_cpu, keep_freed_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        assert keep_freed_memory() is False
+        return
+    configure_cpu()  # every core, as the CLI sets them
+    rows = 31 * 1024  # [rows, 256] float32: 31 MiB
+    paddle.zeros([rows, 256])  # the first one may fault
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        paddle.zeros([rows, 256])
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < rows * 256 * 4 // 4096 // 4, faults  # a quarter of one tensor's pages, over five
