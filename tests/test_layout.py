@@ -105,11 +105,17 @@ def _outside(module: str, allowed: tuple[str, ...]) -> list[str]:
 BASE = ("paddle_mm.config", "paddle_mm.errors", "paddle_mm.fileio")
 
 
+def test_runtime_imports_nothing_of_ours():
+    """runtime (CPU settings and the CPU paths of a few ops) sits under everything that computes."""
+    assert _outside("paddle_mm.runtime", ()) == []
+
+
 @pytest.mark.parametrize("folder", ["vision", "projectors", "lm"])
 def test_the_parts_know_nothing_of_each_other(folder):
-    """An encoder, a projector and the LM adapter see the config and the errors, and not each other."""
+    """An encoder, a projector and the LM adapter see the config, the errors and runtime's CPU
+    paths, and not each other."""
     for m in (m for m in MODULES if m.startswith(f"paddle_mm.{folder}")):
-        assert _outside(m, BASE) == [], m
+        assert _outside(m, BASE + ("paddle_mm.runtime",)) == [], m
 
 
 def test_metrics_are_pure():

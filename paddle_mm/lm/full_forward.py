@@ -24,6 +24,8 @@ import functools
 
 import paddle
 
+from paddle_mm.runtime import scale_columns
+
 _ROTATIONS: dict[tuple[int, str], paddle.Tensor] = {}
 
 
@@ -72,7 +74,7 @@ def rms_norm(norm, x):
         out = paddle.matmul(factor, _ones_row(x.shape[-1], factor.dtype)) * x
     if norm.weight.dtype in (paddle.float16, paddle.bfloat16):
         out = paddle.cast(out, norm.weight.dtype)
-    return out * norm.weight
+    return scale_columns(out, norm.weight)  # the gain's gradient by a matmul on CPU
 
 
 def attention(attn, q, k, v, bias):
