@@ -379,6 +379,38 @@ def test_loss_at_labelled_positions_equals_the_full_vocabulary_loss_and_its_grad
         np.testing.assert_allclose(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.parametrize("bad", [None, np.nan])
+def test_the_head_and_loss_in_pieces_give_the_same_terms_and_gradients(monkeypatch, bad):
+    """Logits past model.LOGITS_CHUNK_BYTES go through the head a few rows at a time (here two);
+    the terms and gradients are those of one piece, and a bad head weight still reaches every term."""
+    import paddle_mm.model as model_module
+
+    labels = np.full((2, 22), IGNORE_INDEX, dtype="int64")
+    labels[0, 15:] = [30, 3, 4, 6, 7, 8, 9]
+    labels[1, 19:] = [10, 11, 12]
+    args = (ids_tensor([[1, 2] + image_span() + [3, 4, 6, 7]] * 2), None, pixels(2), paddle.to_tensor(labels))
+    results = []
+    for chunk_bytes in (model_module.LOGITS_CHUNK_BYTES, 4 * VOCAB * 2):
+        monkeypatch.setattr(model_module, "LOGITS_CHUNK_BYTES", chunk_bytes)
+        m = make_model(seed=5)
+        m.train()
+        if bad is not None:
+            w = m.language_model.lm_head.weight.numpy()
+            w.flat[7] = bad
+            m.language_model.lm_head.weight.set_value(w)
+        token_nll, _ = m(*args)
+        token_nll.sum().backward()
+        results.append((token_nll.numpy(), {n: p.grad.numpy() for n, p in m.named_parameters() if p.grad is not None}))
+    (whole, grads_whole), (pieces, grads_pieces) = results
+    if bad is not None:
+        assert np.isnan(pieces[labels != IGNORE_INDEX]).all() and np.isnan(whole[labels != IGNORE_INDEX]).all()
+        return
+    np.testing.assert_allclose(pieces, whole, rtol=1e-6, atol=1e-6)
+    assert grads_whole.keys() == grads_pieces.keys() and len(grads_whole) > 10
+    for name in grads_whole:
+        np.testing.assert_allclose(grads_pieces[name], grads_whole[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 def test_next_token_nll_puts_each_term_at_its_label():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((2, 5, VOCAB)).astype("float32")
