@@ -154,12 +154,15 @@ def next_token_nll(hidden, labels, head=None):
     if head is None:
         chunks = [(rows.astype("float32"), wanted)]
     else:
-        # In pieces of at most LOGITS_CHUNK_BYTES of logits: glibc maps a larger block fresh from the
-        # system each time, a page fault per 4 KiB written (runtime.keep_freed_memory). The head and
-        # loss of 2541 rows over 32000 words with gradients: 840 ms and 167k faults whole, 764 ms
-        # and 10k faults in pieces of 250 rows. The same per-row figures; the head's weight
-        # gradient summed piece by piece.
-        n = max(1, LOGITS_CHUNK_BYTES // (4 * max(head.weight.shape)))  # the vocabulary is the larger side
+        # On CPU in pieces of at most LOGITS_CHUNK_BYTES of logits: glibc maps a larger block fresh
+        # from the system each time, a page fault per 4 KiB written (runtime.keep_freed_memory). The
+        # head and loss of 2541 rows over 32000 words with gradients: 840 ms and 167k faults whole,
+        # 764 ms and 10k faults in pieces of 250 rows. The same per-row figures; the head's weight
+        # gradient summed piece by piece. A GPU keeps one product.
+        weight = getattr(head, "weight", None)
+        n = rows.shape[0]
+        if weight is not None and "cpu" in str(rows.place).lower():
+            n = max(1, LOGITS_CHUNK_BYTES // (4 * max(weight.shape)))  # the vocabulary is the larger side
         chunks = [(head(rows[i:i + n].unsqueeze(0)).squeeze(0).astype("float32"), wanted[i:i + n])
                   for i in range(0, rows.shape[0], n)]
     nll = paddle.concat([F.cross_entropy(logits, t, reduction="none").reshape([-1]) for logits, t in chunks])
