@@ -15,7 +15,7 @@ from paddle_mm.data.tokenizer import IGNORE_INDEX
 from paddle_mm.lm.adapter import build_language_model, run_backbone
 from paddle_mm.lm.decoding import beam_search, decode
 from paddle_mm.projectors import build_projector
-from paddle_mm.runtime import cpu_linears, with_copying_views
+from paddle_mm.runtime import cpu_linears, on_cpu, with_copying_views
 from paddle_mm.vision.vit import VisionTransformer
 
 
@@ -161,7 +161,7 @@ def next_token_nll(hidden, labels, head=None):
         # gradient summed piece by piece. A GPU keeps one product.
         weight = getattr(head, "weight", None)
         n = rows.shape[0]
-        if weight is not None and "cpu" in str(rows.place).lower():
+        if weight is not None and on_cpu(rows):
             n = max(1, LOGITS_CHUNK_BYTES // (4 * max(weight.shape)))  # the vocabulary is the larger side
         chunks = [(head(rows[i:i + n].unsqueeze(0)).squeeze(0).astype("float32"), wanted[i:i + n])
                   for i in range(0, rows.shape[0], n)]

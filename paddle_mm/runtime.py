@@ -20,6 +20,11 @@ _views = {"depth": 0, "before": True, "lock": threading.Lock()}  # copying_views
 ADDMM_ROWS = 64
 
 
+def on_cpu(x) -> bool:
+    """Whether tensor x lives on the CPU (where the CPU paths here apply)."""
+    return "cpu" in str(x.place).lower()
+
+
 def configure_cpu(num_threads: int = 0) -> int:
     """Use all cores (or num_threads) for Paddle's CPU kernels.
 
@@ -147,7 +152,7 @@ def scale_columns(x, weight):
     over the rows by a matmul: Paddle 3.3's broadcast multiply and its gradient took 18.1 ms on
     [3, 1013, 256] (a packed batch's norm) against 2.8 that way, 1.46 against 0.67 on [2, 321, 256].
     The same products; the sum in another order."""
-    if weight.stop_gradient or not paddle.is_grad_enabled() or "cpu" not in str(x.place).lower():
+    if weight.stop_gradient or not paddle.is_grad_enabled() or not on_cpu(x):
         return x * weight
     return _ScaleColumns.apply(x, weight)
 

@@ -24,7 +24,7 @@ import functools
 
 import paddle
 
-from paddle_mm.runtime import scale_columns
+from paddle_mm.runtime import on_cpu, scale_columns
 
 _ROTATIONS: dict[tuple[int, str], paddle.Tensor] = {}
 
@@ -200,7 +200,7 @@ def _additive_bias(config, mask, row_indices, x):
     """The mask as Paddle's CPU sdpa adds it (a boolean one as 0 / -inf), made once for all layers;
     None where the backbone's own attention function runs (other implementations, a GPU, no mask)."""
     if config._attn_implementation != "sdpa" or row_indices is not None or mask is None \
-            or "cpu" not in str(x.place).lower():
+            or not on_cpu(x):
         return None
     if mask.dtype == paddle.bool:
         mask = _additive(mask, x.dtype)
@@ -263,4 +263,4 @@ def forward(lm, inputs_embeds, attention_mask, position_ids, attn_mask_startend_
 def attends_by_segments(lm, x) -> bool:
     """Whether packed rows of a backbone this forward `supports` go through `Segments` (Paddle's CPU
     sdpa; flashmask reads them on GPU). run_backbone has checked supports() already."""
-    return lm.config._attn_implementation == "sdpa" and "cpu" in str(x.place).lower()
+    return lm.config._attn_implementation == "sdpa" and on_cpu(x)
